@@ -23,7 +23,14 @@ _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_IN
 
 
 class DeadlockError(RuntimeError):
-    """The schedule cannot make progress: every rank waits on an action that never runs before it."""
+    """The schedule cannot make progress: every rank waits on an action that never runs before it.
+
+    ``waiting`` maps each unfinished rank to the compute action it is stuck at.
+    """
+
+    def __init__(self, message: str, waiting: dict[int, Action] | None = None) -> None:
+        super().__init__(message)
+        self.waiting: dict[int, Action] = dict(waiting or {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +122,9 @@ def simulate(schedule: Schedule, costs: CostModel) -> SimulationResult:
                 remaining -= 1
                 progressed = True
         if not progressed:
-            stuck = ", ".join(
-                f"rank {r} waits at {programs[r][heads[r]]}" for r in range(shape.pp) if heads[r] < len(programs[r])
-            )
-            raise DeadlockError(f"schedule {schedule.name!r} deadlocks: {stuck}")
+            waiting = {r: programs[r][heads[r]] for r in range(shape.pp) if heads[r] < len(programs[r])}
+            stuck = ", ".join(f"rank {r} waits at {a}" for r, a in waiting.items())
+            raise DeadlockError(f"schedule {schedule.name!r} deadlocks: {stuck}", waiting)
     starts = [t.start for tl in timeline for t in tl]
     makespan = (max(rank_time) - min(starts)) if starts else 0.0
     busy = tuple(sum(t.end - t.start for t in tl) for tl in timeline)
