@@ -1,0 +1,702 @@
+"""The one executor of lowered pipeline schedules (used by the DeepSpeed and the Megatron adapters).
+
+:class:`PipelineExecutor` walks one rank's program of a schedule lowered by
+:func:`ds_plugins.schedule.lowering.add_communication` and runs, per action:
+
+- ``F``  (stage s, micro-batch i): the stage module on its input (stage 0: the caller's input; else the
+  activation received from stage s-1 or handed over on this rank); the last stage also applies ``loss_fn``.
+- ``I``  the input-gradient half of backward: ``torch.autograd.backward`` from the stage's outputs with the
+  received output gradient, inside :meth:`WeightGradQueue.deferring` so split linears queue their weight GEMMs.
+- ``W``  the queued weight-gradient work of (s, i).
+- ``B``  a full backward (same call, no deferral).
+- ``SEND_*``/``RECV_*``: :class:`~ds_plugins.runtime.p2p.P2PCommunicator` messages. Receives are posted early
+  (gloo: as soon as their shapes are known, up to ``recv_lookahead`` compute actions ahead; NCCL: at the posting
+  point right before their consumer, batched with the sends of the previous compute action, and in the order
+  the peer sends them, so untagged NCCL messages never cross). Sends are asynchronous and completed at step end.
+
+Each stage's autograd graph is cut at its input: a received (or on-rank handed over) activation becomes a fresh
+leaf, so the backward of stage s stops at its input and the gradient there is what travels to stage s-1.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..schedule.costs import CostModel
+from ..schedule.ir import Action, ActionKind, PipelineShape, Schedule
+from ..schedule.lowering import add_communication
+from .p2p import MessageKey, MessageSpec, P2PCommunicator, PendingRecv, TensorSpec
+from .weight_grad import WeightGradQueue
+
+__all__ = ["PipelineExecutor", "StepResult", "measured_costs", "Timing"]
+
+logger = logging.getLogger(__name__)
+
+_F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
+_SEND_F, _RECV_F, _SEND_B, _RECV_B = ActionKind.SEND_F, ActionKind.RECV_F, ActionKind.SEND_B, ActionKind.RECV_B
+
+Timing = Literal["none", "action", "sync"]
+"""How the executor times compute: ``"none"`` (wall time only), ``"action"`` (every compute action; CUDA events
+resolved only when a timing is read, so no sync in the hot path) or ``"sync"`` (synchronize the device around
+every action: exact host-side times, for profiling only)."""
+
+
+class StepResult:
+    """What one :meth:`PipelineExecutor.run` did on this rank.
+
+    Timing fields are in seconds. On CUDA with ``timing="action"`` they come from CUDA events and are resolved
+    (one event synchronize) the first time one is read.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        stages: tuple[int, ...],
+        losses: tuple[torch.Tensor, ...],
+        outputs: tuple[Any, ...],
+        wait_s: float,
+        host_wall_s: float,
+        samples: list[tuple[ActionKind, int, Any]],
+        step_events: tuple[Any, Any] | None,
+        memory: dict[tuple[ActionKind, int], list[int]],
+    ) -> None:
+        self.rank = rank
+        """Pipeline rank that produced this result."""
+        self.stages = stages
+        """Stages on this rank."""
+        self.losses = losses
+        """Per micro-batch loss (unscaled, detached), on the rank that holds the last stage; else empty."""
+        self.outputs = outputs
+        """Per micro-batch last-stage outputs when ``run(..., return_outputs=True)``; else empty."""
+        self.wait_s = wait_s
+        """Host time spent blocked in p2p waits."""
+        self._host_wall_s = host_wall_s
+        self._samples = samples  # (kind, stage, seconds | (start_event, end_event))
+        self._step_events = step_events
+        self._memory = memory
+        self._resolved: dict[tuple[ActionKind, int], list[float]] | None = None
+        self._wall: float | None = None
+
+    def _resolve(self) -> None:
+        if self._resolved is not None:
+            return
+        resolved: dict[tuple[ActionKind, int], list[float]] = defaultdict(list)
+        synced = False
+        for kind, stage, sample in self._samples:
+            if isinstance(sample, tuple):
+                if not synced:
+                    sample[1].synchronize()
+                    if self._step_events is not None:
+                        self._step_events[1].synchronize()
+                    synced = True
+                resolved[(kind, stage)].append(sample[0].elapsed_time(sample[1]) / 1000.0)
+            else:
+                resolved[(kind, stage)].append(float(sample))
+        self._resolved = dict(resolved)
+        if self._step_events is not None:
+            self._step_events[1].synchronize()
+            self._wall = self._step_events[0].elapsed_time(self._step_events[1]) / 1000.0
+        else:
+            self._wall = self._host_wall_s
+
+    @property
+    def action_seconds(self) -> dict[tuple[ActionKind, int], list[float]]:
+        """Every timed compute action: ``(kind, stage) -> [seconds, ...]`` in execution order."""
+        self._resolve()
+        assert self._resolved is not None
+        return self._resolved
+
+    @property
+    def wall_s(self) -> float:
+        """Time from the start of the step to its end (device time on CUDA with events)."""
+        self._resolve()
+        assert self._wall is not None
+        return self._wall
+
+    @property
+    def busy_s(self) -> float:
+        """Time this rank spent computing (sum of its F/I/W/B actions); 0 when timing is off."""
+        return sum(sum(v) for v in self.action_seconds.values())
+
+    @property
+    def idle_s(self) -> float:
+        """``wall_s - busy_s``: time the rank was waiting (the bubble plus communication not hidden)."""
+        return max(0.0, self.wall_s - self.busy_s)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """``idle_s / wall_s`` of this rank."""
+        wall = self.wall_s
+        return self.idle_s / wall if wall > 0 else 0.0
+
+    def mean_seconds(self) -> dict[tuple[str, int], float]:
+        """Mean seconds per ``(kind letter, stage)``, e.g. ``("F", 3)``: the per-kind timings for a cost model."""
+        return {(k.value, s): sum(v) / len(v) for (k, s), v in self.action_seconds.items() if v}
+
+    def mean_memory_bytes(self) -> dict[tuple[str, int], float]:
+        """Mean change of allocated device memory per ``(kind letter, stage)`` (CUDA only; empty on CPU)."""
+        return {(k.value, s): sum(v) / len(v) for (k, s), v in self._memory.items() if v}
+
+    def __repr__(self) -> str:
+        return (
+            f"StepResult(rank={self.rank}, stages={self.stages}, wall_s={self.wall_s:.4f}, busy_s={self.busy_s:.4f}, "
+            f"wait_s={self.wait_s:.4f}, bubble={100 * self.bubble_fraction:.1f}%)"
+        )
+
+
+def measured_costs(
+    results: Iterable[StepResult | Mapping[tuple[str, int], float]],
+    shape: PipelineShape,
+    *,
+    comm: float = 0.0,
+    memory: Iterable[Mapping[tuple[str, int], float]] | None = None,
+) -> CostModel:
+    """A :class:`CostModel` from measured step timings, to feed the ``auto`` scheduler.
+
+    ``results`` must cover every stage: gather them from all pipeline ranks first (e.g.
+    ``dist.all_gather_object`` of ``result.mean_seconds()``; plain ``mean_seconds()`` dicts are accepted). Times
+    are averaged per stage and kind. Stages measured only with a full backward ``B`` get ``I = W = B/2``
+    (logged); run a split-backward schedule (e.g. ``zb-h1``) during warm-up for real I/W figures. Activation
+    memory comes from ``memory`` (``mean_memory_bytes()`` dicts) when given, else 1 per stage with W holding none.
+    """
+    sums: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in results:
+        means = r.mean_seconds() if isinstance(r, StepResult) else r
+        for key, value in means.items():
+            sums[(str(key[0]), int(key[1]))].append(float(value))
+    mean = {k: sum(v) / len(v) for k, v in sums.items()}
+    forward, backward_input, backward_weight = [], [], []
+    for s in range(shape.num_stages):
+        f = mean.get(("F", s))
+        if f is None:
+            raise ValueError(
+                f"measured_costs: no forward timing for stage {s}; gather StepResult.mean_seconds() from every "
+                "pipeline rank (dist.all_gather_object) and run with timing='action' or 'sync'"
+            )
+        i, w, b = mean.get(("I", s)), mean.get(("W", s)), mean.get(("B", s))
+        if i is None:
+            if b is None:
+                raise ValueError(f"measured_costs: no backward timing for stage {s}")
+            logger.info("stage %d was measured with full backward only: assuming I = W = B/2", s)
+            i, w = b / 2, b / 2
+        elif w is None:
+            w = 0.0
+        forward.append(f)
+        backward_input.append(i)
+        backward_weight.append(w)
+    n = shape.num_stages
+    activation = [1.0] * n
+    kept = [0.0] * n
+    if memory is not None:
+        mem: dict[tuple[str, int], list[float]] = defaultdict(list)
+        for m in memory:
+            for key, value in m.items():
+                mem[(str(key[0]), int(key[1]))].append(float(value))
+        for s in range(n):
+            fwd = mem.get(("F", s))
+            inp = mem.get(("I", s))
+            if fwd:
+                activation[s] = max(0.0, sum(fwd) / len(fwd))
+            if inp and fwd:
+                kept[s] = min(activation[s], max(0.0, activation[s] + sum(inp) / len(inp)))
+    return CostModel(
+        forward=tuple(forward),
+        backward_input=tuple(backward_input),
+        backward_weight=tuple(backward_weight),
+        comm=comm,
+        activation_memory=tuple(activation),
+        weight_grad_memory=tuple(kept),
+    )
+
+
+@dataclass(slots=True)
+class _Forwarded:
+    """What a forward keeps for its backward."""
+
+    input_leaves: list[torch.Tensor]
+    """Input tensors made leaves that need a gradient (sent back to the previous stage, in order)."""
+    roots: list[torch.Tensor]
+    """Output tensors that need a gradient (for the last stage: the scaled loss)."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The rank's program cut at compute actions."""
+
+    compute: list[Action] = field(default_factory=list)
+    recvs_before: list[list[MessageKey]] = field(default_factory=list)
+    sends_after: list[list[MessageKey]] = field(default_factory=list)
+
+
+class PipelineExecutor:
+    """Runs one rank's share of a pipeline schedule.
+
+    Args:
+        schedule: any schedule (compute-only or lowered; it is lowered here).
+        rank: this rank's index in the pipeline (0..pp-1), not its global rank.
+        stage_modules: ``stage -> module`` for every stage this rank holds. A stage module is called as
+            ``module(*value)`` when the value coming in is a tuple/list, else ``module(value)``; it returns a
+            tensor or a flat tuple of tensors and non-tensor values (non-tensors pass through to the next stage).
+        p2p: the communicator of this rank's pipeline group (may be None when pp == 1).
+        loss_fn: ``loss_fn(last_stage_output, target) -> scalar tensor`` per micro-batch.
+        device: where inputs are moved and timings are taken.
+        weight_grad_queue: the queue deferred weight gradients go to (default: a new one); pass the adapter's
+            queue to choose how weight gradients are accumulated (``main_grad``, bf16 buffers).
+        timing: see :data:`Timing`.
+        recv_lookahead: how many compute actions ahead receives are posted (None: gloo = all whose shapes are
+            known, NCCL = 0, i.e. batched with the previous compute action's sends).
+        log_every: log wall/busy/bubble (and tokens/s) every this many steps (0: never).
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        rank: int,
+        stage_modules: Mapping[int, nn.Module],
+        *,
+        p2p: P2PCommunicator | None,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        device: torch.device | str,
+        weight_grad_queue: WeightGradQueue | None = None,
+        timing: Timing = "action",
+        recv_lookahead: int | None = None,
+        log_every: int = 0,
+    ) -> None:
+        shape = schedule.shape
+        if not 0 <= rank < shape.pp:
+            raise ValueError(f"rank must be a pipeline rank in 0..{shape.pp - 1}, got {rank}")
+        expected = set(shape.stages_of(rank))
+        if set(stage_modules) != expected:
+            raise ValueError(
+                f"rank {rank} of schedule {schedule.name!r} ({shape}) holds stages {sorted(expected)}; "
+                f"stage_modules has {sorted(stage_modules)}: build them with build_stage_modules(layers, shape, rank)"
+            )
+        if timing not in ("none", "action", "sync"):
+            raise ValueError(f"timing must be 'none', 'action' or 'sync', got {timing!r}")
+        if shape.pp > 1 and p2p is None:
+            raise ValueError("pp > 1 needs a P2PCommunicator (P2PCommunicator.for_shape(shape, pipeline_ranks))")
+        if recv_lookahead is not None and recv_lookahead < 0:
+            raise ValueError(f"recv_lookahead must be >= 0 or None, got {recv_lookahead}")
+        self.schedule = add_communication(schedule)
+        self.shape = shape
+        self.rank = rank
+        self.stage_modules = dict(stage_modules)
+        self.p2p = p2p
+        self.loss_fn = loss_fn
+        self.device = torch.device(device)
+        self.queue = weight_grad_queue if weight_grad_queue is not None else WeightGradQueue()
+        self.timing = timing
+        self.log_every = log_every
+        self.last_stage = shape.num_stages - 1
+        ordered = p2p is not None and p2p.batched
+        if recv_lookahead is None:
+            recv_lookahead = 0 if ordered else 1 << 30
+        self.recv_lookahead = recv_lookahead
+        self._ordered_recvs = ordered
+        self._train_plan = self._make_plan(forward_only=False)
+        self._eval_plan = self._make_plan(forward_only=True)
+        self._peer_order = {False: self._sender_orders(False), True: self._sender_orders(True)}
+        self._steps = 0
+        self._reset_state()
+
+    # ------------------------------------------------------------------ planning
+    def _program(self, rank: int, forward_only: bool) -> list[Action]:
+        prog = list(self.schedule.actions[rank])
+        if forward_only:
+            prog = [a for a in prog if a.kind in (_F, _SEND_F, _RECV_F)]
+        return prog
+
+    def _make_plan(self, forward_only: bool) -> _Plan:
+        plan = _Plan()
+        pending_recvs: list[MessageKey] = []
+        for a in self._program(self.rank, forward_only):
+            if a.kind.is_compute:
+                plan.compute.append(a)
+                plan.recvs_before.append(pending_recvs)
+                plan.sends_after.append([])
+                pending_recvs = []
+            elif a.kind is _RECV_F:
+                pending_recvs.append(MessageKey(a.stage - 1, "F", a.microbatch))
+            elif a.kind is _RECV_B:
+                pending_recvs.append(MessageKey(a.stage + 1, "B", a.microbatch))
+            elif a.kind is _SEND_F:
+                plan.sends_after[-1].append(MessageKey(a.stage, "F", a.microbatch))
+            elif a.kind is _SEND_B:
+                plan.sends_after[-1].append(MessageKey(a.stage, "B", a.microbatch))
+        if pending_recvs:
+            raise ValueError(f"rank {self.rank}: schedule ends with receives {pending_recvs} that nothing consumes")
+        return plan
+
+    def _sender_orders(self, forward_only: bool) -> dict[int, list[MessageKey]]:
+        """For each peer pipeline rank: the messages it sends to this rank, in its posting order."""
+        orders: dict[int, list[MessageKey]] = defaultdict(list)
+        for peer in range(self.shape.pp):
+            if peer == self.rank:
+                continue
+            for a in self._program(peer, forward_only):
+                if a.kind is _SEND_F and self.shape.rank_of(a.stage + 1) == self.rank:
+                    orders[peer].append(MessageKey(a.stage, "F", a.microbatch))
+                elif a.kind is _SEND_B and self.shape.rank_of(a.stage - 1) == self.rank:
+                    orders[peer].append(MessageKey(a.stage, "B", a.microbatch))
+        return dict(orders)
+
+    def _reset_state(self) -> None:
+        self._forwarded: dict[tuple[int, int], _Forwarded] = {}
+        self._local_acts: dict[tuple[int, int], Any] = {}
+        self._local_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._posted: dict[MessageKey, PendingRecv] = {}
+        self._peer_next: dict[int, int] = defaultdict(int)
+        self._losses: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, Any] = {}
+        # outgoing values live only between a compute action and its SEND
+        self._outgoing_acts: dict[tuple[int, int], Any] = {}
+        self._outgoing_grads: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ public
+    def run(
+        self,
+        inputs: Sequence[Any] | None,
+        targets: Sequence[Any] | None,
+        *,
+        loss_scale: float = 1.0,
+        forward_only: bool = False,
+        return_outputs: bool = False,
+        tokens: int | None = None,
+    ) -> StepResult:
+        """Run this rank's actions for one step and return what it measured.
+
+        ``inputs``: per-micro-batch inputs of stage 0 (only needed on the rank holding stage 0).
+        ``targets``: per-micro-batch targets for ``loss_fn`` (only needed on the rank holding the last stage;
+        with ``forward_only`` they may be None: then no loss is computed). The backward starts from
+        ``loss_fn(...) * loss_scale`` of every micro-batch (use ``1/microbatches`` to average, or a fp16 loss
+        scale); reported losses are unscaled. Gradients accumulate into ``param.grad`` (deferred weight
+        gradients through the queue's ``accumulate_grad``); every deferred W is drained before returning.
+        ``forward_only`` runs the F actions only, under ``torch.no_grad()`` (evaluation).
+        """
+        shape = self.shape
+        m = shape.microbatches
+        if 0 in self.stage_modules and (inputs is None or len(inputs) != m):
+            raise ValueError(
+                f"rank {self.rank} holds stage 0: pass inputs for all {m} micro-batches "
+                f"(got {None if inputs is None else len(inputs)})"
+            )
+        needs_targets = not forward_only
+        if self.last_stage in self.stage_modules and needs_targets and (targets is None or len(targets) != m):
+            raise ValueError(
+                f"rank {self.rank} holds the last stage: pass targets for all {m} micro-batches "
+                f"(got {None if targets is None else len(targets)})"
+            )
+        if targets is not None and len(targets) != m and self.last_stage in self.stage_modules:
+            raise ValueError(f"targets must have {m} entries, got {len(targets)}")
+        plan = self._eval_plan if forward_only else self._train_plan
+        self._inputs = inputs
+        self._targets = targets
+        self._loss_scale = float(loss_scale)
+        self._return_outputs = return_outputs
+        self._forward_only = forward_only
+        cuda_events = self.timing == "action" and self.device.type == "cuda"
+        samples: list[tuple[ActionKind, int, Any]] = []
+        memory: dict[tuple[ActionKind, int], list[int]] = defaultdict(list)
+        track_memory = self.device.type == "cuda" and self.timing != "none"
+        wait_s = 0.0
+        step_events = None
+        if cuda_events:
+            step_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            step_events[0].record()
+        if self.timing == "sync":
+            self._sync()
+        t_start = time.perf_counter()
+        grad_mode = torch.no_grad() if forward_only else torch.enable_grad()
+        try:
+            with grad_mode:
+                n = len(plan.compute)
+                for j, action in enumerate(plan.compute):
+                    wait_s += self._post_recvs(plan, j, forward_only)
+                    inputs_ready, waited = self._collect_inputs(plan, j, action)
+                    wait_s += waited
+                    mem_before = torch.cuda.memory_allocated(self.device) if track_memory else 0
+                    if cuda_events:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        self._compute(action, inputs_ready)
+                        end.record()
+                        samples.append((action.kind, action.stage, (start, end)))
+                    elif self.timing != "none":
+                        if self.timing == "sync":
+                            self._sync()
+                        t0 = time.perf_counter()
+                        self._compute(action, inputs_ready)
+                        if self.timing == "sync":
+                            self._sync()
+                        samples.append((action.kind, action.stage, time.perf_counter() - t0))
+                    else:
+                        self._compute(action, inputs_ready)
+                    if track_memory:
+                        memory[(action.kind, action.stage)].append(
+                            torch.cuda.memory_allocated(self.device) - mem_before
+                        )
+                    for key in plan.sends_after[j]:
+                        self._send(key)
+                    if self.p2p is not None and j + 1 < n and not self.p2p.batched:
+                        self.p2p.reap_sends()
+                leftover = self.queue.drain()
+                if leftover:
+                    logger.debug("rank %d: drained %d deferred weight-gradient closures at step end", self.rank, leftover)
+                if self.p2p is not None:
+                    t0 = time.perf_counter()
+                    self.p2p.wait_sends()
+                    wait_s += time.perf_counter() - t0
+                self._check_finished()
+        except BaseException:
+            self.queue.clear()
+            if self.p2p is not None:
+                self.p2p.abort()
+            self._reset_state()
+            raise
+        if self.timing == "sync":
+            self._sync()
+        host_wall = time.perf_counter() - t_start
+        if step_events is not None:
+            step_events[1].record()
+        losses = tuple(self._losses[i] for i in sorted(self._losses))
+        outputs = tuple(self._outputs[i] for i in sorted(self._outputs))
+        self._reset_state()
+        self._inputs = self._targets = None
+        self._steps += 1
+        result = StepResult(
+            rank=self.rank,
+            stages=tuple(shape.stages_of(self.rank)),
+            losses=losses,
+            outputs=outputs,
+            wait_s=wait_s,
+            host_wall_s=host_wall,
+            samples=samples,
+            step_events=step_events,
+            memory=dict(memory),
+        )
+        if self.log_every and self._steps % self.log_every == 0 and logger.isEnabledFor(logging.INFO):
+            rate = f", {tokens / result.wall_s:.0f} tokens/s" if tokens and result.wall_s > 0 else ""
+            logger.info(
+                "pipeline %s rank %d step %d: wall %.4f s, busy %.4f s, p2p wait %.4f s, bubble %.1f%%%s",
+                self.schedule.name, self.rank, self._steps, result.wall_s, result.busy_s, result.wait_s,
+                100 * result.bubble_fraction, rate,
+            )
+        return result
+
+    # ------------------------------------------------------------------ communication
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _post_recvs(self, plan: _Plan, j: int, forward_only: bool) -> float:
+        """Post the receives compute action ``j`` needs, plus those up to ``recv_lookahead`` actions ahead whose
+        shapes are known. Returns host seconds spent blocked (first-step metadata only)."""
+        if self.p2p is None:
+            return 0.0
+        t0 = time.perf_counter()
+        for key in plan.recvs_before[j]:
+            self._ensure_posted(key, forward_only)
+        last = min(len(plan.compute), j + 1 + self.recv_lookahead)
+        for jj in range(j + 1, last):
+            for key in plan.recvs_before[jj]:
+                if key not in self._posted and self._postable_early(key, forward_only):
+                    self._ensure_posted(key, forward_only)
+        if self.p2p.batched:
+            self.p2p.flush()
+        return time.perf_counter() - t0
+
+    def _postable_early(self, key: MessageKey, forward_only: bool) -> bool:
+        assert self.p2p is not None
+        if not self.p2p.has_spec(key):
+            return False
+        if not self._ordered_recvs:
+            return True
+        peer = self.shape.rank_of(key.src_stage)
+        order = self._peer_order[forward_only][peer]
+        start = self._peer_next[peer]
+        idx = order.index(key, start)
+        return all(self.p2p.has_spec(k) for k in order[start:idx])
+
+    def _ensure_posted(self, key: MessageKey, forward_only: bool) -> None:
+        assert self.p2p is not None
+        if key in self._posted:
+            return
+        if not self._ordered_recvs:
+            self._posted[key] = self.p2p.post_recv(key)
+            return
+        # NCCL ignores tags: post every earlier message from this peer first, in the peer's send order.
+        peer = self.shape.rank_of(key.src_stage)
+        order = self._peer_order[forward_only][peer]
+        while True:
+            idx = self._peer_next[peer]
+            if idx >= len(order):
+                raise RuntimeError(f"rank {self.rank}: {key} is not among the messages rank {peer} sends")
+            k = order[idx]
+            self._peer_next[peer] = idx + 1
+            self._posted[k] = self.p2p.post_recv(k)
+            if k == key:
+                return
+
+    def _collect_inputs(self, plan: _Plan, j: int, action: Action) -> tuple[dict[MessageKey, list[torch.Tensor]], float]:
+        if self.p2p is None or not plan.recvs_before[j]:
+            return {}, 0.0
+        t0 = time.perf_counter()
+        received = {}
+        for key in plan.recvs_before[j]:
+            pending = self._posted.pop(key)
+            received[key] = (pending, self.p2p.wait(pending))
+        return received, time.perf_counter() - t0
+
+    def _send(self, key: MessageKey) -> None:
+        assert self.p2p is not None
+        if key.direction == "F":
+            value = self._outgoing_acts.pop((key.src_stage, key.microbatch))
+            self.p2p.send(key, value)
+        else:
+            grads = self._outgoing_grads.pop((key.src_stage, key.microbatch))
+            self.p2p.send(key, grads)
+
+    # ------------------------------------------------------------------ compute
+    def _compute(self, action: Action, received: dict) -> None:
+        kind = action.kind
+        if kind is _F:
+            self._forward(action.stage, action.microbatch, received)
+        elif kind is _I or kind is _B:
+            self._backward(action.stage, action.microbatch, received, defer_weight=kind is _I)
+        elif kind is _W:
+            self.queue.run(action.stage, action.microbatch)
+        else:  # pragma: no cover - plans only hold compute actions
+            raise RuntimeError(f"not a compute action: {action}")
+
+    def _stage_input(self, stage: int, mb: int, received: dict) -> tuple[Any, list[torch.Tensor]]:
+        """The value fed to ``stage`` for ``mb`` and the input leaves whose gradient goes back."""
+        if stage == 0:
+            value = self._inputs[mb]  # type: ignore[index]
+            return _to_device(value, self.device), []
+        if self.shape.rank_of(stage - 1) == self.rank:
+            value, leaves = self._local_acts.pop((stage - 1, mb))
+            return value, leaves
+        key = MessageKey(stage - 1, "F", mb)
+        pending, buffers = received[key]
+        spec: MessageSpec = pending.spec
+        items = []
+        leaves = []
+        it = iter(buffers)
+        for entry in spec.entries:
+            if isinstance(entry, TensorSpec):
+                t = next(it)
+                if entry.requires_grad and not self._forward_only:
+                    t.requires_grad_(True)
+                    leaves.append(t)
+                items.append(t)
+            else:
+                items.append(entry)
+        value = tuple(items) if spec.is_tuple else items[0]
+        return value, leaves
+
+    def _forward(self, stage: int, mb: int, received: dict) -> None:
+        value, leaves = self._stage_input(stage, mb, received)
+        module = self.stage_modules[stage]
+        output = module(*value) if isinstance(value, (tuple, list)) else module(value)
+        if stage == self.last_stage:
+            if self._return_outputs:
+                self._outputs[mb] = _detach(output)
+            if self._targets is None:
+                return
+            loss = self.loss_fn(output, self._targets[mb])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError("loss_fn must return a scalar tensor per micro-batch")
+            self._losses[mb] = loss.detach()
+            if not self._forward_only:
+                self._forwarded[(stage, mb)] = _Forwarded(leaves, [loss * self._loss_scale] if loss.requires_grad else [])
+            return
+        items = output if isinstance(output, (tuple, list)) else (output,)
+        roots = [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not self._forward_only:
+            self._forwarded[(stage, mb)] = _Forwarded(leaves, roots)
+        if self.shape.rank_of(stage + 1) == self.rank:
+            self._local_acts[(stage, mb)] = _hand_over(output, self._forward_only)
+        else:
+            self._outgoing_acts[(stage, mb)] = output
+
+    def _backward(self, stage: int, mb: int, received: dict, *, defer_weight: bool) -> None:
+        saved = self._forwarded.pop((stage, mb))
+        if stage == self.last_stage:
+            roots, grads = saved.roots, [None] * len(saved.roots)
+        else:
+            if self.shape.rank_of(stage + 1) == self.rank:
+                grads = self._local_grads.pop((stage, mb))
+            else:
+                _, grads = received[MessageKey(stage + 1, "B", mb)]
+            roots = saved.roots
+            if len(grads) != len(roots):
+                raise RuntimeError(
+                    f"stage {stage} micro-batch {mb}: {len(roots)} outputs need a gradient but {len(grads)} came back"
+                )
+        if roots:
+            ctx = self.queue.deferring(stage, mb) if defer_weight else contextlib.nullcontext()
+            with ctx:
+                torch.autograd.backward(roots, grads)
+        if stage == 0:
+            return
+        input_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in saved.input_leaves]
+        if self.shape.rank_of(stage - 1) == self.rank:
+            self._local_grads[(stage - 1, mb)] = input_grads
+        else:
+            self._outgoing_grads[(stage, mb)] = input_grads
+
+    def _check_finished(self) -> None:
+        if self._forwarded:
+            raise RuntimeError(
+                f"rank {self.rank}: schedule {self.schedule.name!r} ran forward without backward for "
+                f"(stage, micro-batch) {sorted(self._forwarded)}"
+            )
+        if self._posted or self._local_acts or self._local_grads:
+            raise RuntimeError(f"rank {self.rank}: schedule {self.schedule.name!r} left unconsumed messages")
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device) if value.device != device else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def _hand_over(output: Any, forward_only: bool) -> tuple[Any, list[torch.Tensor]]:
+    """An output passed to the next stage on the same rank: tensors become fresh leaves (views are cloned so
+    the next stage cannot alias a tensor this stage's backward still needs)."""
+    is_tuple = isinstance(output, (tuple, list))
+    items = output if is_tuple else (output,)
+    new_items = []
+    leaves = []
+    for t in items:
+        if isinstance(t, torch.Tensor):
+            needs_grad = t.requires_grad and not forward_only
+            d = t.detach()
+            if t._base is not None:
+                d = d.clone()
+            if needs_grad:
+                d.requires_grad_(True)
+                leaves.append(d)
+            new_items.append(d)
+        else:
+            new_items.append(t)
+    return (tuple(new_items) if is_tuple else new_items[0]), leaves
