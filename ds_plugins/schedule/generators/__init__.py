@@ -1,0 +1,1 @@
+"""Schedule generators: one module per schedule, each a pure function of (shape, costs) -> Schedule."""

@@ -1,0 +1,25 @@
+"""ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024, sec. 3.1, "Memory efficient schedule").
+
+Backward is split into I (input gradient, on the critical path) and W (weight gradient, free to move). ZB-H1
+keeps 1F1B's memory: every rank may hold at most as many micro-batches' activations as 1F1B's first rank, ``pp``.
+Inputs gradients go first, forwards fill the pipeline within that budget, and W's fill the time a rank would
+otherwise wait. At F = I = W the bubble drops from 1F1B's ``(pp-1)(F+I+W)`` to ``(pp-1)(F+I-W)``, one third.
+
+Built with the shared greedy list scheduler (the reference implementation also builds its ZB schedules with a
+greedy heuristic under a memory limit, sec. 3 / appendix).
+"""
+from __future__ import annotations
+
+from ..costs import CostModel
+from ..ir import PipelineShape, Schedule
+from .list_scheduler import list_schedule, zero_bubble_policy
+
+__all__ = ["zb_h1"]
+
+
+def zb_h1(shape: PipelineShape, costs: CostModel) -> Schedule:
+    """ZB-H1: split backward, at most ``pp`` micro-batches' activations per rank (1F1B's peak)."""
+    if shape.vp != 1:
+        raise ValueError(f"zb-h1 runs one chunk per rank: set vp=1 (got vp={shape.vp}); zb-v is the 2-chunk variant")
+    costs.for_shape(shape)
+    return list_schedule("zb-h1", shape, costs, zero_bubble_policy(shape, costs, shape.pp))

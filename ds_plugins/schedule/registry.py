@@ -1,0 +1,129 @@
+"""Schedules by name: the one entry point the CLI and the runtimes use.
+
+``schedule_shape(name, pp=, microbatches=, vp=)`` gives the pipeline shape a schedule runs on (default ``vp`` and
+placement per schedule); ``build_schedule(...)`` returns its compute actions (F/B/I/W). Defaults:
+
+=====================  ==========  ==========================================================
+name                   default vp  placement / notes
+=====================  ==========  ==========================================================
+1f1b                   1           loop; vp must be 1
+interleaved-1f1b       2           loop; vp >= 2; microbatches >= pp
+zb-h1, zb-h2           1           loop; vp must be 1
+zb-v, v-half, v-min    2           V; vp must be 2
+auto                   2           V when vp == 2 (searches loop too; the result's shape says
+                                   which won), loop otherwise; with ``costs`` and no ``vp``,
+                                   vp = costs stages / pp
+=====================  ==========  ==========================================================
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .costs import CostModel
+from .generators.auto import auto
+from .generators.interleaved_1f1b import interleaved_1f1b
+from .generators.one_f_one_b import one_f_one_b
+from .generators.v_half import v_half
+from .generators.v_min import v_min
+from .generators.zb_h1 import zb_h1
+from .generators.zb_h2 import zb_h2
+from .generators.zb_v import zb_v
+from .ir import PipelineShape, Schedule
+from .simulate import simulate
+
+__all__ = ["SCHEDULE_NAMES", "schedule_shape", "build_schedule"]
+
+SCHEDULE_NAMES: tuple[str, ...] = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto")
+
+_GENERATORS: dict[str, Callable[[PipelineShape, CostModel], Schedule]] = {
+    "1f1b": one_f_one_b,
+    "interleaved-1f1b": interleaved_1f1b,
+    "zb-h1": zb_h1,
+    "zb-h2": zb_h2,
+    "zb-v": zb_v,
+    "v-half": v_half,
+    "v-min": v_min,
+}
+_ONE_CHUNK = ("1f1b", "zb-h1", "zb-h2")
+_V_SHAPED = ("zb-v", "v-half", "v-min")
+_EPS = 1e-9
+
+
+def _check_name(name: str) -> None:
+    if name not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown schedule {name!r}: pick one of {', '.join(SCHEDULE_NAMES)}")
+
+
+def schedule_shape(name: str, *, pp: int, microbatches: int, vp: int | None = None) -> PipelineShape:
+    """The pipeline shape ``name`` runs on; raises ``ValueError`` saying what to change if it cannot."""
+    _check_name(name)
+    if pp < 1:
+        raise ValueError(f"pp must be >= 1, got {pp}")
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+    if vp is not None and vp < 1:
+        raise ValueError(f"vp must be >= 1, got {vp}")
+    if name in _ONE_CHUNK:
+        if vp not in (None, 1):
+            alt = "interleaved-1f1b" if name == "1f1b" else "zb-v"
+            raise ValueError(f"{name} runs one chunk per rank: drop vp or set vp=1 (got vp={vp}); for more chunks use {alt}")
+        return PipelineShape(pp=pp, microbatches=microbatches, vp=1, placement="loop")
+    if name == "interleaved-1f1b":
+        vp = 2 if vp is None else vp
+        if vp < 2:
+            raise ValueError(f"interleaved-1f1b needs vp >= 2 chunks per rank (got vp={vp}); use 1f1b for vp=1")
+        if microbatches < pp:
+            raise ValueError(
+                f"interleaved-1f1b needs microbatches >= pp ({microbatches} < {pp}); raise microbatches to >= {pp}"
+            )
+        return PipelineShape(pp=pp, microbatches=microbatches, vp=vp, placement="loop")
+    if name in _V_SHAPED:
+        if vp not in (None, 2):
+            raise ValueError(f"{name} uses V placement with exactly 2 chunks per rank: drop vp or set vp=2 (got vp={vp})")
+        return PipelineShape(pp=pp, microbatches=microbatches, vp=2, placement="v")
+    # auto
+    vp = 2 if vp is None else vp
+    return PipelineShape(pp=pp, microbatches=microbatches, vp=vp, placement="v" if vp == 2 else "loop")
+
+
+def build_schedule(
+    name: str,
+    *,
+    pp: int,
+    microbatches: int,
+    vp: int | None = None,
+    costs: CostModel | None = None,
+    memory_limit: float | None = None,
+) -> Schedule:
+    """Build schedule ``name`` (compute actions only: F/B/I/W).
+
+    ``costs`` defaults to :meth:`CostModel.uniform` of the shape; its stage count must be pp * vp. Without
+    ``vp``, a given ``costs`` fixes it (stages / pp) for schedules that allow that vp. ``memory_limit`` is a
+    per-rank activation-memory cap in the cost model's units: ``auto`` searches under it (default: 1F1B's peak);
+    a handcrafted schedule whose peak exceeds it raises ``ValueError`` naming what fits.
+    """
+    _check_name(name)
+    if memory_limit is not None and not memory_limit > 0:
+        raise ValueError(f"memory_limit must be a positive number (activation memory per rank), got {memory_limit}")
+    if costs is not None and vp is None and name in ("auto", "interleaved-1f1b") and pp >= 1:
+        if costs.num_stages % pp == 0 and costs.num_stages >= pp:
+            vp = costs.num_stages // pp  # the cost model fixes the chunks per rank
+    shape = schedule_shape(name, pp=pp, microbatches=microbatches, vp=vp)
+    if costs is None:
+        costs = CostModel.uniform(shape)
+    elif costs.num_stages != shape.num_stages:
+        raise ValueError(
+            f"cost model has {costs.num_stages} stages but {name} with pp={pp}, vp={shape.vp} has "
+            f"{shape.num_stages}; give one cost per stage (pp * vp = {shape.num_stages}) or change vp"
+        )
+    if name == "auto":
+        return auto(shape, costs, memory_limit)
+    schedule = _GENERATORS[name](shape, costs)
+    if memory_limit is not None:
+        peak = max(simulate(schedule, costs).peak_activation_memory)
+        if peak > memory_limit + _EPS:
+            raise ValueError(
+                f"{name} needs {peak:g} activation memory per rank, over memory_limit {memory_limit:g}; raise "
+                "memory_limit, or pick a leaner schedule (v-half, v-min) or 'auto', which searches under the cap"
+            )
+    return schedule
