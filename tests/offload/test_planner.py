@@ -1,0 +1,156 @@
+"""Planner: synthetic numbers, no torch."""
+import math
+
+import pytest
+
+from ds_plugins.offload.planner import (
+    ByteModel,
+    HardwareRates,
+    Placement,
+    SubgroupTiming,
+    estimate,
+    plan_offload,
+)
+
+M = 1_000_000
+
+
+def rates(cpu=5e9, gpu=90e9, h2d=50e9, d2h=50e9, duplex=80e9):
+    return HardwareRates(cpu_update_params_per_s=cpu, gpu_update_params_per_s=gpu, h2d_bytes_per_s=h2d,
+                         d2h_bytes_per_s=d2h, duplex_bytes_per_s=duplex)
+
+
+def uniform(n=24, numel=50 * M, forward=0.003, backward=0.006):
+    return [SubgroupTiming(numel=numel, forward_s=forward, backward_s=backward) for _ in range(n)]
+
+
+def test_all_cpu_estimate_by_hand():
+    subs = [SubgroupTiming(numel=10 * M, forward_s=0.01, backward_s=0.02) for _ in range(2)]
+    r = rates(cpu=1e9, gpu=1e10, h2d=1e10, d2h=1e10, duplex=2e10)
+    est = estimate([Placement.CPU, Placement.CPU], subs, r)
+    # backward: grads of subgroup 1 at 0.02 s, copy 40 MB / 10 GB/s = 4 ms; subgroup 0 at 0.04 s, done 0.044
+    assert est.backward_tail_s == pytest.approx(0.004)
+    assert est.cpu_busy_s == pytest.approx(0.02)
+    # upload 0 done at 0.010 + 0.002, forward 0 runs 0.012..0.022, upload 1 done at 0.020 + 0.002: stall 0.012
+    assert est.forward_stall_s == pytest.approx(0.012)
+    assert est.gpu_step_s == 0.0
+    assert est.gpu_state_bytes == 0
+
+
+def test_resident_estimate_and_memory():
+    subs = [SubgroupTiming(numel=10 * M)]
+    est = estimate([Placement.GPU_RESIDENT], subs, rates(gpu=1e10))
+    assert est.gpu_step_s == pytest.approx(1e-3)
+    assert est.gpu_state_bytes == 10 * M * 16
+    assert est.forward_stall_s == 0.0 and est.backward_tail_s == 0.0
+
+
+def test_streamed_is_bandwidth_bound():
+    subs = [SubgroupTiming(numel=10 * M) for _ in range(4)]
+    r = rates(gpu=1e12, h2d=10e9, d2h=10e9, duplex=15e9)
+    est = estimate([Placement.GPU_STREAMED] * 4, subs, r)
+    per = max(120e6 / 10e9, 240e6 / 15e9)
+    assert est.gpu_step_s == pytest.approx(4 * per + 120e6 / 10e9)  # plus the first load
+    assert est.gpu_state_bytes == 40 * M * 4 + 2 * 10 * M * 12
+
+
+def test_forced_fraction_takes_closest_prefix():
+    subs = uniform(n=10, numel=M)
+    plan = plan_offload(subs, rates(), gpu_fraction=0.5)
+    assert plan.gpu_fraction == pytest.approx(0.5)
+    assert plan.placements[:5] == (Placement.GPU_RESIDENT,) * 5
+    assert plan.placements[5:] == (Placement.CPU,) * 5
+    assert plan.cpu_update_order == (5, 6, 7, 8, 9)
+    assert plan.host_state_fraction == pytest.approx(0.5)
+    assert plan_offload(subs, rates(), gpu_fraction=0.0).gpu_fraction == 0.0
+    assert plan_offload(subs, rates(), gpu_fraction=1.0).gpu_fraction == 1.0
+    assert plan_offload(subs, rates(), gpu_fraction=0.34).gpu_fraction == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("budget_gib", [0.0, 0.5, 1.0, 3.0, 10.0, 100.0])
+@pytest.mark.parametrize("fraction", ["auto", 0.25, 0.5, 1.0])
+def test_budget_respected(budget_gib, fraction):
+    subs = uniform(n=24, numel=20 * M)
+    plan = plan_offload(subs, rates(cpu=2e9), gpu_fraction=fraction, gpu_memory_budget_bytes=budget_gib * 2**30)
+    assert plan.estimate.gpu_state_bytes <= budget_gib * 2**30
+    resident = sum(n for n, p in zip(plan.numels, plan.placements) if p is Placement.GPU_RESIDENT)
+    assert resident * 16 <= budget_gib * 2**30
+
+
+def test_budget_beyond_resident_streams():
+    subs = uniform(n=10, numel=10 * M)
+    budget = 3 * 10 * M * 16 + 10 * M * 4 * 3 + 2 * 10 * M * 12  # 3 resident + 3 streamed
+    plan = plan_offload(subs, rates(), gpu_fraction=0.6, gpu_memory_budget_bytes=budget)
+    assert plan.placements[:3] == (Placement.GPU_RESIDENT,) * 3
+    assert plan.placements[3:6] == (Placement.GPU_STREAMED,) * 3
+    assert plan.stream_order == (3, 4, 5)
+    assert plan.host_state_fraction == pytest.approx(0.7)
+
+
+def test_auto_is_monotone_in_cpu_speed():
+    subs = uniform()
+    fractions = [plan_offload(subs, rates(cpu=c)).gpu_fraction for c in (0.5e9, 1e9, 2e9, 4e9, 8e9, 16e9, 64e9)]
+    assert fractions == sorted(fractions, reverse=True)
+    assert fractions[0] > fractions[-1]
+    # a fast host hides all but the first layer (needed before any host update can finish)
+    assert fractions[-1] <= 1 / 24 + 1e-12
+
+
+def test_auto_is_monotone_in_window():
+    fractions = [plan_offload(uniform(forward=f, backward=2 * f), rates(cpu=2e9)).gpu_fraction
+                 for f in (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)]
+    assert fractions == sorted(fractions, reverse=True)
+
+
+def test_auto_overhead_monotone_in_budget():
+    subs = uniform()
+    overheads = [plan_offload(subs, rates(cpu=1e9), gpu_memory_budget_bytes=b * 2**30).estimate.overhead_s
+                 for b in (0, 1, 2, 4, 8, 16, 32)]
+    for a, b in zip(overheads, overheads[1:]):
+        assert b <= a + 1e-4 + 0.02 * 24 * 0.009  # within the auto tolerance
+
+
+def test_auto_balance_point():
+    # Free copies, a very fast GPU, a host twice as slow per layer as forward (t_c = 2 t_f). With the first k of n
+    # layers on the GPU, host subgroup m (0-based) is done at (m+1) t_c and its layer starts at (k+m) t_f: no
+    # stall iff (n-k) t_c <= (n-1) t_f, so the balance point is k = ceil(n - (n-1) t_f / t_c).
+    n, numel, t_f = 100, M, 0.0005
+    cpu = 1e9  # t_c = 1 ms
+    subs = [SubgroupTiming(numel=numel, forward_s=t_f, backward_s=0.0) for _ in range(n)]
+    r = rates(cpu=cpu, gpu=1e15, h2d=math.inf, d2h=math.inf, duplex=math.inf)
+    plan = plan_offload(subs, r, tolerance=0.0)
+    k = math.ceil(n - (n - 1) * t_f / (numel / cpu))
+    assert plan.gpu_fraction == pytest.approx(k / n)
+    assert plan.estimate.forward_stall_s < 1e-4
+    assert estimate(plan.placements[:k - 1] + (Placement.CPU,) * (n - k + 1), subs, r).forward_stall_s > 1e-4
+
+
+def test_auto_prefers_host_when_free():
+    subs = uniform(n=8, numel=M, forward=0.01, backward=0.02)
+    plan = plan_offload(subs, rates(cpu=1e12))
+    assert plan.gpu_fraction == 0.0
+    assert plan.host_state_fraction == 1.0
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match="gpu_fraction"):
+        plan_offload(uniform(n=2), rates(), gpu_fraction=1.5)
+    with pytest.raises(ValueError, match="at least one subgroup"):
+        plan_offload([], rates())
+    with pytest.raises(ValueError, match="cpu_update_params_per_s"):
+        rates(cpu=0)
+    with pytest.raises(ValueError, match="numel"):
+        SubgroupTiming(numel=-1)
+    with pytest.raises(ValueError, match="placements"):
+        estimate([Placement.CPU], uniform(n=2), rates())
+    with pytest.raises(ValueError, match="grad_bytes"):
+        ByteModel(grad_bytes=-1)
+
+
+def test_planner_is_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, ds_plugins.offload.planner, ds_plugins.offload.settings; "
+            "assert 'torch' not in sys.modules, 'planner imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
