@@ -1,0 +1,115 @@
+"""Megatron command-line flags for interleaf and the checks that turn a bad combination into a clear error.
+
+``extra_args_provider`` follows megatron's convention (``pretrain(..., extra_args_provider=...)`` or
+``parse_args(extra_args_provider)``): it receives megatron's ``argparse.ArgumentParser`` and returns it with an
+``interleaf`` group added.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = [
+    "SCHEDULE_NAMES",
+    "V_SCHEDULES",
+    "MegatronScheduleConfig",
+    "extra_args_provider",
+    "config_from_args",
+]
+
+SCHEDULE_NAMES = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto")
+V_SCHEDULES = ("zb-v", "v-half", "v-min")
+_ONE_CHUNK_SCHEDULES = ("1f1b", "zb-h1", "zb-h2")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MegatronScheduleConfig:
+    """Which interleaf schedule megatron's ``get_forward_backward_func()`` hands out."""
+
+    schedule: str
+    """One of :data:`SCHEDULE_NAMES`."""
+    memory_limit_gib: Optional[float] = None
+    """Per-rank activation-memory budget for ``auto`` (GiB); ``None`` means no limit."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(
+                f"--pipeline-schedule {self.schedule!r} is not known; choose one of {', '.join(SCHEDULE_NAMES)}"
+            )
+        if self.memory_limit_gib is not None:
+            if self.schedule != "auto":
+                raise ValueError(
+                    f"--pipeline-memory-limit-gib only applies to --pipeline-schedule auto (got "
+                    f"--pipeline-schedule {self.schedule}); drop the limit or choose auto"
+                )
+            if not self.memory_limit_gib > 0:
+                raise ValueError(f"--pipeline-memory-limit-gib must be positive, got {self.memory_limit_gib}")
+
+    @property
+    def uses_v_placement(self) -> bool:
+        return self.schedule in V_SCHEDULES
+
+    def check_parallel_sizes(self, *, pp: int, vp: Optional[int]) -> None:
+        """Raise ``ValueError`` naming the flag to change when the schedule cannot run on ``pp`` x ``vp``."""
+        chunks = vp or 1
+        if pp < 2:
+            raise ValueError(
+                f"--pipeline-schedule {self.schedule} needs pipeline parallelism: set "
+                f"--pipeline-model-parallel-size >= 2 (got {pp})"
+            )
+        if self.schedule in V_SCHEDULES and chunks != 2:
+            raise ValueError(
+                f"--pipeline-schedule {self.schedule} places two model chunks per rank in a V (chunk r and "
+                f"2*pp-1-r on rank r): set --virtual-pipeline-model-parallel-size 2 (got {vp}) and build the "
+                "chunks with megatron_patches.build_model_chunks"
+            )
+        if self.schedule == "interleaved-1f1b" and chunks < 2:
+            raise ValueError(
+                "--pipeline-schedule interleaved-1f1b needs model chunks: set "
+                "--virtual-pipeline-model-parallel-size >= 2 (or use --pipeline-schedule 1f1b)"
+            )
+        if self.schedule in _ONE_CHUNK_SCHEDULES and chunks != 1:
+            raise ValueError(
+                f"--pipeline-schedule {self.schedule} runs one model chunk per rank but "
+                f"--virtual-pipeline-model-parallel-size is {vp}: drop that flag, or choose interleaved-1f1b "
+                f"or a V schedule ({', '.join(V_SCHEDULES)})"
+            )
+
+
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--pipeline-schedule`` and ``--pipeline-memory-limit-gib`` to megatron's argument parser."""
+    group = parser.add_argument_group(title="interleaf pipeline schedules")
+    group.add_argument(
+        "--pipeline-schedule",
+        type=str,
+        default=None,
+        choices=SCHEDULE_NAMES,
+        help="interleaf pipeline schedule used by get_forward_backward_func(); unset keeps megatron's own",
+    )
+    group.add_argument(
+        "--pipeline-memory-limit-gib",
+        type=float,
+        default=None,
+        help="per-rank activation memory budget (GiB) for --pipeline-schedule auto",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Optional[MegatronScheduleConfig]:
+    """The schedule chosen on megatron's command line, or ``None`` when ``--pipeline-schedule`` is unset.
+
+    Also checks the flag against ``--pipeline-model-parallel-size`` and
+    ``--virtual-pipeline-model-parallel-size`` when those are present in ``args``.
+    """
+    schedule = getattr(args, "pipeline_schedule", None)
+    limit = getattr(args, "pipeline_memory_limit_gib", None)
+    if schedule is None:
+        if limit is not None:
+            raise ValueError("--pipeline-memory-limit-gib needs --pipeline-schedule auto")
+        return None
+    config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=limit)
+    pp = getattr(args, "pipeline_model_parallel_size", None)
+    if pp is not None:
+        config.check_parallel_sizes(pp=pp, vp=getattr(args, "virtual_pipeline_model_parallel_size", None))
+    return config

@@ -1,0 +1,396 @@
+"""megatron's ``forward_backward_func`` contract on top of interleaf's one executor.
+
+:func:`make_forward_backward_func` returns a function with exactly the keyword signature of megatron-core's
+``forward_backward_pipelining_with_interleaving`` / ``..._without_interleaving``. Per call it:
+
+1. builds (once per pipeline shape, cached) the schedule with ``ds_plugins.schedule.registry.build_schedule``
+   and a :class:`ds_plugins.runtime.PipelineExecutor` whose stage modules are thin wrappers around megatron's
+   own ``schedules.forward_step`` (so ``forward_step_func(data_iterator, model) -> (output, loss_func)``,
+   ``set_input_tensor``, autocast, loss division by ``num_microbatches``, ``forward_data_store`` and token
+   counting behave as in megatron);
+2. runs the rank's program with DP grad sync disabled (``config.no_sync_func``) — weight gradients of
+   megatron's linear layers are deferred into W passes (:mod:`megatron_patches.linear_weight_grad`);
+3. after the executor has drained the last W: sums the two tied embedding copies that V placement puts on
+   rank 0, re-enables grad sync and starts it (``config.grad_sync_func`` per chunk, or the DDP chunk's
+   ``start_grad_sync`` when ``overlap_grad_reduce`` is on), then calls ``config.finalize_model_grads_func``;
+4. returns megatron's ``forward_data_store`` (the loss dicts its training loop logs).
+
+No schedule logic lives here: the order of actions is the generator's, their execution the executor's.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .arguments import MegatronScheduleConfig
+from .placement import chunk_stage, tied_embedding_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["make_forward_backward_func"]
+
+
+class _StepContext:
+    """What the stage wrappers need from the current ``forward_backward_func`` call."""
+
+    def __init__(self) -> None:
+        self.forward_step_func: Optional[Callable] = None
+        self.data_iterators: List[Any] = []
+        self.num_microbatches = 0
+        self.forward_data_store: List[Any] = []
+        self.collect_non_loss_data = False
+        self.first_val_step: Optional[bool] = None
+        self.forward_only = False
+        self.cp_size = 1
+        self.total_num_tokens: Optional[torch.Tensor] = None
+        self.forwards_done: Dict[int, int] = {}
+
+
+class _MegatronStage(torch.nn.Module):
+    """Stage ``stage`` = chunk ``chunk`` of this rank, run through megatron's own ``forward_step``."""
+
+    def __init__(self, context: _StepContext, model_chunk: torch.nn.Module, chunk: int, stage: int,
+                 *, last_stage: int, vp: Optional[int], config) -> None:
+        super().__init__()
+        self._context = context
+        self._chunk_index = chunk
+        self._stage = stage
+        self._is_last = stage == last_stage
+        self._vp = vp
+        self._config = config
+        # Not registered as a submodule: the executor never needs the chunk's parameters.
+        self.__dict__["_model_chunk"] = model_chunk
+
+    def forward(self, input_tensor=None):
+        from megatron.core.pipeline_parallel import schedules
+
+        ctx = self._context
+        microbatch = ctx.forwards_done.get(self._stage, 0)
+        ctx.forwards_done[self._stage] = microbatch + 1
+        first = microbatch == 0
+        if ctx.forward_only and ctx.first_val_step is not None:
+            first = bool(ctx.first_val_step) and first
+        output, num_tokens = schedules.forward_step(
+            ctx.forward_step_func,
+            ctx.data_iterators[self._chunk_index],
+            self._model_chunk,
+            ctx.num_microbatches,
+            input_tensor,
+            ctx.forward_data_store,
+            self._config,
+            ctx.cp_size,
+            ctx.collect_non_loss_data,
+            None,
+            is_first_microbatch=first,
+            current_microbatch=microbatch,
+            vp_stage=self._chunk_index if self._vp is not None else None,
+            is_last_stage=self._is_last,
+        )
+        ctx.total_num_tokens += num_tokens.to(ctx.total_num_tokens.device)
+        if self._is_last and not ctx.forward_only and not ctx.collect_non_loss_data:
+            # The executor sees the (already 1/num_microbatches-scaled) loss as this stage's output.
+            return output
+        return output
+
+
+def _last_stage_loss(config) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    def loss_fn(loss: torch.Tensor, _target: Any) -> torch.Tensor:
+        # megatron's backward_step applies grad_scale_func (fp16 loss scale) to the last stage's output.
+        if config.grad_scale_func is not None:
+            return config.grad_scale_func(loss)
+        return loss
+
+    return loss_fn
+
+
+class _Runner:
+    """One executor for one (model chunks, schedule) pair, reused across steps."""
+
+    def __init__(self, schedule, executor, context: _StepContext) -> None:
+        self.schedule = schedule
+        self.executor = executor
+        self.context = context
+
+
+def _placement_of(model: List[torch.nn.Module]) -> str:
+    placements = {chunk_stage(m)[1] for m in model}
+    if placements == {"v"}:
+        return "v"
+    if "v" in placements:
+        raise ValueError("only some model chunks were built with megatron_patches.build_model_chunks; build all")
+    return "loop"
+
+
+def _chunk_stages(model: List[torch.nn.Module], pp_rank: int, pp: int, placement: str) -> List[int]:
+    if placement == "v":
+        return [chunk_stage(m)[0] for m in model]
+    return [c * pp + pp_rank for c in range(len(model))]
+
+
+def _pg_collection_for(placement: str, pg_collection):
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection()
+        pg_collection.tp = parallel_state.get_tensor_model_parallel_group()
+        pg_collection.cp = parallel_state.get_context_parallel_group()
+        pg_collection.pp = parallel_state.get_pipeline_model_parallel_group()
+        pg_collection.embd = parallel_state.get_embedding_group(check_initialized=False)
+        pg_collection.pos_embd = parallel_state.get_position_embedding_group(check_initialized=False)
+        pg_collection.dp_cp = parallel_state.get_data_parallel_group(
+            with_context_parallel=True, partial_data_parallel=False
+        )
+    if placement == "v":
+        # Both ends of the model (embedding and LM head) live on pipeline rank 0: no cross-rank embedding sync.
+        pg_collection = copy.copy(pg_collection)
+        pg_collection.embd = None
+        pg_collection.pos_embd = None
+    return pg_collection
+
+
+def _per_chunk(funcs, n: int) -> List[Optional[Callable]]:
+    if funcs is None:
+        return [None] * n
+    if isinstance(funcs, (list, tuple)):
+        return list(funcs)
+    return [funcs] * n
+
+
+def _check_unsupported(config, forward_only: bool) -> None:
+    if getattr(config, "defer_embedding_wgrad_compute", False) and not forward_only:
+        raise ValueError(
+            "--defer-embedding-wgrad-compute cannot be combined with --pipeline-schedule: interleaf already "
+            "defers every linear layer's weight gradient (including the LM head) into W passes; drop that flag"
+        )
+    if getattr(config, "overlap_moe_expert_parallel_comm", False) and not forward_only:
+        raise ValueError("--overlap-moe-expert-parallel-comm has its own combined 1F1B schedule; drop --pipeline-schedule")
+    if getattr(config, "variable_seq_lengths", False) and not forward_only:
+        logger.info("variable_seq_lengths: interleaf's p2p sends shapes once per stage pair; lengths must not change")
+
+
+def make_forward_backward_func(
+    schedule_config: MegatronScheduleConfig,
+    *,
+    build_schedule: Callable[..., Any],
+    fallback: Callable[..., Any],
+):
+    """The ``forward_backward_func`` for ``schedule_config`` (see module docstring). ``fallback`` is megatron's
+    own function for the same pp/vp, used when pipeline parallelism is off."""
+    runners: Dict[Tuple, _Runner] = {}
+
+    def forward_backward_func(
+        *,
+        forward_step_func,
+        data_iterator,
+        model,
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        decoder_seq_length: Optional[int] = None,
+        forward_only: bool = False,
+        collect_non_loss_data: bool = False,
+        first_val_step: Optional[bool] = None,
+        adjust_tensor_shapes_fn: Optional[Callable] = None,
+        p2p_communicator=None,
+        pg_collection=None,
+        force_all_reduce: Optional[bool] = False,
+    ):
+        from megatron.core.utils import get_model_config
+
+        chunks = model if isinstance(model, list) else [model]
+        iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
+        if len(iterators) != len(chunks):
+            raise ValueError(f"{len(chunks)} model chunks but {len(iterators)} data iterators: pass one per chunk")
+        config = get_model_config(chunks[0])
+        _check_unsupported(config, forward_only)
+        if adjust_tensor_shapes_fn is not None:
+            raise ValueError("adjust_tensor_shapes_fn is not needed with interleaf schedules (shapes travel once)")
+
+        if pg_collection is not None:
+            pp_group = pg_collection.pp
+        elif p2p_communicator is not None:
+            pp_group = p2p_communicator.pp_group
+        else:
+            from megatron.core import parallel_state
+
+            pp_group = parallel_state.get_pipeline_model_parallel_group()
+        pp = pp_group.size()
+        if pp == 1:
+            return fallback(
+                forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
+                num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                decoder_seq_length=decoder_seq_length, forward_only=forward_only,
+                collect_non_loss_data=collect_non_loss_data, first_val_step=first_val_step,
+                adjust_tensor_shapes_fn=adjust_tensor_shapes_fn, p2p_communicator=p2p_communicator,
+                pg_collection=pg_collection, force_all_reduce=force_all_reduce,
+            )
+        pp_rank = pp_group.rank()
+        vp = len(chunks)
+        placement = _placement_of(chunks)
+        schedule_config.check_parallel_sizes(pp=pp, vp=vp if vp > 1 else None)
+        if schedule_config.uses_v_placement and placement != "v":
+            raise ValueError(
+                f"--pipeline-schedule {schedule_config.schedule} needs the model chunks in V placement (chunk r "
+                "and 2*pp-1-r on rank r): build them with megatron_patches.build_model_chunks(model_provider)"
+            )
+        if placement == "v" and not schedule_config.uses_v_placement and schedule_config.schedule != "auto":
+            raise ValueError(
+                f"the model chunks were built in V placement but --pipeline-schedule is "
+                f"{schedule_config.schedule}; use zb-v, v-half, v-min or auto"
+            )
+
+        key = (tuple(id(c) for c in chunks), num_microbatches, id(pp_group))
+        runner = runners.get(key)
+        if runner is None:
+            runner = _make_runner(
+                schedule_config, build_schedule, chunks, config, pp_group, pp_rank, pp, placement,
+                num_microbatches, seq_length, micro_batch_size,
+            )
+            runners.clear()  # one live model at a time; drop stale executors (and their p2p state)
+            runners[key] = runner
+
+        pgc = _pg_collection_for(placement, pg_collection)
+        ctx = runner.context
+        ctx.forward_step_func = forward_step_func
+        ctx.data_iterators = iterators
+        ctx.num_microbatches = num_microbatches
+        ctx.forward_data_store = []
+        ctx.collect_non_loss_data = collect_non_loss_data
+        ctx.first_val_step = first_val_step
+        ctx.forward_only = forward_only
+        ctx.cp_size = pgc.cp.size() if pgc.cp is not None else 1
+        device = runner.executor.device
+        ctx.total_num_tokens = torch.zeros([], dtype=torch.int, device=device)
+        ctx.forwards_done = {}
+
+        if config.timers is not None:
+            config.timers("forward-backward", log_level=1).start(barrier=config.barrier_with_L1_time)
+
+        no_sync_funcs = _per_chunk(config.no_sync_func, vp)
+        grad_sync_funcs = _per_chunk(config.grad_sync_func, vp)
+        param_sync_funcs = _per_chunk(config.param_sync_func, vp)
+        if not forward_only:
+            for c in range(1, vp):
+                if param_sync_funcs[c] is not None:
+                    param_sync_funcs[c](chunks[c].parameters())
+
+        m = num_microbatches
+        with contextlib.ExitStack() as no_sync:
+            if not forward_only:
+                for f in no_sync_funcs:
+                    if f is not None:
+                        no_sync.enter_context(f())
+            result = runner.executor.run(
+                [None] * m,
+                None if forward_only else [None] * m,
+                forward_only=forward_only,
+                tokens=m * micro_batch_size * seq_length,
+            )
+            if not forward_only:
+                _sum_tied_embedding_grads(chunks)
+        runner.last_result = result
+
+        if not forward_only:
+            for c, chunk in enumerate(chunks):
+                if grad_sync_funcs[c] is not None:
+                    grad_sync_funcs[c](chunk.parameters())
+                elif getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False):
+                    chunk.start_grad_sync()
+            if config.finalize_model_grads_func is not None:
+                config.finalize_model_grads_func(
+                    chunks if isinstance(model, list) else [model],
+                    ctx.total_num_tokens if config.calculate_per_token_loss else None,
+                    pg_collection=pgc,
+                    force_all_reduce=force_all_reduce,
+                )
+        if config.timers is not None:
+            config.timers("forward-backward").stop()
+        store = ctx.forward_data_store
+        ctx.forward_data_store = []
+        ctx.data_iterators = []
+        ctx.forward_step_func = None
+        return store
+
+    forward_backward_func.interleaf_schedule = schedule_config.schedule  # type: ignore[attr-defined]
+    forward_backward_func.runners = runners  # type: ignore[attr-defined]
+    return forward_backward_func
+
+
+def _sum_tied_embedding_grads(chunks: List[torch.nn.Module]) -> None:
+    """V placement, rank 0: the embedding and the LM head are two copies of one tied weight in two chunks;
+    give both the summed gradient (what megatron's cross-rank embedding all-reduce does) before DP sync."""
+    pair = tied_embedding_weights(chunks)
+    if pair is None:
+        return
+    first, last = pair
+    for attr in ("main_grad", "grad"):
+        a, b = getattr(first, attr, None), getattr(last, attr, None)
+        if a is not None and b is not None:
+            a.add_(b)
+            b.copy_(a)
+            return
+        if a is not None or b is not None:
+            raise RuntimeError(f"tied embedding: only one copy has .{attr}; wrap both chunks the same way")
+
+
+def _make_runner(schedule_config, build_schedule, chunks, config, pp_group, pp_rank, pp, placement,
+                 num_microbatches, seq_length, micro_batch_size) -> _Runner:
+    from ds_plugins.runtime import P2PCommunicator, PipelineExecutor
+
+    vp = len(chunks)
+    schedule = build_schedule(
+        schedule_config.schedule,
+        pp=pp,
+        microbatches=num_microbatches,
+        vp=vp,
+        memory_limit=_memory_limit_units(schedule_config, config, seq_length, micro_batch_size, pp, vp),
+    )
+    if schedule.shape.placement != placement:
+        raise ValueError(
+            f"--pipeline-schedule {schedule_config.schedule} chose {schedule.shape.placement!r} placement but the "
+            f"model chunks are in {placement!r} placement; "
+            + ("build them with megatron_patches.build_model_chunks" if schedule.shape.placement == "v"
+               else "build them with megatron's usual looped vp_stage loop")
+        )
+    stages = _chunk_stages(chunks, pp_rank, pp, placement)
+    expected = list(schedule.shape.stages_of(pp_rank))
+    if sorted(stages) != sorted(expected):
+        raise ValueError(f"pipeline rank {pp_rank}: model chunks hold stages {stages}, schedule expects {expected}")
+    device = next(chunks[0].parameters()).device
+    context = _StepContext()
+    last_stage = schedule.shape.num_stages - 1
+    vp_arg = config.virtual_pipeline_model_parallel_size
+    stage_modules = {
+        stage: _MegatronStage(context, chunks[c], c, stage, last_stage=last_stage, vp=vp_arg, config=config)
+        for c, stage in enumerate(stages)
+    }
+    ranks = dist.get_process_group_ranks(pp_group)
+    p2p = P2PCommunicator.for_shape(schedule.shape, ranks, group=pp_group, device=device)
+    executor = PipelineExecutor(
+        schedule, pp_rank, stage_modules, p2p=p2p, loss_fn=_last_stage_loss(config), device=device,
+        timing="none",
+    )
+    logger.info("interleaf: %s schedule for pp=%d vp=%d m=%d (%s placement)", schedule.name, pp, vp,
+                num_microbatches, placement)
+    return _Runner(schedule, executor, context)
+
+
+def _memory_limit_units(schedule_config, config, seq_length, micro_batch_size, pp, vp) -> Optional[float]:
+    """``--pipeline-memory-limit-gib`` in the cost model's units (one rank's activations for one micro-batch,
+    the unit of ``CostModel.uniform``), from megatron's activation estimate (Korthikanti et al. 2022, sec. 4.1:
+    ``s*b*h*(34 + 5*a*s/h)`` bytes per layer without recomputation, divided by tp)."""
+    if schedule_config.memory_limit_gib is None:
+        return None
+    s, b, h = seq_length, micro_batch_size, config.hidden_size
+    a = config.num_attention_heads
+    tp = max(1, config.tensor_model_parallel_size)
+    per_layer = s * b * h * (34 + 5 * a * s / h) / tp
+    layers_per_rank = config.num_layers / pp
+    per_microbatch_gib = per_layer * layers_per_rank / 2**30
+    return schedule_config.memory_limit_gib / per_microbatch_gib
