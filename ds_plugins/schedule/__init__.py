@@ -20,3 +20,21 @@ __all__ = [
     "simulate",
     "strip_communication",
 ]
+
+# Validation, import/export and pictures (draw imports matplotlib only when a PNG is asked for).
+from .validate import ScheduleError, validate  # noqa: E402
+from .io import from_csv, from_json, to_csv, to_json  # noqa: E402
+from .draw import ascii_timeline, chrome_trace, save_chrome_trace, save_png  # noqa: E402
+
+__all__ += [
+    "ScheduleError",
+    "validate",
+    "from_csv",
+    "from_json",
+    "to_csv",
+    "to_json",
+    "ascii_timeline",
+    "chrome_trace",
+    "save_chrome_trace",
+    "save_png",
+]

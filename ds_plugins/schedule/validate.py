@@ -13,9 +13,10 @@ Checks, in order:
 4. the compute actions can all run (cross-stage dependencies, no deadlock), using :func:`simulate`;
 5. for a lowered schedule (one with SEND/RECV actions): every cross-rank dependency has exactly one SEND on the
    producer's rank and one RECV on the consumer's rank, placed after the producer and before the consumer;
-   the messages between each pair of ranks are received in the order they are sent (an ordered transport such
-   as NCCL p2p matches the k-th send with the k-th receive), and the programs finish when every RECV blocks
-   until its SEND was issued;
+   and the programs run to their end over an ordered transport: messages between a pair of ranks arrive in
+   the order they were sent (NCCL p2p pairs the k-th send with the k-th receive), so a RECV completes only once
+   its sender has issued that message and all earlier ones to the same rank; sends never block. With
+   ``strict_recv_order`` the RECV actions must also appear in the sender's order;
 6. the peak activation memory of every rank (the simulator's accounting) stays within ``memory_limit``.
 """
 from __future__ import annotations
@@ -108,9 +109,21 @@ class _Message:
         return f"{what} of stage {self.stage}, micro-batch {self.microbatch}"
 
 
-def validate(schedule: Schedule, costs: CostModel | None = None, memory_limit: float | None = None) -> None:
+def validate(
+    schedule: Schedule,
+    costs: CostModel | None = None,
+    memory_limit: float | None = None,
+    *,
+    strict_recv_order: bool = False,
+) -> None:
     """Raise :class:`ScheduleError` if ``schedule`` is incomplete, misordered, cannot run, or exceeds
-    ``memory_limit`` peak activation memory on some rank (memory per ``costs``; unit costs when ``None``)."""
+    ``memory_limit`` peak activation memory on some rank (memory per ``costs``; unit costs when ``None``).
+
+    Lowered schedules are checked for an ordered (FIFO per pair of ranks) transport whose receives are matched
+    in the sender's order, as :mod:`ds_plugins.runtime` posts them. ``strict_recv_order=True`` also requires
+    every rank's RECV actions to appear in its peers' send order, for an executor that posts each receive
+    exactly at its RECV action on an untagged ordered transport.
+    """
     shape = schedule.shape
     if costs is None:
         costs = CostModel.uniform(shape)
@@ -126,7 +139,7 @@ def validate(schedule: Schedule, costs: CostModel | None = None, memory_limit: f
     except DeadlockError as exc:
         raise _deadlock_error(schedule, exc) from None
     if any(not a.kind.is_compute for prog in schedule.actions for a in prog):
-        _check_communication(schedule, positions)
+        _check_communication(schedule, positions, strict_recv_order)
     if memory_limit is not None:
         _check_memory(schedule, costs, result.peak_activation_memory, memory_limit)
 
@@ -280,7 +293,9 @@ def _message_of(action: Action) -> _Message:
     return _Message("B", action.stage + 1, action.microbatch)  # RECV_B
 
 
-def _check_communication(schedule: Schedule, positions: dict[Action, tuple[int, int]]) -> None:
+def _check_communication(
+    schedule: Schedule, positions: dict[Action, tuple[int, int]], strict_recv_order: bool
+) -> None:
     shape = schedule.shape
     last = shape.num_stages - 1
 
@@ -326,36 +341,38 @@ def _check_communication(schedule: Schedule, positions: dict[Action, tuple[int, 
                         ((recv_rank, recv_step), positions[consumer]),
                     )
 
-    # 2. per ordered pair of ranks, receives are posted in the order of the sends.
+    # 2. per ordered pair of ranks, the messages in the sender's program order.
     sent: dict[tuple[int, int], list[tuple[_Message, int]]] = {}
     received: dict[tuple[int, int], list[tuple[_Message, int]]] = {}
-    send_step_of: dict[_Message, tuple[int, int]] = {}
     for rank, prog in enumerate(schedule.actions):
         for step, a in enumerate(prog):
             if a.kind in (_SEND_F, _SEND_B):
                 peer = shape.rank_of(a.stage + 1 if a.kind is _SEND_F else a.stage - 1)
                 sent.setdefault((rank, peer), []).append((_message_of(a), step))
-                send_step_of[_message_of(a)] = (rank, step)
             elif a.kind in (_RECV_F, _RECV_B):
                 peer = shape.rank_of(a.stage - 1 if a.kind is _RECV_F else a.stage + 1)
                 received.setdefault((peer, rank), []).append((_message_of(a), step))
-    for (src, dst), sends in sorted(sent.items()):
-        recvs = received.get((src, dst), [])
-        for k, ((sent_msg, send_step), (recv_msg, recv_step)) in enumerate(zip(sends, recvs)):
-            if sent_msg != recv_msg:
-                raise ScheduleError(
-                    f"messages from rank {src} to rank {dst} are received out of order: rank {src}'s send #{k} "
-                    f"(step {send_step}) carries the {sent_msg}, but rank {dst}'s receive #{k} from rank {src} "
-                    f"(step {recv_step}) expects the {recv_msg}. An ordered transport (NCCL p2p) pairs them "
-                    f"anyway; make rank {dst} receive in rank {src}'s send order, or rank {src} send in rank "
-                    f"{dst}'s receive order",
-                    schedule,
-                    ((src, send_step), (dst, recv_step)),
-                )
+    if strict_recv_order:
+        for (src, dst), sends in sorted(sent.items()):
+            recvs = received.get((src, dst), [])
+            for k, ((sent_msg, send_step), (recv_msg, recv_step)) in enumerate(zip(sends, recvs)):
+                if sent_msg != recv_msg:
+                    raise ScheduleError(
+                        f"messages from rank {src} to rank {dst} are received out of order: rank {src}'s send #{k} "
+                        f"(step {send_step}) carries the {sent_msg}, but rank {dst}'s receive #{k} from rank {src} "
+                        f"(step {recv_step}) expects the {recv_msg}; a transport that pairs the k-th send with the "
+                        f"k-th receive (untagged NCCL p2p posted at the RECV actions) would swap them. Make rank "
+                        f"{dst} receive in rank {src}'s send order, or rank {src} send in rank {dst}'s receive order",
+                        schedule,
+                        ((src, send_step), (dst, recv_step)),
+                    )
 
-    # 3. with receives blocking until their send is issued (sends never block), every program finishes.
-    heads = [0] * shape.pp
+    # 3. Every program runs to its end when sends never block and a RECV completes once its SEND was issued.
+    # (A runtime on an ordered transport posts receives in the sender's order, buffering early arrivals; since a
+    # rank issues its sends in program order, "this message was sent" implies "all earlier ones were".)
+    send_position = {msg: (src, step) for (src, _), sends in sent.items() for msg, step in sends}
     issued: set[_Message] = set()
+    heads = [0] * shape.pp
     programs = schedule.actions
     progressed = True
     while progressed:
@@ -371,16 +388,17 @@ def _check_communication(schedule: Schedule, positions: dict[Action, tuple[int, 
                 progressed = True
     stuck = [(r, heads[r]) for r in range(shape.pp) if heads[r] < len(programs[r])]
     if stuck:
-        waits = "; ".join(
-            f"rank {r} waits at {programs[r][t]} for the send at rank {send_step_of[_message_of(programs[r][t])][0]} "
-            f"step {send_step_of[_message_of(programs[r][t])][1]}"
-            for r, t in stuck
-        )
+        waits = []
+        marks = list(stuck)
+        for r, t in stuck:
+            src, send_step = send_position[_message_of(programs[r][t])]
+            waits.append(f"rank {r} waits at {programs[r][t]} for the send at rank {src} step {send_step}")
+            marks.append((src, send_step))
         raise ScheduleError(
-            f"communication deadlock: {waits}, which each sender only reaches after a receive of its own that "
-            "cannot complete; post the receives later (right before their consumer) or the sends earlier",
+            f"communication deadlock: {'; '.join(waits)}, and each of those senders is itself stuck at an "
+            "earlier receive. Post receives later (right before their consumer) or move the sends earlier",
             schedule,
-            tuple(stuck) + tuple(send_step_of[_message_of(programs[r][t])] for r, t in stuck),
+            tuple(dict.fromkeys(marks)),
         )
 
 

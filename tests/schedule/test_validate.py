@@ -49,8 +49,9 @@ def error_of(schedule: Schedule, **kwargs) -> ScheduleError:
 def test_valid_schedules_pass_plain_and_lowered(text, pp, m, vp, placement):
     schedule = sched(text, pp, m, vp, placement)
     validate(schedule)
+    validate(add_communication(schedule))
     if text is not V_OUT_OF_ORDER:
-        validate(add_communication(schedule))
+        validate(add_communication(schedule), strict_recv_order=True)
 
 
 def test_schedule_error_is_value_error_with_grid_and_marked_cell():
@@ -201,7 +202,8 @@ def test_comm_at_pipeline_end():
 
 
 def test_out_of_order_messages_between_a_pair_of_ranks():
-    err = error_of(lowered(V_OUT_OF_ORDER, 2, 2, 2, "v"))
+    validate(lowered(V_OUT_OF_ORDER, 2, 2, 2, "v"))  # fine when receives are matched in the sender's order
+    err = error_of(lowered(V_OUT_OF_ORDER, 2, 2, 2, "v"), strict_recv_order=True)
     assert "messages from rank 0 to rank 1 are received out of order" in err.problem
     assert "send #1" in err.problem and "activation of stage 0, micro-batch 1" in err.problem
     assert "input gradient of stage 3, micro-batch 0" in err.problem
@@ -216,8 +218,9 @@ def test_receive_posted_too_early_deadlocks_the_transport():
     validate(s)
     tokens = " ".join(str(a) for a in s.actions[1]).replace("1RECV_F1 ", "").replace("1B0", "1RECV_F1 1B0")
     err = error_of(replace_rank(s, 1, tokens))
-    assert "communication deadlock: rank 0 waits at 0RECV_B0 for the send at rank 1" in err.problem
-    assert "rank 1 waits at 1RECV_F1" in err.problem
+    assert "communication deadlock: rank 0 waits at 0RECV_B0 for the send at rank 1 step 4" in err.problem
+    assert "rank 1 waits at 1RECV_F1 for the send at rank 0 step 5" in err.problem
+    assert set(err.marks) == {(0, 2), (1, 2), (1, 4), (0, 5)}
 
 
 def test_long_grid_shows_window_around_error():
