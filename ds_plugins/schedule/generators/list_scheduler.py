@@ -31,8 +31,9 @@ from typing import Literal
 
 from ..costs import CostModel
 from ..ir import Action, ActionKind, PipelineShape, Schedule
+from ..simulate import simulate
 
-__all__ = ["GreedyPolicy", "ZERO_BUBBLE_POLICY", "list_schedule", "memory_cap", "rank_footprint", "zero_bubble_policy"]
+__all__ = ["GreedyPolicy", "ZERO_BUBBLE_POLICY", "list_schedule", "memory_cap", "rank_footprint", "zero_bubble_schedule"]
 
 _F, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _EPS = 1e-9
@@ -263,10 +264,26 @@ def memory_cap(shape: PipelineShape, costs: CostModel, microbatches_per_rank: fl
 
 
 ZERO_BUBBLE_POLICY = GreedyPolicy(backward_first=True, weight="lazy", fill_only_if_fits=True, forward_deepest_first=True)
-"""Knobs of the handcrafted zero-bubble family (ZB-H1/H2, ZB-V, V-Half, V-Min): I first, forwards as memory
-allows, W only into gaps it fits."""
+"""Main knobs of the handcrafted zero-bubble family (ZB-H1/H2, ZB-V): I first, forwards as memory allows, W only
+into gaps it fits."""
 
 
-def zero_bubble_policy(shape: PipelineShape, costs: CostModel, microbatches_per_rank: float) -> GreedyPolicy:
-    """:data:`ZERO_BUBBLE_POLICY` with a memory budget of ``microbatches_per_rank`` micro-batches per rank."""
-    return replace(ZERO_BUBBLE_POLICY, memory_limit=memory_cap(shape, costs, microbatches_per_rank))
+def zero_bubble_schedule(
+    name: str, shape: PipelineShape, costs: CostModel, microbatches_per_rank: float
+) -> Schedule:
+    """Best of a few greedy variants under a budget of ``microbatches_per_rank`` micro-batches per rank.
+
+    Like the reference implementation's initial solution (Zero Bubble PP, sec. 3.2), which tries several
+    greedy variants and keeps the shortest: :data:`ZERO_BUBBLE_POLICY`, the same with W's filled greedily, and
+    with W right after its I (which wins when pending W's hold so much memory that they starve the forwards).
+    """
+    cap = memory_cap(shape, costs, microbatches_per_rank)
+    best: tuple[tuple[float, float], Schedule] | None = None
+    for weight, fit in (("lazy", True), ("lazy", False), ("eager", True)):
+        policy = replace(ZERO_BUBBLE_POLICY, memory_limit=cap, weight=weight, fill_only_if_fits=fit)
+        schedule = list_schedule(name, shape, costs, policy)
+        result = simulate(schedule, costs)
+        key = (result.makespan, max(result.peak_activation_memory))
+        if best is None or key < best[0]:
+            best = (key, schedule)
+    return best[1]  # type: ignore[index]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
-from .list_scheduler import list_schedule, zero_bubble_policy
+from .list_scheduler import zero_bubble_schedule
 
 __all__ = ["zb_h1"]
 
@@ -22,4 +22,4 @@ def zb_h1(shape: PipelineShape, costs: CostModel) -> Schedule:
     if shape.vp != 1:
         raise ValueError(f"zb-h1 runs one chunk per rank: set vp=1 (got vp={shape.vp}); zb-v is the 2-chunk variant")
     costs.for_shape(shape)
-    return list_schedule("zb-h1", shape, costs, zero_bubble_policy(shape, costs, shape.pp))
+    return zero_bubble_schedule("zb-h1", shape, costs, shape.pp)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
-from .list_scheduler import list_schedule, zero_bubble_policy
+from .list_scheduler import zero_bubble_schedule
 
 __all__ = ["zb_v", "check_v_shape"]
 
@@ -28,4 +28,4 @@ def zb_v(shape: PipelineShape, costs: CostModel) -> Schedule:
     """ZB-V: V placement, split backward, 1F1B's peak memory."""
     check_v_shape("zb-v", shape)
     costs.for_shape(shape)
-    return list_schedule("zb-v", shape, costs, zero_bubble_policy(shape, costs, shape.pp))
+    return zero_bubble_schedule("zb-v", shape, costs, shape.pp)

@@ -1,0 +1,149 @@
+"""Every generator over a sweep of shapes: complete, valid, deadlock-free; registry defaults and errors."""
+from __future__ import annotations
+
+import pytest
+
+from ds_plugins.schedule import ActionKind, CostModel, PipelineShape, simulate
+from ds_plugins.schedule.generators.auto import handcrafted_candidates
+from ds_plugins.schedule.generators.interleaved_1f1b import megatron_group_size
+from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule, schedule_shape
+from ds_plugins.schedule.validate import validate
+
+HANDCRAFTED = tuple(n for n in SCHEDULE_NAMES if n != "auto")
+
+
+def _sweep(names, pps=(2, 3, 4, 8)):
+    for name in names:
+        for pp in pps:
+            # pp=8 takes every third m to keep CI fast; smaller pp take every m in pp..4pp.
+            for m in range(pp, 4 * pp + 1, 1 if pp < 8 else 3):
+                for vp in (1, 2):
+                    try:
+                        schedule_shape(name, pp=pp, microbatches=m, vp=vp)
+                    except ValueError:
+                        continue
+                    yield name, pp, m, vp
+
+
+@pytest.mark.parametrize("name,pp,m,vp", list(_sweep(HANDCRAFTED)))
+def test_handcrafted_sweep_validates(name: str, pp: int, m: int, vp: int) -> None:
+    schedule = build_schedule(name, pp=pp, microbatches=m, vp=vp)
+    assert schedule.shape.pp == pp and schedule.shape.microbatches == m and schedule.shape.vp == vp
+    validate(schedule, CostModel.uniform(schedule.shape))
+
+
+def _auto_sweep():
+    # auto runs ~70 candidate schedules per call: sample m in pp..4pp instead of taking every value.
+    for name, pp, m, vp in _sweep(("auto",), pps=(2, 3, 4)):
+        if m in (pp, pp + 1, 2 * pp, 3 * pp + 1, 4 * pp):
+            yield name, pp, m, vp
+    yield from (("auto", 8, 8, 2), ("auto", 8, 11, 1))
+
+
+@pytest.mark.parametrize("name,pp,m,vp", list(_auto_sweep()))
+def test_auto_sweep_validates_and_beats_handcrafted(name: str, pp: int, m: int, vp: int) -> None:
+    schedule = build_schedule(name, pp=pp, microbatches=m, vp=vp)
+    costs = CostModel.uniform(schedule.shape)
+    limit = pp * 1.0  # default cap: 1F1B's peak at unit activation memory
+    validate(schedule, costs, memory_limit=limit)
+    makespan = simulate(schedule, costs).makespan
+    for shape, generator in handcrafted_candidates(schedule.shape):
+        result = simulate(generator(shape, costs), costs)
+        if max(result.peak_activation_memory) <= limit + 1e-9:
+            assert makespan <= result.makespan + 1e-9, generator.__name__
+
+
+def test_split_backward_schedules_use_i_and_w() -> None:
+    for name in ("zb-h1", "zb-h2", "zb-v", "v-half", "v-min"):
+        schedule = build_schedule(name, pp=4, microbatches=8)
+        kinds = {a.kind for prog in schedule.actions for a in prog}
+        assert kinds == {ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT}, name
+    for name in ("1f1b", "interleaved-1f1b"):
+        kinds = {a.kind for prog in build_schedule(name, pp=4, microbatches=8).actions for a in prog}
+        assert kinds == {ActionKind.FORWARD, ActionKind.BACKWARD}, name
+
+
+def test_default_shapes() -> None:
+    expect = {
+        "1f1b": (1, "loop"), "zb-h1": (1, "loop"), "zb-h2": (1, "loop"), "interleaved-1f1b": (2, "loop"),
+        "zb-v": (2, "v"), "v-half": (2, "v"), "v-min": (2, "v"), "auto": (2, "v"),
+    }
+    for name, (vp, placement) in expect.items():
+        shape = schedule_shape(name, pp=4, microbatches=8)
+        assert (shape.vp, shape.placement) == (vp, placement), name
+    assert schedule_shape("auto", pp=4, microbatches=8, vp=1).placement == "loop"
+    assert schedule_shape("auto", pp=4, microbatches=8, vp=3) == PipelineShape(pp=4, microbatches=8, vp=3)
+
+
+def test_generators_are_deterministic() -> None:
+    for name in SCHEDULE_NAMES:
+        assert build_schedule(name, pp=3, microbatches=7) == build_schedule(name, pp=3, microbatches=7)
+
+
+def test_megatron_group_size_rule() -> None:
+    assert megatron_group_size(4, 8) == 4
+    assert megatron_group_size(4, 6) == 6  # 6 % 4 = 2 < pp, 6 % 5 = 1 < pp, 6 % 6 = 0
+    assert megatron_group_size(4, 10) == 5
+    assert megatron_group_size(4, 9) == 5  # 9 % 4 = 1 < pp, 9 % 5 = 4 >= pp
+    assert megatron_group_size(2, 5) == 3  # 5 % 2 = 1 < pp, 5 % 3 = 2 >= pp
+
+
+def test_non_unit_costs_are_honoured() -> None:
+    pp, m = 4, 8
+    shape = schedule_shape("zb-h1", pp=pp, microbatches=m)
+    cheap_w = CostModel(forward=(1.0,) * pp, backward_input=(2.0,) * pp, backward_weight=(0.2,) * pp, comm=0.3,
+                        activation_memory=(1.0,) * pp, weight_grad_memory=(0.5,) * pp)
+    for name in ("zb-h1", "zb-h2", "auto"):
+        schedule = build_schedule(name, pp=pp, microbatches=m, vp=1, costs=cheap_w)
+        validate(schedule, cheap_w)
+        result = simulate(schedule, cheap_w)
+        base = simulate(build_schedule("1f1b", pp=pp, microbatches=m, costs=cheap_w), cheap_w)
+        assert result.makespan < base.makespan, name
+    # The orders react to the costs: a different cost model gives a different greedy schedule.
+    heavy_w = CostModel(forward=(1.0,) * pp, backward_input=(0.5,) * pp, backward_weight=(3.0,) * pp, comm=0.0,
+                        activation_memory=(1.0,) * pp, weight_grad_memory=(0.0,) * pp)
+    assert build_schedule("zb-h2", pp=pp, microbatches=m, costs=heavy_w) != build_schedule(
+        "zb-h2", pp=pp, microbatches=m, costs=cheap_w)
+    assert shape.vp == 1
+
+
+def test_auto_respects_memory_limit_and_takes_costs_vp() -> None:
+    pp, m = 4, 8
+    shape = PipelineShape(pp=pp, microbatches=m, vp=2, placement="v")
+    costs = CostModel.uniform(shape, forward=1.0, backward_input=1.5, backward_weight=0.7, comm=0.1,
+                              weight_grad_memory=0.4)
+    for limit in (1.0, 2.0, 3.0, 6.0):
+        schedule = build_schedule("auto", pp=pp, microbatches=m, costs=costs, memory_limit=limit)
+        assert schedule.shape.vp == 2
+        validate(schedule, costs, memory_limit=limit)
+    tight = simulate(build_schedule("auto", pp=pp, microbatches=m, costs=costs, memory_limit=1.0), costs)
+    loose = simulate(build_schedule("auto", pp=pp, microbatches=m, costs=costs, memory_limit=6.0), costs)
+    assert loose.makespan <= tight.makespan
+
+
+@pytest.mark.parametrize(
+    "kwargs,fix",
+    [
+        (dict(name="gpipe", pp=4, microbatches=8), "pick one of"),
+        (dict(name="1f1b", pp=4, microbatches=8, vp=2), "set vp=1"),
+        (dict(name="zb-h1", pp=4, microbatches=8, vp=2), "set vp=1"),
+        (dict(name="zb-v", pp=4, microbatches=8, vp=3), "set vp=2"),
+        (dict(name="interleaved-1f1b", pp=4, microbatches=8, vp=1), "use 1f1b"),
+        (dict(name="interleaved-1f1b", pp=4, microbatches=3), "raise microbatches to >= 4"),
+        (dict(name="1f1b", pp=0, microbatches=8), "pp must be >= 1"),
+        (dict(name="1f1b", pp=4, microbatches=0), "microbatches must be >= 1"),
+        (dict(name="zb-h2", pp=4, microbatches=8, memory_limit=4.0), "raise memory_limit"),
+        (dict(name="auto", pp=4, microbatches=8, memory_limit=0.5), "raise memory_limit to at least 1"),
+        (dict(name="auto", pp=4, microbatches=8, memory_limit=-1.0), "positive number"),
+    ],
+)
+def test_bad_input_names_the_fix(kwargs, fix: str) -> None:
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=fix):
+        build_schedule(name, **kwargs)
+
+
+def test_cost_model_stage_mismatch_names_the_fix() -> None:
+    costs = CostModel.uniform(PipelineShape(pp=4, microbatches=8, vp=2))
+    with pytest.raises(ValueError, match="one cost per stage"):
+        build_schedule("1f1b", pp=4, microbatches=8, costs=costs)
