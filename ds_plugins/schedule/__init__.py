@@ -38,3 +38,8 @@ __all__ += [
     "save_chrome_trace",
     "save_png",
 ]
+
+# Generators by name (one module per schedule under generators/).
+from .registry import SCHEDULE_NAMES, build_schedule, schedule_shape  # noqa: E402
+
+__all__ += ["SCHEDULE_NAMES", "build_schedule", "schedule_shape"]

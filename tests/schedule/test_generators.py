@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ds_plugins.schedule import ActionKind, CostModel, PipelineShape, simulate
+from ds_plugins.schedule import ActionKind, CostModel, PipelineShape, add_communication, simulate
 from ds_plugins.schedule.generators.auto import handcrafted_candidates
 from ds_plugins.schedule.generators.interleaved_1f1b import megatron_group_size
 from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule, schedule_shape
