@@ -1,5 +1,52 @@
-"""Build and install interleaf: the ds_plugins library, the megatron_patches adapter and the csrc ops."""
+"""Build and install interleaf: the ds_plugins library, the megatron_patches adapter and the csrc ops.
+
+The csrc ops (docs/ops.md): the CPU AdamW op is always built (one TU per ISA, the ISA picked at run time; never
+-march=native); the CUDA op is built when torch has CUDA (`torch.version.cuda`) and a toolkit is found
+(`CUDA_HOME`). No GPU is probed: without TORCH_CUDA_ARCH_LIST set, a fixed list of architectures is used.
+INTERLEAF_BUILD_OPS=0 installs without extensions (ds_plugins.ops then JIT-builds them on first use).
+"""
+import os
+
 from setuptools import find_packages, setup
+
+CPU_SOURCES = ["csrc/cpu_adam.cpp", "csrc/cpu_adam_scalar.cpp", "csrc/cpu_adam_avx2.cpp", "csrc/cpu_adam_avx512.cpp"]
+CUDA_SOURCES = ["csrc/cuda_adam.cu"]
+# -ffp-contract=off: the kernels spell out every fused multiply-add, so all ISAs round identically.
+CPU_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+NVCC_FLAGS = ["-O3", "--threads=4"]
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
+
+
+def _extensions():
+    """The extension modules to build, and the build_ext command class (empty when torch is missing)."""
+    if os.environ.get("INTERLEAF_BUILD_OPS", "1") == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # pure-Python install; ds_plugins.ops JIT-builds or falls back to torch
+        return [], {}
+    modules = [
+        cpp_extension.CppExtension(
+            "ds_plugins.ops._interleaf_cpu",
+            CPU_SOURCES,
+            extra_compile_args=CPU_FLAGS,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        modules.append(
+            cpp_extension.CUDAExtension(
+                "ds_plugins.ops._interleaf_cuda",
+                CUDA_SOURCES,
+                extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS},
+            )
+        )
+    return modules, {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="interleaf",
@@ -10,4 +57,6 @@ setup(
     install_requires=["torch>=2.6", "deepspeed>=0.19,<0.20"],
     extras_require={"megatron": ["megatron-core>=0.16,<0.17"], "draw": ["matplotlib"]},
     entry_points={"console_scripts": ["interleaf=ds_plugins.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,214 @@
+// interleaf::adamw_step_ on CUDA: stateless multi-tensor Adam/AdamW over many tensors in few launches, with the
+// bf16/fp16 copy of the updated weights written in the same pass. The CPU library (cpu_adam.cpp) defines the
+// schema; this file registers the CUDA kernel for it.
+//
+// Launch scheme: tensors are cut into fixed chunks; one thread block updates one chunk. A launch carries, as a
+// kernel argument (< 4 KiB), the pointers of up to kMaxTensors tensors and the (tensor, chunk) pair of up to
+// kMaxBlocks blocks; when either table fills, it launches and starts a new table (a tensor cut by a full block
+// table continues in the next launch). Tensors are grouped by (grad dtype, lowp dtype) so each kernel is
+// specialised. The arithmetic uses the *_rn intrinsics (never contracted into FMAs) in the same order as the CPU
+// kernel (csrc/cpu_adam_simd.h), so CPU and CUDA give identical bits.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "adam_checks.h"
+
+namespace interleaf {
+namespace {
+
+constexpr int kMaxTensors = 36;
+constexpr int kMaxBlocks = 320;
+constexpr int kThreads = 512;
+constexpr int kIlp = 4;
+constexpr int64_t kChunkElements = 65536;
+
+struct LaunchTable {
+  float* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  float* exp_avg[kMaxTensors];
+  float* exp_avg_sq[kMaxTensors];
+  void* lowp[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  unsigned char block_tensor[kMaxBlocks];
+  int block_chunk[kMaxBlocks];
+};
+static_assert(sizeof(LaunchTable) + sizeof(AdamCoeffs) < 4000, "kernel arguments must stay under 4 KiB");
+
+template <GradType G>
+__device__ __forceinline__ float load_grad(const void* grad, int64_t i) {
+  if constexpr (G == GradType::kFloat32) {
+    return static_cast<const float*>(grad)[i];
+  } else if constexpr (G == GradType::kBFloat16) {
+    return __uint_as_float(static_cast<uint32_t>(static_cast<const uint16_t*>(grad)[i]) << 16);
+  } else {
+    return __half2float(static_cast<const __half*>(grad)[i]);
+  }
+}
+
+// Round to nearest even; NaN -> 0x7FC0, as on the CPU path and in c10::BFloat16.
+__device__ __forceinline__ uint16_t float_to_bf16(float f) {
+  const uint32_t u = __float_as_uint(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+template <LowpType L>
+__device__ __forceinline__ void store_lowp(void* lowp, int64_t i, float value) {
+  if constexpr (L == LowpType::kBFloat16) {
+    static_cast<uint16_t*>(lowp)[i] = float_to_bf16(value);
+  } else if constexpr (L == LowpType::kFloat16) {
+    static_cast<__half*>(lowp)[i] = __float2half_rn(value);
+  }
+}
+
+template <GradType G, LowpType L>
+__global__ void __launch_bounds__(kThreads)
+    adam_multi_tensor_kernel(const __grid_constant__ LaunchTable table, const AdamCoeffs c) {
+  const int tensor = table.block_tensor[blockIdx.x];
+  const int64_t begin = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunkElements;
+  const int64_t end = min(table.numel[tensor], begin + kChunkElements);
+  float* __restrict__ param = table.param[tensor];
+  const void* __restrict__ grad = table.grad[tensor];
+  float* __restrict__ exp_avg = table.exp_avg[tensor];
+  float* __restrict__ exp_avg_sq = table.exp_avg_sq[tensor];
+  void* __restrict__ lowp = table.lowp[tensor];
+
+  for (int64_t base = begin + threadIdx.x; base < end; base += static_cast<int64_t>(kThreads) * kIlp) {
+    float p[kIlp], g[kIlp], m[kIlp], v[kIlp];
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      const int64_t i = base + static_cast<int64_t>(j) * kThreads;
+      if (i < end) {
+        p[j] = param[i];
+        g[j] = load_grad<G>(grad, i);
+        m[j] = exp_avg[i];
+        v[j] = exp_avg_sq[i];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      const int64_t i = base + static_cast<int64_t>(j) * kThreads;
+      if (i < end) {
+        float gj = g[j];
+        float pj = p[j];
+        if (c.apply_l2) gj = __fmaf_rn(pj, c.l2_weight_decay, gj);
+        if (c.apply_decoupled_decay) pj = __fmul_rn(pj, c.decoupled_decay);
+        const float mj = __fmaf_rn(c.lerp_coeff, __fsub_rn(gj, m[j]), c.lerp_base_is_grad ? gj : m[j]);
+        const float vj = __fmaf_rn(__fmul_rn(c.one_minus_beta2, gj), gj, __fmul_rn(v[j], c.beta2));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vj), c.bias_correction2_sqrt), c.eps);
+        pj = __fadd_rn(pj, __fdiv_rn(__fmul_rn(c.neg_step_size, mj), denom));
+        param[i] = pj;
+        exp_avg[i] = mj;
+        exp_avg_sq[i] = vj;
+        store_lowp<L>(lowp, i, pj);
+      }
+    }
+  }
+}
+
+template <GradType G, LowpType L>
+void launch_group(const std::vector<size_t>& members, at::TensorList params, at::TensorList grads,
+                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList lowp_out,
+                  const AdamCoeffs& coeffs, cudaStream_t stream) {
+  LaunchTable table;
+  int tensors = 0;
+  int blocks = 0;
+  auto launch = [&]() {
+    adam_multi_tensor_kernel<G, L><<<blocks, kThreads, 0, stream>>>(table, coeffs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  for (const size_t i : members) {
+    const int64_t numel = params[i].numel();
+    if (numel == 0) continue;
+    table.param[tensors] = params[i].data_ptr<float>();
+    table.grad[tensors] = grads[i].const_data_ptr();
+    table.exp_avg[tensors] = exp_avgs[i].data_ptr<float>();
+    table.exp_avg_sq[tensors] = exp_avg_sqs[i].data_ptr<float>();
+    table.lowp[tensors] = lowp_out.empty() ? nullptr : lowp_out[i].data_ptr();
+    table.numel[tensors] = numel;
+    ++tensors;
+    const int64_t chunks = (numel + kChunkElements - 1) / kChunkElements;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      table.block_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      table.block_chunk[blocks] = static_cast<int>(chunk);
+      ++blocks;
+      const bool last_chunk = chunk == chunks - 1;
+      if (blocks == kMaxBlocks || (tensors == kMaxTensors && last_chunk)) {
+        launch();
+        blocks = 0;
+        if (last_chunk) {
+          tensors = 0;
+        } else {  // the current tensor continues in the next launch, as its slot 0
+          table.param[0] = table.param[tensors - 1];
+          table.grad[0] = table.grad[tensors - 1];
+          table.exp_avg[0] = table.exp_avg[tensors - 1];
+          table.exp_avg_sq[0] = table.exp_avg_sq[tensors - 1];
+          table.lowp[0] = table.lowp[tensors - 1];
+          table.numel[0] = table.numel[tensors - 1];
+          tensors = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) launch();
+}
+
+template <GradType G>
+void launch_for_lowp(LowpType lowp_type, const std::vector<size_t>& members, at::TensorList params,
+                     at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList lowp_out, const AdamCoeffs& coeffs, cudaStream_t stream) {
+  switch (lowp_type) {
+    case LowpType::kNone:
+      return launch_group<G, LowpType::kNone>(members, params, grads, exp_avgs, exp_avg_sqs, lowp_out, coeffs, stream);
+    case LowpType::kBFloat16:
+      return launch_group<G, LowpType::kBFloat16>(members, params, grads, exp_avgs, exp_avg_sqs, lowp_out, coeffs,
+                                                  stream);
+    case LowpType::kFloat16:
+      return launch_group<G, LowpType::kFloat16>(members, params, grads, exp_avgs, exp_avg_sqs, lowp_out, coeffs,
+                                                 stream);
+  }
+}
+
+void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList lowp_out, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, int64_t step, bool adamw_mode, bool bias_correction) {
+  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, lowp_out, c10::kCUDA, lr, beta1, beta2, eps, weight_decay,
+                  step, bias_correction);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const AdamCoeffs coeffs =
+      make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, step, adamw_mode, bias_correction);
+
+  // Group by (grad dtype, lowp dtype): 3 x 3 specialisations.
+  std::vector<size_t> groups[3][3];
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int g = static_cast<int>(grad_type_of(grads[i], i));
+    const int l = lowp_out.empty() ? 0 : static_cast<int>(lowp_type_of(lowp_out[i], i));
+    groups[g][l].push_back(i);
+  }
+  for (int l = 0; l < 3; ++l) {
+    const auto lowp_type = static_cast<LowpType>(l);
+    if (!groups[0][l].empty())
+      launch_for_lowp<GradType::kFloat32>(lowp_type, groups[0][l], params, grads, exp_avgs, exp_avg_sqs, lowp_out,
+                                          coeffs, stream);
+    if (!groups[1][l].empty())
+      launch_for_lowp<GradType::kBFloat16>(lowp_type, groups[1][l], params, grads, exp_avgs, exp_avg_sqs, lowp_out,
+                                           coeffs, stream);
+    if (!groups[2][l].empty())
+      launch_for_lowp<GradType::kFloat16>(lowp_type, groups[2][l], params, grads, exp_avgs, exp_avg_sqs, lowp_out,
+                                          coeffs, stream);
+  }
+}
+
+}  // namespace
+}  // namespace interleaf
+
+TORCH_LIBRARY_IMPL(interleaf, CUDA, m) { m.impl("adamw_step_", &interleaf::adamw_step_cuda); }
