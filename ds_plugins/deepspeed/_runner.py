@@ -1,0 +1,509 @@
+"""What ``InterleafPipelineEngine.train_batch`` does: drive the executor, then DeepSpeed's reduction and step.
+
+The schedule comes from the registry and runs on :class:`ds_plugins.runtime.executor.PipelineExecutor`; this
+module only feeds it data, finalises gradients the way DeepSpeed's optimizers expect, clips by the global norm
+over all stages and calls DeepSpeed's own tied-gradient / data-parallel reduction and optimizer step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from deepspeed import comm as dist
+
+from ..runtime.executor import PipelineExecutor, StepResult, measured_costs
+from ..runtime.p2p import P2PCommunicator
+from ..runtime.weight_grad import WeightGradQueue, accumulate_into_grad, enable_weight_grad_split
+from ..schedule.registry import build_schedule
+
+__all__ = ["ScheduleRunner", "IterationStats"]
+
+logger = logging.getLogger(__name__)
+
+_BF16_OPTIMIZER: type | None = None
+_ZERO_OPTIMIZER: type | None = None
+_LAYOUT_JSON = "interleaf_layout.json"
+_OPTIM_SUFFIX = "interleaf_optim_states.pt"
+
+
+def register_optimizer_types(bf16: type, zero: type) -> None:
+    global _BF16_OPTIMIZER, _ZERO_OPTIMIZER
+    _BF16_OPTIMIZER, _ZERO_OPTIMIZER = bf16, zero
+
+
+@dataclass(frozen=True, slots=True)
+class IterationStats:
+    """One training iteration as measured on this rank (pipeline-group figures where noted)."""
+
+    step: int
+    loss: float
+    wall_s: float
+    """Whole ``train_batch`` (schedule + reduction + optimizer step)."""
+    pipeline_s: float
+    """The executor's step (forward/backward schedule only)."""
+    bubble: float
+    """Mean over the pipeline ranks of idle/wall of the executor's step."""
+    bubble_max: float
+    tokens: int
+    """Tokens in the global batch (first input tensor: batch x sequence, times data-parallel size)."""
+    tokens_per_s: float
+    schedule: str
+    grad_norm: float | None
+
+
+class ScheduleRunner:
+    """Everything the interleaf engine adds to one ``PipelineEngine``."""
+
+    def __init__(self, engine: Any, plan: Any, layout: Any, chunks: list[Any]) -> None:
+        self.engine = engine
+        self.plan = plan
+        self.layout = layout
+        self.config = plan.config
+        grid = engine.grid
+        self.grid = grid
+        self.rank = grid.get_stage_id()
+        shape = plan.shape
+        self.shape = shape
+        self.chunks = {c.stage: c for c in chunks}
+        last = shape.num_stages - 1
+        self.holds_first_stage = 0 in self.chunks
+        self.holds_loss_stage = last in self.chunks
+        self.loss_global_rank = grid.stage_to_global(shape.rank_of(last))
+        self.first_global_rank = grid.stage_to_global(shape.rank_of(0))
+        self.device = engine.device
+        self.pipe_group = grid.get_pipe_parallel_group()
+        self.max_grad_norm = 0.0
+        self.history: list[IterationStats] = []
+        self.steps = 0
+        self._tokens_per_microbatch: int | None = None
+        self._auto_pending = self.config.schedule == "auto"
+        self._auto_samples: list[dict] = []
+        self._auto_memory: list[dict] = []
+
+        opt = engine.optimizer
+        self._bf16 = _BF16_OPTIMIZER is not None and isinstance(opt, _BF16_OPTIMIZER)
+        self._zero = _ZERO_OPTIMIZER is not None and isinstance(opt, _ZERO_OPTIMIZER)
+        if self._bf16:
+            self._prepare_bf16(opt)
+        self.queue = WeightGradQueue(accumulate_grad=self._bf16_accumulate if self._bf16 else accumulate_into_grad)
+        if plan.schedule.splits_backward or self._auto_pending:
+            for chunk in self.chunks.values():
+                enable_weight_grad_split(chunk)
+        self.p2p = P2PCommunicator.for_shape(
+            shape, list(grid.pp_group), group=self.pipe_group, device=self.device, timeout_s=self.config.timeout_s
+        )
+        self.executor = self._make_executor(plan.schedule, self.p2p)
+        self._eval: dict[int, PipelineExecutor] = {}
+        self._eval_p2p: P2PCommunicator | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _loss_fn(self, output: Any, target: Any) -> torch.Tensor:
+        loss_fn = self.engine.module.loss_fn
+        if loss_fn is None:  # DeepSpeed: "some models just return loss from forward()"
+            return output
+        return loss_fn(output, target)
+
+    def _make_executor(self, schedule: Any, p2p: P2PCommunicator) -> PipelineExecutor:
+        return PipelineExecutor(
+            schedule,
+            self.rank,
+            self.chunks,
+            p2p=p2p,
+            loss_fn=self._loss_fn,
+            device=self.device,
+            weight_grad_queue=self.queue,
+            timing="action",
+        )
+
+    def _prepare_bf16(self, opt: Any) -> None:
+        """BF16_Optimizer accumulates in fp32 "hp" buffers. Autograd-made gradients go there per parameter as
+        soon as they are accumulated (DeepSpeed's own ``immediate_grad_update`` hooks); deferred W gradients go
+        there directly from the queue, so every micro-batch is summed in fp32 as DeepSpeed's 1F1B does."""
+        self._bf16_index = {}
+        for i, group in enumerate(opt.bf16_groups):
+            for j, p in enumerate(group):
+                self._bf16_index[id(p)] = (i, j)
+        if not opt.immediate_grad_update:
+            opt.immediate_grad_update = True
+            opt.create_grad_acc_hooks()
+
+    def _bf16_accumulate(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+        opt = self.engine.optimizer
+        where = self._bf16_index.get(id(param))
+        if where is None:  # not optimized (frozen): keep autograd's behaviour
+            accumulate_into_grad(param, grad)
+            return
+        i, j = where
+        hp = opt.fp32_groups_gradients[i][j]
+        hp.add_(grad.to(hp.dtype).view(hp.shape))
+        param._hp_grad = hp
+        opt.fp32_groups_has_gradients[i][j] = True
+
+    # ------------------------------------------------------------------ data
+    def _load(self, microbatches: int) -> tuple[list[Any] | None, list[Any] | None]:
+        eng = self.engine
+        inputs: list[Any] | None = [] if self.holds_first_stage else None
+        targets: list[Any] | None = [] if self.holds_loss_stage else None
+        if not (self.holds_first_stage or self.holds_loss_stage):
+            return None, None
+        reentrant = eng._reentrant_activation_checkpointing()
+        for _ in range(microbatches):
+            batch = eng._next_batch()
+            if inputs is not None:
+                inputs.append(_to_device_input(batch[0], eng.device, reentrant))
+            if targets is not None:
+                targets.append(_to_device(batch[1], eng.device))
+        return inputs, targets
+
+    def _tokens(self, inputs: list[Any] | None) -> int:
+        if self._tokens_per_microbatch is None:
+            count = 0
+            if inputs:
+                first = inputs[0][0] if isinstance(inputs[0], (tuple, list)) else inputs[0]
+                if isinstance(first, torch.Tensor):
+                    count = int(first.shape[0] * first.shape[1]) if first.dim() >= 2 else int(first.numel())
+            t = torch.tensor([count], dtype=torch.long, device=self.device)
+            dist.broadcast(t, src=self.first_global_rank, group=self.pipe_group)
+            self._tokens_per_microbatch = int(t.item())
+        return self._tokens_per_microbatch * self.plan.microbatches * self.grid.data_parallel_size
+
+    # ------------------------------------------------------------------ training
+    def _loss_scale(self) -> float:
+        eng = self.engine
+        if eng.fp16_enabled():
+            scale = eng._get_optimizer_loss_scale()
+            return float(scale) if scale is not None else 1.0
+        return 1.0
+
+    def train_batch(self, data_iter: Any = None) -> torch.Tensor:
+        eng = self.engine
+        if not torch.is_grad_enabled():
+            raise RuntimeError("train_batch() requires gradients enabled. Use eval_batch() instead.")
+        if data_iter is not None:
+            eng.set_dataiterator(data_iter)
+        eng.module.train()
+        eng.total_loss = None
+        eng.total_additional_losses = None
+        eng._compute_loss = True
+        _sync(self.device)
+        t0 = time.perf_counter()
+
+        m = self.plan.microbatches
+        inputs, targets = self._load(m)
+        tokens = self._tokens(inputs)
+        result = self.executor.run(inputs, targets, loss_scale=self._loss_scale() / m)
+
+        eng._exec_reduce_tied_grads()
+        eng._exec_reduce_grads()
+        grad_norm = self._clip_by_global_norm()
+        eng._exec_optimizer_step()
+
+        if self.holds_loss_stage:
+            eng.total_loss = torch.stack([loss.float() for loss in result.losses]).sum()
+        with torch.no_grad():
+            eng.agg_train_loss = eng._aggregate_total_loss()
+        _sync(self.device)
+        wall = time.perf_counter() - t0
+        self.steps += 1
+        self._record(result, wall, tokens, grad_norm)
+        if self._auto_pending:
+            self._auto_step(result)
+        return eng.agg_train_loss
+
+    def _record(self, result: StepResult, wall: float, tokens: int, grad_norm: Any) -> None:
+        eng = self.engine
+        stats = torch.tensor([result.bubble_fraction, result.bubble_fraction, result.wall_s], dtype=torch.float64)
+        stats = stats.to(self.device)
+        gathered = [torch.zeros_like(stats) for _ in range(self.shape.pp)]
+        dist.all_gather(gathered, stats, group=self.pipe_group)
+        bubbles = [float(g[0]) for g in gathered]
+        pipeline_s = max(float(g[2]) for g in gathered)
+        norm = None
+        if grad_norm is not None:
+            norm = float(grad_norm)
+        it = IterationStats(
+            step=eng.global_steps,
+            loss=float(eng.agg_train_loss),
+            wall_s=wall,
+            pipeline_s=pipeline_s,
+            bubble=sum(bubbles) / len(bubbles),
+            bubble_max=max(bubbles),
+            tokens=tokens,
+            tokens_per_s=tokens / wall if wall > 0 else 0.0,
+            schedule=self.executor.schedule.name,
+            grad_norm=norm,
+        )
+        self.history.append(it)
+        if eng.global_rank == 0:
+            logger.info(
+                "interleaf %s step %d: loss %.4f, %.0f tokens/s, bubble %.1f%% (max %.1f%%), iteration %.3f s",
+                it.schedule, it.step, it.loss, it.tokens_per_s, 100 * it.bubble, 100 * it.bubble_max, it.wall_s,
+            )
+
+    # ------------------------------------------------------------------ clipping
+    def _grads_for_norm(self) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+        """(tensors whose squares sum to this rank's share of the norm, tensors to clip, partitioned over dp)."""
+        eng = self.engine
+        opt = eng.optimizer
+        if self._bf16:
+            norm_tensors, _ = opt.get_grads_for_norm()
+            return list(norm_tensors), list(opt.get_grads_for_norm(for_clipping=True)), False
+        if self._zero:
+            norm_tensors, clip_tensors = [], []
+            for i, grads in enumerate(opt.averaged_gradients.values() if isinstance(opt.averaged_gradients, dict)
+                                      else opt.averaged_gradients):
+                if grads is None:
+                    continue
+                for g, p in zip(grads, opt.params_in_partition[i]):
+                    clip_tensors.append(g)
+                    if not getattr(p, "ds_pipe_replicated", False):
+                        norm_tensors.append(g)
+            return norm_tensors, clip_tensors, True
+        params = [p for p in eng.module.parameters() if p.grad is not None]
+        norm_tensors = [p.grad for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        return norm_tensors, [p.grad for p in params], False
+
+    @torch.no_grad()
+    def _clip_by_global_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients over every stage (tied weights once), unscaled; clips in place when
+        ``gradient_clipping`` > 0. Non-finite norms are left to the optimizer's overflow check."""
+        norm_tensors, clip_tensors, partitioned = self._grads_for_norm()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for t in norm_tensors:
+            total += t.detach().float().pow(2).sum()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.pipe_group)
+        if partitioned and self.grid.data_parallel_size > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.grid.get_data_parallel_group())
+        norm = total.sqrt() / self._loss_scale()
+        self.engine._global_grad_norm = norm
+        if self.max_grad_norm > 0:
+            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+            for t in clip_tensors:
+                t.mul_(coef.to(t.dtype))
+        return norm
+
+    # ------------------------------------------------------------------ auto
+    def _auto_step(self, result: StepResult) -> None:
+        cfg = self.config
+        self._auto_samples.append(result.mean_seconds())
+        self._auto_memory.append(result.mean_memory_bytes())
+        if self.steps < cfg.auto_warmup_iterations:
+            return
+        self._auto_pending = False
+        shape = self.shape
+        gathered: list[Any] = [None] * shape.pp
+        dist.all_gather_object(gathered, (self._auto_samples[1:] or self._auto_samples, self._auto_memory),
+                               group=self.pipe_group)
+        schedule_box: list[Any] = [None]
+        if self.rank == 0:
+            schedule_box[0] = self._plan_auto(gathered)
+        dist.broadcast_object_list(schedule_box, src=self.grid.stage_to_global(0), group=self.pipe_group)
+        outcome = schedule_box[0]
+        if isinstance(outcome, str):
+            raise ValueError(outcome)
+        if outcome is None:
+            return
+        if outcome.splits_backward:
+            for chunk in self.chunks.values():
+                enable_weight_grad_split(chunk)
+        self.executor = self._make_executor(outcome, self.p2p)
+        if self.engine.global_rank == 0:
+            logger.info("interleaf auto: measured costs chose %s; now running it", outcome.name)
+
+    def _plan_auto(self, gathered: list[Any]) -> Any:
+        """On pipeline rank 0: build the auto schedule from every rank's measurements (or an error message)."""
+        shape = self.shape
+        samples = [s for per_rank, _ in gathered for s in per_rank]
+        memory = [m for _, per_rank in gathered for m in per_rank if m]
+        try:
+            costs = measured_costs(samples, shape, memory=memory or None)
+            limit = None
+            if self.config.memory_limit_gib is not None and memory:
+                limit = self.config.memory_limit_gib * 2**30
+            elif self.config.memory_limit_gib is not None:
+                logger.warning("interleaf auto: no device memory measurements here (CPU); memory_limit_gib ignored")
+            schedule = build_schedule("auto", pp=shape.pp, microbatches=shape.microbatches, vp=shape.vp, costs=costs,
+                                      memory_limit=limit)
+        except ValueError as err:
+            return f"interleaf auto schedule: {err}"
+        if schedule.shape.placement != shape.placement:
+            logger.warning(
+                "interleaf auto: the best schedule (%s) uses %s placement but the model is partitioned for %s; "
+                "keeping %s. Set virtual_stages to pick the other placement's family.",
+                schedule.name, schedule.shape.placement, shape.placement, self.executor.schedule.name,
+            )
+            return None
+        return schedule
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_executor(self, microbatches: int) -> PipelineExecutor:
+        if microbatches not in self._eval:
+            if self._eval_p2p is None:
+                self._eval_p2p = P2PCommunicator.for_shape(
+                    self.shape, list(self.grid.pp_group), group=self.pipe_group, device=self.device,
+                    timeout_s=self.config.timeout_s,
+                )
+            if microbatches == self.plan.microbatches:
+                schedule = self.executor.schedule
+            else:
+                name = "zb-v" if self.shape.placement == "v" else ("1f1b" if self.shape.vp == 1 else "interleaved-1f1b")
+                schedule = build_schedule(name, pp=self.shape.pp, microbatches=microbatches, vp=self.shape.vp)
+            self._eval[microbatches] = self._make_executor(schedule, self._eval_p2p)
+        return self._eval[microbatches]
+
+    def eval_batch(self, data_iter: Any, *, return_logits: bool, compute_loss: bool, reduce_output: Any,
+                   bcast_loss: bool, num_micro_batches: int | None) -> Any:
+        eng = self.engine
+        m = self.plan.microbatches if num_micro_batches is None else num_micro_batches
+        executor = self._eval_executor(m)
+        eng.eval_return_logits = return_logits
+        eng.module.eval()
+        eng._compute_loss = compute_loss
+        train_iterator = eng.data_iterator
+        eng.set_dataiterator(data_iter)
+        inputs, targets = self._load(m)
+        dist.barrier()
+        result = executor.run(inputs, targets if compute_loss else None, forward_only=True,
+                              return_outputs=return_logits or not compute_loss)
+        eval_output = None
+        if self.holds_loss_stage:
+            outputs = list(result.losses) if compute_loss else list(result.outputs)
+            eng.fwd_outputs = outputs
+            eval_output = eng._reduce_outputs(outputs, reduce=reduce_output, micro_batches=m)
+        if compute_loss and (bcast_loss or eng.monitor.enabled):
+            eval_output = eng._bcast_pipe_scalar(eval_output)
+        eng.set_dataiterator(train_iterator)
+        eng.eval_return_logits = False
+        if return_logits:
+            return eval_output, (list(result.outputs) if self.holds_loss_stage else None)
+        return eval_output
+
+    # ------------------------------------------------------------------ checkpoints
+    def layout_record(self) -> dict[str, Any]:
+        return {
+            "schedule": self.executor.schedule.name,
+            "pp": self.shape.pp,
+            "vp": self.shape.vp,
+            "placement": self.shape.placement,
+            "parts": list(self.layout.parts),
+        }
+
+    def same_layout_as(self, ckpt_dir: str) -> bool:
+        path = os.path.join(ckpt_dir, _LAYOUT_JSON)
+        if not os.path.isfile(path):
+            return False  # written by DeepSpeed's own engine: layer files only are layout-free
+        with open(path) as f:
+            saved = json.load(f)
+        mine = self.layout_record()
+        return all(saved.get(k) == mine[k] for k in ("pp", "vp", "placement", "parts"))
+
+    def _plain_optimizer(self) -> torch.optim.Optimizer | None:
+        opt = self.engine.optimizer
+        return opt if isinstance(opt, torch.optim.Optimizer) else None
+
+    def _owned_layer_params(self) -> dict[int, dict[str, torch.nn.Parameter]]:
+        """Layer index -> its trainable parameters this rank owns (a tied module once, under its first layer)."""
+        from deepspeed.pipe import TiedLayerSpec
+
+        module = self.engine.module
+        canonical: dict[str, int] = {}
+        for idx, spec in enumerate(module._layer_specs):
+            if isinstance(spec, TiedLayerSpec):
+                canonical.setdefault(spec.key, idx)
+        out: dict[int, dict[str, torch.nn.Parameter]] = {}
+        seen: set[int] = set()
+        for idx, mod in sorted(module.layer_modules().items()):
+            spec = module._layer_specs[idx]
+            key_idx = canonical[spec.key] if isinstance(spec, TiedLayerSpec) else idx
+            for name, p in mod.named_parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.setdefault(key_idx, {})[name] = p
+        return out
+
+    def save_layer_optimizer_states(self, ckpt_dir: str) -> None:
+        """Next to DeepSpeed's files: the layout, and (plain torch optimizers) per-layer optimizer state."""
+        eng = self.engine
+        if eng.global_rank == 0:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            with open(os.path.join(ckpt_dir, _LAYOUT_JSON), "w") as f:
+                json.dump(self.layout_record(), f)
+        opt = self._plain_optimizer()
+        if opt is None or self.grid.data_parallel_id != 0:
+            return
+        group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
+        for idx, params in self._owned_layer_params().items():
+            if any(getattr(p, "ds_pipe_replicated", False) for p in params.values()):
+                continue  # the owning rank writes a tied module's state
+            entry = {}
+            for name, p in params.items():
+                state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in opt.state.get(p, {}).items()}
+                gi = group_of.get(id(p))
+                hyper = {k: v for k, v in opt.param_groups[gi].items() if k != "params"} if gi is not None else {}
+                entry[name] = {"state": state, "group": hyper}
+            torch.save(entry, os.path.join(ckpt_dir, f"layer_{idx:02d}-{_OPTIM_SUFFIX}"))
+
+    def load_layer_optimizer_states(self, ckpt_dir: str) -> None:
+        opt = self._plain_optimizer()
+        if opt is None:
+            logger.warning(
+                "interleaf: this checkpoint was written with another pipeline layout; with %s the optimizer "
+                "state (fp32 master weights, moments) is not carried across layouts: weights are loaded, "
+                "moments restart", type(self.engine.optimizer).__name__,
+            )
+            return
+        group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
+        missing = []
+        for idx, params in self._owned_layer_params().items():
+            path = os.path.join(ckpt_dir, f"layer_{idx:02d}-{_OPTIM_SUFFIX}")
+            if not os.path.isfile(path):
+                missing.append(idx)
+                continue
+            entry = torch.load(path, map_location="cpu", weights_only=False)
+            for name, p in params.items():
+                saved = entry.get(name)
+                if saved is None:
+                    raise ValueError(f"{path} has no optimizer state for parameter {name!r} of layer {idx}")
+                opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else
+                                    (v.to(p.device) if torch.is_tensor(v) else v)) for k, v in saved["state"].items()}
+                gi = group_of.get(id(p))
+                if gi is not None:
+                    opt.param_groups[gi].update(saved["group"])
+        if missing:
+            raise ValueError(
+                f"checkpoint {ckpt_dir} has no interleaf optimizer state for layers {missing}: it was not written by "
+                "the interleaf engine; load it with load_optimizer_states=False"
+            )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_device(value: Any, device: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return tuple(_to_device(v, device) for v in value)
+    return value
+
+
+def _to_device_input(value: Any, device: Any, reentrant: bool) -> Any:
+    """First-stage input as DeepSpeed loads it: a detached copy on the device; floating tensors require grad
+    under reentrant activation checkpointing (else the first checkpointed block is cut from autograd)."""
+    if torch.is_tensor(value):
+        t = value.clone().to(device).detach()
+        if reentrant and t.is_floating_point():
+            t.requires_grad_(True)
+        return t
+    if isinstance(value, (tuple, list)):
+        return tuple(_to_device_input(v, device, reentrant) for v in value)
+    return value
