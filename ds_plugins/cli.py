@@ -204,7 +204,14 @@ def _write_outputs(args: argparse.Namespace, schedule: Schedule, result: Simulat
 
     written = []
     if args.csv:
-        io.to_csv(add_communication(schedule) if args.lowered else schedule, args.csv)
+        if args.lowered:
+            from .schedule.validate import validate
+
+            lowered = add_communication(schedule)
+            validate(lowered)  # every SEND has its RECV, and the programs run over an in-order transport
+            io.to_csv(lowered, args.csv)
+        else:
+            io.to_csv(schedule, args.csv)
         written.append(args.csv)
     if args.trace:
         draw.save_chrome_trace(result, args.trace, name=schedule.name)
@@ -388,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args, sys.stdout)
     except (ValueError, DeadlockError) as exc:  # _UsageError, ScheduleError, bad shapes or costs
         sys.stderr.write(f"interleaf: error: {_one_line(exc)}\n")
+        grid = getattr(exc, "grid", None)
+        if isinstance(grid, str) and grid:  # an invalid schedule: show where, under the one-line reason
+            sys.stderr.write(grid + "\n")
         return EXIT_BAD_ARGS
     except ImportError as exc:
         sys.stderr.write(f"interleaf: error: {_one_line(exc)}\n")

@@ -99,7 +99,11 @@ def test_draw_reports_an_invalid_csv(capsys, tmp_path):
     path.write_text("0F0,0B0,0F1,0B1\r\n1F1,1F0,1B0,1B1\r\n")
     code, out, err = run_cli(capsys, "draw", "--from-csv", path)
     assert code == 2 and out == ""
-    assert err.startswith("interleaf: error: deadlock: rank 0 waits at 0B0") and err.count("\n") == 1
+    first, *grid = err.splitlines()
+    assert first.startswith("interleaf: error: deadlock: rank 0 waits at 0B0 for 1B0")
+    # Under the one-line reason: the step x rank grid with the stuck cells marked.
+    assert grid[0].split() == ["rank", "0", "rank", "1"]
+    assert grid[1].startswith("step 0:") and "[1F1]" in grid[1] and grid[1].endswith("<-- ERROR HERE")
 
 
 def test_compare_lists_every_schedule(capsys):

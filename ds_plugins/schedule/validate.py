@@ -46,9 +46,12 @@ class ScheduleError(ValueError):
 
     def __init__(self, problem: str, schedule: Schedule, marks: tuple[tuple[int, int], ...] = ()) -> None:
         self.problem = problem
+        """What is wrong and what to change, in one line."""
         self.schedule = schedule
         self.marks = marks
-        super().__init__(f"schedule {schedule.name!r}: {problem}\n{format_grid(schedule, marks)}")
+        self.grid = format_grid(schedule, marks)
+        """The step x rank grid with the marked cells."""
+        super().__init__(f"schedule {schedule.name!r}: {problem}\n{self.grid}")
 
 
 def format_grid(schedule: Schedule, marks: tuple[tuple[int, int], ...] = ()) -> str:
@@ -137,7 +140,7 @@ def validate(
     try:
         result = simulate(schedule, costs)
     except DeadlockError as exc:
-        raise _deadlock_error(schedule, exc) from None
+        raise _deadlock_error(schedule, exc, positions) from None
     if any(not a.kind.is_compute for prog in schedule.actions for a in prog):
         _check_communication(schedule, positions, strict_recv_order)
     if memory_limit is not None:
@@ -263,22 +266,30 @@ def _check_stage_order(schedule: Schedule, positions: dict[Action, tuple[int, in
                     )
 
 
-def _deadlock_error(schedule: Schedule, exc: DeadlockError) -> ScheduleError:
+def _deadlock_error(
+    schedule: Schedule, exc: DeadlockError, positions: dict[Action, tuple[int, int]]
+) -> ScheduleError:
     waiting = exc.waiting
-    marks = []
-    for rank, action in waiting.items():
-        marks.append((rank, schedule.actions[rank].index(action)))
+    head_step = {rank: positions[action][1] for rank, action in waiting.items()}
     split = schedule.splits_backward
-    heads = "; ".join(
-        f"rank {r} waits at {a} for {' and '.join(str(d) for d in dependencies(a, schedule.shape.num_stages, split))}"
-        for r, a in waiting.items()
-    )
+    marks: list[tuple[int, int]] = []
+    heads = []
+    for rank, action in waiting.items():
+        marks.append(positions[action])
+        blockers = []
+        for dep in dependencies(action, schedule.shape.num_stages, split):
+            if dep not in positions:  # mixed B / I+W: the other kind produced it
+                dep = Action(dep.stage, _B if dep.kind is _I else _I, dep.microbatch)
+            dep_rank, dep_step = positions[dep]
+            if dep_rank in head_step and dep_step >= head_step[dep_rank]:
+                blockers.append(f"{dep} (rank {dep_rank} step {dep_step})")
+                marks.append((dep_rank, dep_step))
+        heads.append(f"rank {rank} waits at {action} for {' and '.join(blockers)}")
     return ScheduleError(
-        f"deadlock: {heads}; each of those runs on its rank only after the blocked action. Reorder so that every "
-        "F comes after the previous stage's F of its micro-batch has a chance to run, and every I/B after the "
-        "next stage's I/B",
+        f"deadlock: {'; '.join(heads)}; each awaited action sits behind its own rank's blocked one. Move the "
+        "blocked actions after what they wait for, or the awaited ones earlier",
         schedule,
-        tuple(marks),
+        tuple(dict.fromkeys(marks)),
     )
 
 

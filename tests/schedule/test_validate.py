@@ -115,9 +115,8 @@ def test_weight_gradient_before_input_gradient():
 def test_deadlock_names_what_each_rank_waits_for():
     err = error_of(sched("0F0 0B0 0F1 0B1\n1F1 1F0 1B0 1B1", 2, 2))
     assert "deadlock" in err.problem
-    assert "rank 0 waits at 0B0 for 0F0 and 1B0" in err.problem
-    assert "rank 1 waits at 1F1 for 0F1" in err.problem
-    assert set(err.marks) == {(0, 1), (1, 0)}
+    assert "rank 0 waits at 0B0 for 1B0 (rank 1 step 2); rank 1 waits at 1F1 for 0F1 (rank 0 step 2)" in err.problem
+    assert set(err.marks) == {(0, 1), (1, 0), (1, 2), (0, 2)}
 
 
 def test_memory_limit():
@@ -240,3 +239,23 @@ def test_format_grid_without_marks_is_plain():
     grid = format_grid(sched(ONE_F_ONE_B, 2, 3))
     assert "ERROR" not in grid and "[" not in grid
     assert grid.splitlines()[1].split() == ["step", "0:", "0F0", "1F0"]
+
+
+# ---- every registered schedule, plain and lowered ----------------------------------------------------------
+
+def _registry_cases():
+    from ds_plugins.schedule.registry import SCHEDULE_NAMES
+
+    for name in SCHEDULE_NAMES:
+        for pp in (2, 3, 4):
+            for m in (pp, pp + 1, 2 * pp):
+                yield name, pp, m
+
+
+@pytest.mark.parametrize("name,pp,m", list(_registry_cases()))
+def test_registered_schedules_validate_plain_and_lowered(name, pp, m):
+    from ds_plugins.schedule.registry import build_schedule
+
+    schedule = build_schedule(name, pp=pp, microbatches=m)
+    validate(schedule)
+    validate(add_communication(schedule))
