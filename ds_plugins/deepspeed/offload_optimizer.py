@@ -1,9 +1,484 @@
-"""Placeholder until implemented: install()/uninstall() are no-ops."""
+"""DeepSpeed ZeRO-1/2 hook: interleaved optimizer-state offloading.
+
+:func:`install` swaps ``deepspeed.runtime.engine.DeepSpeedZeroOptimizer`` (what ``deepspeed.initialize`` builds
+for ZeRO stage 1/2) for :class:`InterleafZeroOptimizer` and wraps ``DeepSpeedEngine._configure_optimizer`` so the
+optimizer sees the ``"interleaf": {"offload": ...}`` block and the model. Without that block (or when the class
+is built outside ``deepspeed.initialize``) constructing :class:`InterleafZeroOptimizer` returns a plain
+``DeepSpeedZeroOptimizer``: DeepSpeed runs exactly as without interleaf.
+
+With the block (and ``zero_optimization.offload_optimizer.device: "cpu"``), DeepSpeed's offload machinery stays
+in charge of reduction, gradient partitions, norms, overflow tracking, loss scaling and checkpoint format; this
+class changes where gradients go (host for CPU-updated subgroups, a GPU buffer for GPU-updated ones, both off the
+compute stream) and replaces the update with :class:`ds_plugins.offload.executor.HybridAdamExecutor`.
+See ``docs/offload.md``.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+import deepspeed.runtime.engine as ds_engine
+from deepspeed import comm as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.utils import all_gather_dp_groups, is_invalid_grad_norm
+from deepspeed.runtime.zero.stage_1_and_2 import (
+    INITIAL_MICRO_STEP_ID,
+    OPTIMIZER_TIMERS,
+    DeepSpeedZeroOptimizer,
+)
+
+from ..config import OffloadConfig
+from ..offload.executor import AdamHyper, FlatGroupBuffers, HybridAdamExecutor, Subgroup, measure_rates
+from ..offload.planner import HardwareRates, SubgroupTiming, plan_offload
+from ..offload.settings import offload_config_from_ds_config
+
+__all__ = ["InterleafZeroOptimizer", "install", "uninstall", "SUBGROUPS_PER_RANK"]
+
+logger = logging.getLogger(__name__)
+
+SUBGROUPS_PER_RANK = 64
+"""Flat partitions are cut into about this many subgroups (at parameter boundaries) for placement."""
+
+FORWARD_SHARE = 1.0 / 3.0
+"""Share of the measured forward+backward window attributed to forward (backward ~ 2x forward)."""
+
+_DEEPSPEED_CLASS = DeepSpeedZeroOptimizer
+_PENDING_CONFIG: contextvars.ContextVar[OffloadConfig | None] = contextvars.ContextVar(
+    "interleaf_offload_config", default=None
+)
+_original_configure_optimizer = None
+
+
+def _adam_flavour(optimizer: torch.optim.Optimizer) -> tuple[bool, bool]:
+    """(adamw_mode, bias_correction) of a supported base optimizer; ValueError naming the fix otherwise."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        if not getattr(optimizer, "fp32_optimizer_states", True):
+            raise ValueError("interleaf offload keeps fp32 optimizer states: remove fp32_optimizer_states=false")
+        return bool(optimizer.adam_w_mode), bool(group.get("bias_correction", True))
+    if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
+        if any(g.get("amsgrad", False) or g.get("maximize", False) for g in optimizer.param_groups):
+            raise ValueError("interleaf offload supports Adam/AdamW without amsgrad/maximize")
+        adamw = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        return adamw, True
+    raise ValueError(
+        f"interleaf offload updates Adam/AdamW only, got {type(optimizer).__name__}: use "
+        '"optimizer": {"type": "AdamW", ...} in the DeepSpeed config (or torch.optim.AdamW), or remove the '
+        '"interleaf.offload" block'
+    )
+
+
+class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
+    """ZeRO-1/2 with host-offloaded optimizer state, updated partly on the GPU and partly on the host, overlapped.
+
+    Exact by construction: nothing is updated before the global gradient norm and the overflow flag (which span
+    both halves) are known, so a skipped step touches neither half and clipping uses the true global norm.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if _PENDING_CONFIG.get() is None:
+            return _DEEPSPEED_CLASS(*args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, init_optimizer, param_names, timers, optimizer_params, **kwargs: Any) -> None:
+        config = _PENDING_CONFIG.get()
+        assert config is not None  # __new__ returned a DeepSpeed instance otherwise
+        self.interleaf_config: OffloadConfig = config
+        self._adamw_mode, self._bias_correction = _adam_flavour(init_optimizer)
+        super().__init__(init_optimizer, param_names, timers, optimizer_params, **kwargs)
+        if not self.cpu_offload:
+            raise ValueError('interleaf offload needs "zero_optimization.offload_optimizer.device": "cpu"')
+        if self.has_moe_layers or self.low_precision_master_weights_and_grads or self.torch_autocast_gradscaler:
+            raise ValueError(
+                "interleaf offload supports dense models with fp32 master weights and no torch autocast scaler; "
+                'remove the "interleaf.offload" block for this model'
+            )
+        self._executor: HybridAdamExecutor | None = None
+        self._param_subgroup: dict[int, int] = {}
+        self._module: torch.nn.Module | None = None
+        self._hook_handles: list = []
+        self._rates: HardwareRates | None = None
+        self._steps_done = 0
+        self._last_plan_step = 0
+        self._last_step_end: float | None = None
+        self._window_s: float | None = None
+        self.last_plan = None
+
+    # ------------------------------------------------------------------ wiring
+    def attach_module(self, module: torch.nn.Module) -> None:
+        """Let the next forward wait per layer for host-updated weights (else ``step`` waits for all of them)."""
+        self._module = module
+
+    def _dp_world_size(self) -> int:
+        return max(dist.get_world_size(group=g) for g in self.real_dp_process_group)
+
+    def _forward_rank(self) -> dict[int, int]:
+        """param id -> position in forward order (module.parameters() order; flat order without a module)."""
+        order: dict[int, int] = {}
+        if self._module is not None:
+            for position, p in enumerate(self._module.parameters()):
+                order.setdefault(id(p), position)
+        return order
+
+    def _build_executor(self) -> None:
+        rank_of = self._forward_rank()
+        total = sum(int(s) for s in self.partition_size)
+        target = max(1, math.ceil(total / SUBGROUPS_PER_RANK))
+        pieces: list[tuple[int, Subgroup, list[int]]] = []  # (forward key, subgroup, param ids)
+        for i in range(len(self.bit16_groups)):
+            size = int(self.partition_size[i])
+            entries = sorted(
+                (self.grad_position[self.get_param_id(p)][2], self.get_param_id(p), p)
+                for p in self.params_in_partition[i]
+            )
+            start, members = 0, []
+            for dest, param_id, _p in entries:
+                if members and dest - start >= target:
+                    pieces.append((i, Subgroup(group=i, start=start, numel=dest - start), members))
+                    start, members = dest, []
+                members.append(param_id)
+            if size > start or members:
+                pieces.append((i, Subgroup(group=i, start=start, numel=size - start), members))
+        # forward order: by the earliest forward position of the subgroup's parameters
+        flat_rank = {id(p): n for n, p in enumerate(p for g in self.bit16_groups for p in g)}
+
+        def key(item):
+            _, sub, members = item
+            positions = [rank_of.get(id(self.param_dict[m]), len(rank_of) + flat_rank[id(self.param_dict[m])])
+                         for m in members]
+            return (min(positions) if positions else math.inf, sub.group, sub.start)
+
+        pieces.sort(key=key)
+        subgroups = [sub for _, sub, _ in pieces]
+        self._param_subgroup = {m: index for index, (_, _, members) in enumerate(pieces) for m in members}
+        for i in range(len(self.bit16_groups)):
+            self._ensure_state(i)
+        self._executor = HybridAdamExecutor(
+            subgroups, self._flat_buffers(), device=torch.device(get_accelerator().current_device_name()),
+            pin_memory=self.cpu_offload_pin_memory,
+        )
+        if self._module is not None and self._dp_world_size() == 1:
+            self._install_forward_waits()
+
+    def _install_forward_waits(self) -> None:
+        executor = self._executor
+        for module in self._module.modules():
+            ids = sorted({self._param_subgroup[self.get_param_id(p)] for p in module.parameters(recurse=False)
+                          if id(p) in self.param_id and self.get_param_id(p) in self._param_subgroup})
+            if not ids:
+                continue
+
+            def wait(_module, _inputs, ids=tuple(ids)):
+                if executor.has_pending():
+                    executor.wait_for(ids)
+
+            self._hook_handles.append(module.register_forward_pre_hook(wait))
+        self._hook_handles.append(
+            self._module.register_state_dict_pre_hook(lambda *args, **kwargs: executor.wait_all())
+        )
+
+    def _ensure_state(self, i: int) -> dict:
+        """The base optimizer's state for flat partition i, created in its own format (checkpoint-compatible)."""
+        flat = self.single_partition_of_fp32_groups[i]
+        state = self.optimizer.state[flat]
+        if "exp_avg" not in state:
+            def zeros():
+                t = torch.zeros_like(flat, dtype=torch.float32, device="cpu")
+                return get_accelerator().pin_memory(t) if self.cpu_offload_pin_memory else t
+
+            state["step"] = torch.tensor(0.0) if isinstance(self.optimizer, torch.optim.Optimizer) and not hasattr(
+                self.optimizer, "ds_opt_adam") else 0
+            state["exp_avg"] = zeros()
+            state["exp_avg_sq"] = zeros()
+        return state
+
+    def _flat_buffers(self) -> list[FlatGroupBuffers]:
+        buffers = []
+        for i in range(len(self.bit16_groups)):
+            state = self._ensure_state(i)
+            partition_id = dist.get_rank(group=self.real_dp_process_group[i])
+            master = self.single_partition_of_fp32_groups[i]
+            buffers.append(FlatGroupBuffers(
+                master=master.data, exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
+                host_grad=master.grad.data, lowp_device=self.parallel_partitioned_bit16_groups[i][partition_id].data,
+                lowp_host=self.param_buffer_of_bit16_for_cpu_offload_groups[i].data,
+            ))
+        return buffers
+
+    # ------------------------------------------------------------------ planning
+    def _budget_bytes(self) -> float:
+        if self.interleaf_config.gpu_memory_budget_gib is not None:
+            return self.interleaf_config.gpu_memory_budget_gib * 2**30
+        device = torch.device(get_accelerator().current_device_name())
+        if device.type != "cuda":
+            return math.inf
+        total = torch.cuda.get_device_properties(device).total_memory
+        others_peak = torch.cuda.max_memory_reserved(device) - self._executor.gpu_state_bytes()
+        margin = max(2**30, 0.05 * total)
+        return max(0.0, total - others_peak - margin)
+
+    def _maybe_plan(self) -> None:
+        """Plan at the first step, re-plan at the second (first measured window) and every replan_interval."""
+        cfg = self.interleaf_config
+        ex = self._executor
+        due = self._steps_done == 0 or (
+            cfg.gpu_fraction == "auto" and cfg.mode == "interleaved"
+            and (self._steps_done == 1 or self._steps_done - self._last_plan_step >= cfg.replan_interval)
+        )
+        if not due:
+            return
+        if self._rates is None:
+            self._rates = measure_rates(ex.device, pin=self.cpu_offload_pin_memory)
+        elif ex.timings.cpu_numel and ex.timings.cpu_busy_s > 0:
+            measured_cpu = ex.timings.cpu_numel / ex.timings.cpu_busy_s
+            self._rates = HardwareRates(
+                cpu_update_params_per_s=measured_cpu, gpu_update_params_per_s=self._rates.gpu_update_params_per_s,
+                h2d_bytes_per_s=self._rates.h2d_bytes_per_s, d2h_bytes_per_s=self._rates.d2h_bytes_per_s,
+                duplex_bytes_per_s=self._rates.duplex_bytes_per_s,
+            )
+        total = sum(s.numel for s in ex.subgroups) or 1
+        window = self._window_s or 0.0
+        timings = [
+            SubgroupTiming(numel=s.numel, forward_s=window * FORWARD_SHARE * s.numel / total,
+                           backward_s=window * (1 - FORWARD_SHARE) * s.numel / total)
+            for s in ex.subgroups
+        ]
+        fraction = 0.0 if cfg.mode == "cpu" else cfg.gpu_fraction
+        plan = plan_offload(timings, self._rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes())
+        self._apply_plan_keeping_grads(plan)
+        self._last_plan_step = self._steps_done
+        self.last_plan = plan
+        logger.info(
+            "interleaf offload plan at step %d: %.1f%% of parameters updated on the GPU, %.1f%% of optimizer "
+            "state on the host, predicted overhead %.1f ms (window %.1f ms)", self._steps_done,
+            100 * plan.gpu_fraction, 100 * plan.host_state_fraction, 1e3 * plan.estimate.overhead_s, 1e3 * window,
+        )
+        device = ex.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _apply_plan_keeping_grads(self, plan) -> None:
+        """Apply a plan between gradient arrival and the update: this step's gradients move with the subgroup."""
+        ex = self._executor
+        before = list(ex.placements)
+        moved_to_host = {i: ex.device_grad(i).to("cpu") for i, p in enumerate(before) if ex.is_on_gpu(i)
+                         and plan.placements[i].value == "cpu"}
+        ex.apply_plan(plan)
+        for index, grad in moved_to_host.items():
+            ex._host_view(index, "host_grad").copy_(grad)
+        for index, placement in enumerate(plan.placements):
+            if placement.value != "cpu" and before[index].value == "cpu":
+                ex.device_grad(index).copy_(ex._host_view(index, "host_grad"))
+
+    # ------------------------------------------------------------------ gradients
+    def copy_grads_in_partition(self, param, group_idx=None):
+        if self._executor is not None and self._executor.has_pending():
+            self._executor.wait_all()  # the host update of the last step still reads the gradient buffer
+        if self._executor is None or not self._use_compact_grad_partition_buffer(
+            group_idx if group_idx is not None else self._get_param_group_idx(param)
+        ):
+            return super().copy_grads_in_partition(param, group_idx)
+        # compact fp32 partition (grad_accum_dtype fp32 with low-precision params): route like the plain path
+        if group_idx is None:
+            group_idx = self._get_param_group_idx(param)
+        param_id = self.get_param_id(param)
+        self._offload_accumulated_param_ids.add(param_id)
+        if self.is_gradient_accumulation_boundary():
+            from deepspeed.runtime.zero.utils import get_norm_dtype
+
+            [_, _, dest_offset, num_elements] = self.grad_position[param_id]
+            partition_id = dist.get_rank(group=self.real_dp_process_group[group_idx])
+            source = self._get_compact_grad_partition_slice(group_idx, partition_id, param_id, num_elements)
+            self.norm_for_param_grads[param_id] = source.data.to(get_norm_dtype()).norm(2)
+            self.update_offload_overflow_tracker(source)
+            self._executor.copy_grad(self._grad_destination(param_id, dest_offset, num_elements),
+                                     source.to(torch.float32, copy=True))
+            self.clear_grad_attribute(param)
+
+    def _grad_destination(self, param_id: int, dest_offset: int, num_elements: int) -> torch.Tensor:
+        ex = self._executor
+        index = self._param_subgroup[param_id]
+        if ex.is_on_gpu(index):
+            return ex.device_grad(index).narrow(0, dest_offset - ex.subgroups[index].start, num_elements)
+        group = ex.subgroups[index].group
+        return self.single_partition_of_fp32_groups[group].grad.view(-1).narrow(0, dest_offset, num_elements)
+
+    def async_inplace_copy_grad_to_fp32_buffer_from_gpu(self, param):
+        if self._executor is None:
+            return super().async_inplace_copy_grad_to_fp32_buffer_from_gpu(param)
+        param_id = self.get_param_id(param)
+        [_, source_offset, dest_offset, num_elements] = self.grad_position[param_id]
+        grad_accum = self.get_param_gradient_attribute(param)
+        source = grad_accum.view(-1).narrow(0, source_offset, num_elements)
+        # a private fp32 copy on the compute stream: the reduction bucket can be reused at once
+        self._executor.copy_grad(self._grad_destination(param_id, dest_offset, num_elements),
+                                 source.to(torch.float32, copy=True))
+        self.clear_grad_attribute(param)
+
+    # ------------------------------------------------------------------ the step
+    def _inverse_grad_scale(self, scaled_norm, loss_scale: float) -> float:
+        """1 / (loss scale x clip coefficient), computed as DeepSpeed's unscale_and_clip_grads does."""
+        if self.clip_grad == 0.0 and loss_scale == 1.0:
+            return 1.0
+        combined = loss_scale
+        if self.clip_grad > 0.0:
+            norm = scaled_norm
+            if is_invalid_grad_norm(norm):
+                norm = torch.tensor(float("inf"), dtype=torch.float)
+            clip = ((norm / loss_scale) + 1e-6) / self.clip_grad
+            combined = torch.clamp(clip, min=1.0) * loss_scale
+        inverse = 1.0 / combined
+        return float(inverse)
+
+    def step(self, closure=None):
+        start = time.perf_counter()
+        if self._last_step_end is not None:
+            waited = self._executor.timings.forward_wait_s if self._executor is not None else 0.0
+            self._window_s = max(0.0, start - self._last_step_end - waited)
+        self.micro_step_id = INITIAL_MICRO_STEP_ID
+        self._wait_for_offload_copies()
+        if self._executor is not None:
+            self._executor.wait_grad_copies()
+        self._offload_accumulated_param_ids = set()
+        if not self.compute_grad_norm:
+            self._global_grad_norm = None
+
+        self.overflow = False
+        if self.check_grad_overflow:
+            self.check_overflow(partition_gradients=self.partition_gradients)
+        scaled_norm = None
+        if self.compute_grad_norm and not self.overflow:
+            scaled_norm = self.scaled_global_norm()
+            if (self.dtype != torch.bfloat16 or self.check_grad_overflow) and is_invalid_grad_norm(scaled_norm):
+                self.overflow = True
+        prev_scale = self.loss_scale
+        self._update_scale(self.overflow)
+        if self.overflow:  # neither half has been touched: skipping is exact
+            if self.compute_grad_norm:
+                self._global_grad_norm = float("inf")
+            self.zero_grad(set_to_none=True)
+            self._release_preflattened_grad_buffers()
+            self.reset_cpu_buffers()
+            for timer in OPTIMIZER_TIMERS:
+                self.timers(timer).start()
+                self.timers(timer).stop()
+            self._last_step_end = time.perf_counter()
+            return
+        if scaled_norm is not None:
+            self._global_grad_norm = scaled_norm / prev_scale
+        # unscale with the scale the gradients were produced with (prev_scale), also on a scale increase
+        grad_scale = self._inverse_grad_scale(scaled_norm, prev_scale)
+
+        if self._executor is None:
+            self._build_executor()
+        self._maybe_plan()
+        hyper = []
+        for i, group in enumerate(self.optimizer.param_groups):
+            state = self._ensure_state(i)
+            state["step"] += 1
+            beta1, beta2 = group["betas"]
+            hyper.append(AdamHyper(
+                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), step=int(state["step"]), adamw_mode=self._adamw_mode,
+                bias_correction=bool(group.get("bias_correction", self._bias_correction)), grad_scale=grad_scale,
+            ))
+        self._executor.step(hyper)
+        for i in range(len(self.bit16_groups)):  # as DeepSpeed's offload step: drop this step's grad partitions
+            self._release_preflattened_grad_buffers(i)
+            self.averaged_gradients[i] = None
+        self._lazy_init_hp_params_optimizer_state()
+        self.reset_cpu_buffers()
+        self._steps_done += 1
+        if self._dp_world_size() > 1 or not self._hook_handles:
+            self._executor.wait_all()
+            all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
+                                 partitioned_param_groups=self.parallel_partitioned_bit16_groups,
+                                 dp_process_group=self.real_dp_process_group,
+                                 start_alignment_factor=self.nccl_start_alignment_factor,
+                                 allgather_bucket_size=self.allgather_bucket_size)
+        for i in range(len(self.bit16_groups)):
+            self._update_model_bit16_weights(i)
+        self._last_step_end = time.perf_counter()
+
+    def wait_for_updates(self) -> None:
+        """Block until every weight of the last step is in place (the forward hooks do this per layer)."""
+        if self._executor is not None:
+            self._executor.wait_all()
+            if self._executor.device.type == "cuda":
+                torch.cuda.current_stream(self._executor.device).synchronize()
+
+    @torch.no_grad()
+    def update_lp_params(self):
+        self._sync_state()
+        return super().update_lp_params()
+
+    def _sync_state(self) -> None:
+        if self._executor is not None:
+            self._executor.sync_state_to_host()
+
+    # ------------------------------------------------------------------ checkpoints (DeepSpeed's format)
+    def state_dict(self):
+        self._sync_state()
+        return super().state_dict()
+
+    def load_state_dict(self, *args: Any, **kwargs: Any):
+        self._sync_state()
+        result = super().load_state_dict(*args, **kwargs)
+        if self._executor is not None:
+            if self.cpu_offload_pin_memory:
+                for i in range(len(self.bit16_groups)):
+                    state = self.optimizer.state[self.single_partition_of_fp32_groups[i]]
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in state and not state[key].is_pinned():
+                            state[key] = get_accelerator().pin_memory(state[key].to(torch.float32))
+            self._executor.reload_state_from_host(self._flat_buffers())
+        return result
+
+    def destroy(self):
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        if self._executor is not None:
+            self._executor.close()
+        super().destroy()
+
+
+def _configure_optimizer(self, client_optimizer, model_parameters):
+    """Wrapper of ``DeepSpeedEngine._configure_optimizer``: hands the offload block to our optimizer class."""
+    config = offload_config_from_ds_config(getattr(self._config, "_param_dict", None))
+    if config is None:
+        return _original_configure_optimizer(self, client_optimizer, model_parameters)
+    token = _PENDING_CONFIG.set(config)
+    try:
+        result = _original_configure_optimizer(self, client_optimizer, model_parameters)
+    finally:
+        _PENDING_CONFIG.reset(token)
+    if isinstance(self.optimizer, InterleafZeroOptimizer):
+        self.optimizer.attach_module(self.module)
+    return result
 
 
 def install() -> None:
-    pass
+    """Route DeepSpeed ZeRO-1/2 optimizers with an ``interleaf.offload`` block to :class:`InterleafZeroOptimizer`."""
+    global _original_configure_optimizer
+    if ds_engine.DeepSpeedZeroOptimizer is InterleafZeroOptimizer:
+        return
+    ds_engine.DeepSpeedZeroOptimizer = InterleafZeroOptimizer
+    _original_configure_optimizer = ds_engine.DeepSpeedEngine._configure_optimizer
+    ds_engine.DeepSpeedEngine._configure_optimizer = _configure_optimizer
 
 
 def uninstall() -> None:
-    pass
+    """Give DeepSpeed its own class back."""
+    global _original_configure_optimizer
+    if ds_engine.DeepSpeedZeroOptimizer is InterleafZeroOptimizer:
+        ds_engine.DeepSpeedZeroOptimizer = _DEEPSPEED_CLASS
+    if _original_configure_optimizer is not None:
+        ds_engine.DeepSpeedEngine._configure_optimizer = _original_configure_optimizer
+        _original_configure_optimizer = None
