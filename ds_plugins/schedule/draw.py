@@ -125,7 +125,8 @@ def save_png(
     span = result.makespan if result.makespan > 0 else 1.0
     most_actions = max((len(tl) for tl in result.timeline), default=1)
     fig_width = min(30.0, max(9.0, 0.22 * most_actions + 3))
-    fig = Figure(figsize=(fig_width, 1.2 + 0.55 * pp))
+    fig_height = 1.7 + 0.55 * pp
+    fig = Figure(figsize=(fig_width, fig_height))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     # Width of one time unit in points, to decide which bars have room for their micro-batch number.
@@ -166,14 +167,13 @@ def save_png(
     handles = [Patch(color=KIND_COLOURS[k], label=_KIND_NAMES[k]) for k in used]
     if any(_chunk(t, pp) % 2 for tl in result.timeline for t in tl):
         handles.append(Patch(facecolor="#bbbbbb", hatch="//", edgecolor="white", label="odd model chunk"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (1 + 0.5 * pp) - 0.12),
-              ncol=len(handles), frameon=False, fontsize=9)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
     title = name or "schedule"
     if shape is not None:
         title += f"   pp={shape.pp} vp={shape.vp} m={shape.microbatches}"
     title += f"   makespan {result.makespan:g}   bubble {result.bubble_fraction:.1%}"
     ax.set_title(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.35 / fig_height, 1, 1))  # leave the bottom strip to the legend
     fig.savefig(os.fspath(path), dpi=dpi)
 
 

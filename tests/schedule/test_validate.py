@@ -259,3 +259,69 @@ def test_registered_schedules_validate_plain_and_lowered(name, pp, m):
     schedule = build_schedule(name, pp=pp, microbatches=m)
     validate(schedule)
     validate(add_communication(schedule))
+
+
+# ---- property: any mutation of a valid schedule is either valid or a ScheduleError, never a crash --------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from ds_plugins.schedule import simulate  # noqa: E402
+
+_BASES = [
+    sched(ONE_F_ONE_B, 2, 3),
+    sched(SPLIT, 2, 2),
+    sched(V_SCHEDULE, 2, 2, 2, "v"),
+    sched(V_OUT_OF_ORDER, 2, 2, 2, "v"),
+]
+_BASES += [add_communication(s) for s in _BASES]
+
+
+def _mutate(schedule: Schedule, ops) -> Schedule:
+    programs = [list(p) for p in schedule.actions]
+    for op, rank, i, j in ops:
+        prog = programs[rank % len(programs)]
+        if not prog:
+            continue
+        i, j = i % len(prog), j % (len(prog) + 1)
+        if op == "swap":
+            k = j % len(prog)
+            prog[i], prog[k] = prog[k], prog[i]
+        elif op == "move":
+            prog.insert(j, prog.pop(i))
+        elif op == "delete":
+            prog.pop(i)
+        elif op == "duplicate":
+            prog.insert(j, prog[i])
+        elif op == "to_other_rank":
+            other = programs[(rank + 1) % len(programs)]
+            other.insert(j % (len(other) + 1), prog.pop(i))
+    return Schedule(schedule.name, schedule.shape, tuple(tuple(p) for p in programs))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from(_BASES),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["swap", "move", "delete", "duplicate", "to_other_rank"]),
+            st.integers(0, 7), st.integers(0, 63), st.integers(0, 63),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    strict=st.booleans(),
+)
+def test_mutations_are_valid_or_schedule_errors(base, ops, strict):
+    schedule = _mutate(base, ops)
+    try:
+        validate(schedule, strict_recv_order=strict)
+    except ScheduleError as err:
+        assert err.problem and "<-- ERROR HERE" in str(err) or not err.marks
+        return
+    # Accepted: complete, and it runs to the end with the same work as the original.
+    result = simulate(schedule, CostModel.uniform(schedule.shape))
+    original = simulate(base, CostModel.uniform(base.shape))
+    assert sum(result.busy) == pytest.approx(sum(original.busy))
+    assert sorted(map(str, (a for p in schedule.actions for a in p))) == sorted(
+        map(str, (a for p in base.actions for a in p))
+    )
