@@ -3,7 +3,8 @@
     interleaf simulate --schedule zb-v --pp 4 --microbatches 8 [--vp 2] [--costs F,I,W[,comm]]
                        [--memory-limit X] [--png out.png] [--trace out.json] [--csv out.csv] [--json]
     interleaf compare  --pp 4 --microbatches 8 [--vp 2] [--costs F,I,W[,comm]] [--memory-limit X] [--json]
-    interleaf draw     --csv in.csv | --schedule-json in.json  [same outputs as simulate]
+    interleaf plan     --pp 4 --microbatches 8 [--costs F,I,W[,comm]] [--memory-limit X] [--activation-gib G]
+    interleaf draw     --from-csv in.csv | --from-json in.json  [same outputs as simulate]
 
 Costs are one rank's whole share of the model for one micro-batch (split evenly over its vp chunks); activation
 memory is 1 per micro-batch per rank share, so 1F1B's rank 0 peaks at pp. Bad arguments print one line on
@@ -142,7 +143,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog="interleaf", description="Simulate, compare and draw pipeline-parallel schedules.")
-    sub = parser.add_subparsers(dest="command", metavar="{simulate,compare,draw}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{simulate,compare,plan,draw}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("simulate", help="build one schedule, simulate it, print its numbers and timeline")
@@ -161,6 +162,20 @@ def _build_parser() -> _Parser:
     )
     _add_cost_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    p = sub.add_parser("plan", help="pick the fastest schedule that fits and print the DeepSpeed config block")
+    p.add_argument("--pp", type=_positive_int, required=True, help="pipeline-parallel ranks")
+    p.add_argument("--microbatches", "-m", type=_positive_int, required=True, help="micro-batches per step")
+    _add_cost_args(p)
+    p.add_argument(
+        "--activation-gib",
+        type=_memory,
+        default=None,
+        metavar="G",
+        help="GiB of activations one micro-batch holds on a rank: with --memory-limit, sets memory_limit_gib "
+        "when auto is recommended",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     p = sub.add_parser("draw", help="load a schedule from CSV or JSON, validate, simulate and draw it")
     source = p.add_mutually_exclusive_group(required=True)
@@ -377,6 +392,51 @@ def _cmd_compare(args: argparse.Namespace, out: Any) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace, out: Any) -> int:
+    args.vp = None  # every schedule at its own vp; auto searches both placements
+    rows = _compare_rows(args)
+    names = [r["schedule"] for r in rows]
+    built = [r for r in rows if "makespan" in r]
+    if not built:
+        raise _UsageError(
+            "no schedule fits these arguments: " + "; ".join(f"{r['schedule']}: {r['error']}" for r in rows)
+        )
+
+    def rank_key(row: dict[str, Any]) -> tuple:
+        # Shortest first; on a tie the lower memory peak, then a handcrafted schedule over auto's search.
+        return (round(row["makespan"], 9), row["max_peak_activation_memory"], row["schedule"] == "auto",
+                names.index(row["schedule"]))
+
+    best = min(built, key=rank_key)
+    pipeline: dict[str, Any] = {"schedule": best["schedule"], "virtual_stages": best["vp"]}
+    if best["schedule"] == "auto" and args.memory_limit is not None and args.activation_gib is not None:
+        pipeline["memory_limit_gib"] = args.memory_limit * args.activation_gib
+    block = {"interleaf": {"pipeline": pipeline}}
+    if args.json:
+        out.write(json.dumps({"recommended": best, "config": block, "schedules": rows}) + "\n")
+        return 0
+    lines = [
+        f"pp={args.pp} microbatches={args.microbatches} per-rank costs {args.costs}"
+        + (f" memory limit {args.memory_limit:g}" if args.memory_limit is not None else ""),
+        "",
+        "fastest first:",
+    ]
+    for row in sorted(built, key=rank_key):
+        ratio = f", {row['ratio_to_1f1b']:.3f} x 1f1b" if "ratio_to_1f1b" in row else ""
+        lines.append(
+            f"  {row['schedule']:<17} makespan {row['makespan']:<8.4g} bubble {row['bubble_fraction']:>6.1%}  "
+            f"peak memory {row['max_peak_activation_memory']:g}{ratio}"
+        )
+    for row in rows:
+        if "error" in row:
+            lines.append(f"  {row['schedule']:<17} not available: {row['error']}")
+    if best["schedule"] == "auto":
+        lines.append("\nauto wins: at run time it re-plans from the F/I/W times it measures (auto_warmup_iterations).")
+    lines += ["", "DeepSpeed config (add to your ds_config JSON):", json.dumps(block, indent=2)]
+    out.write("\n".join(lines) + "\n")
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     """The first line of an error: a ScheduleError's problem without its grid."""
     problem = getattr(exc, "problem", None)
@@ -384,7 +444,7 @@ def _one_line(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-_COMMANDS = {"simulate": _cmd_simulate, "compare": _cmd_compare, "draw": _cmd_draw}
+_COMMANDS = {"simulate": _cmd_simulate, "compare": _cmd_compare, "plan": _cmd_plan, "draw": _cmd_draw}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -184,3 +184,24 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_plan_recommends_the_fastest_fitting_schedule_as_a_config_block(capsys):
+    from ds_plugins.config import InterleafConfig
+
+    code, out, err = run_cli(capsys, "plan", "--pp", 4, "--microbatches", 8, "--memory-limit", 3, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    fitting = [r for r in data["schedules"] if "makespan" in r]
+    assert fitting and all(r["max_peak_activation_memory"] <= 3 + 1e-9 for r in fitting)
+    best = data["recommended"]
+    assert best["makespan"] == pytest.approx(min(r["makespan"] for r in fitting))
+    pipeline = InterleafConfig.from_ds_config(data["config"]).pipeline
+    assert (pipeline.schedule, pipeline.virtual_stages) == (best["schedule"], best["vp"])
+
+    code, out, err = run_cli(capsys, "plan", "--pp", 4, "--microbatches", 8)
+    lines = out.splitlines()
+    fastest = lines[lines.index("fastest first:") + 1].split()[0]
+    assert code == 0 and f'"schedule": "{fastest}"' in out
+    code, out, err = run_cli(capsys, "plan", "--pp", 4, "--microbatches", 8, "--memory-limit", 0.5)
+    assert code == 2 and err.startswith("interleaf: error: no schedule fits these arguments")
