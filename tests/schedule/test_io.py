@@ -143,3 +143,28 @@ def test_torch_dump_reads_back(tmp_path):
             writer.writerow(order[rank])
     s = schedule_io.from_csv(path, name="torch")
     assert s.to_text() == "0F0 0F1 0B0 0B1\n1F0 1B0 1F1 1B1"
+
+
+def _torch_order(schedule, torch_action):
+    import csv
+
+    rows = csv.reader(io.StringIO(schedule_io.csv_text(schedule), newline=""))
+    return {rank: [torch_action.from_str(cell) for cell in row] for rank, row in enumerate(rows)}
+
+
+@pytest.mark.parametrize("pp,m", [(2, 2), (3, 5), (4, 8)])
+def test_torch_pipelining_accepts_every_registered_schedule(pp, m):
+    """torch's own schedule validator (compute CSV) and comms simulator (lowered CSV) accept what we write."""
+    schedules_mod = pytest.importorskip("torch.distributed.pipelining.schedules")
+    from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
+
+    for name in SCHEDULE_NAMES:
+        s = build_schedule(name, pp=pp, microbatches=m)
+        schedules_mod._validate_schedule(_torch_order(s, schedules_mod._Action), pp, s.shape.num_stages, m)
+        lowered = _torch_order(add_communication(s), schedules_mod._Action)
+        schedules_mod._simulate_comms_compute(lowered, s.shape.rank_of, s.shape.num_stages)
+        # The oracle bites: without one receive the lowered schedule cannot run.
+        broken = dict(lowered)
+        broken[1] = [a for a in lowered[1] if str(a) != f"{s.shape.stages_of(1)[0]}RECV_F0"]
+        with pytest.raises(ValueError, match="not progressing"):
+            schedules_mod._simulate_comms_compute(broken, s.shape.rank_of, s.shape.num_stages)
