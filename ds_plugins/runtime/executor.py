@@ -297,7 +297,7 @@ class PipelineExecutor:
         self.timing = timing
         self.log_every = log_every
         self.last_stage = shape.num_stages - 1
-        ordered = p2p is not None and p2p.batched
+        ordered = p2p is not None and p2p.ordered
         if recv_lookahead is None:
             recv_lookahead = 0 if ordered else 1 << 30
         self.recv_lookahead = recv_lookahead

@@ -148,6 +148,7 @@ class P2PCommunicator:
         device: torch.device | str = "cpu",
         timeout_s: float = 300.0,
         batched: bool | None = None,
+        use_tags: bool | None = None,
         blocking_cuda_waits: bool = False,
     ) -> None:
         if timeout_s <= 0:
@@ -162,6 +163,9 @@ class P2PCommunicator:
         self.backend = str(dist.get_backend(group)).lower()
         self.is_nccl = "nccl" in self.backend
         self.batched = self.is_nccl if batched is None else bool(batched)
+        self.use_tags = (not self.is_nccl) if use_tags is None else bool(use_tags)
+        self.ordered = self.batched or not self.use_tags
+        """Whether receives must be posted in each peer's send order (untagged transport such as NCCL)."""
         self.blocking_cuda_waits = blocking_cuda_waits
         self._sent_specs: dict[tuple[int, bool], MessageSpec] = {}  # (src stage, grad enabled) -> spec
         self._recv_specs: dict[tuple[int, bool], MessageSpec] = {}
@@ -189,6 +193,8 @@ class P2PCommunicator:
         return self.stage_to_rank[key.dst_stage if sending else key.src_stage]
 
     def _tag(self, key: MessageKey, kind: str, slot: int) -> int:
+        if not self.use_tags:
+            return 0
         num_stages = len(self.stage_to_rank)
         tag = slot + _SLOTS * (_KIND_INDEX[kind] + _KINDS * (key.src_stage + num_stages * key.microbatch))
         if tag >= 2**31:
@@ -217,15 +223,29 @@ class P2PCommunicator:
             entry: list[Any] = [p2p_op, None]
             self._batch.append(entry)  # type: ignore[arg-type]
             return entry
-        if op is dist.isend:
-            return dist.isend(tensor, peer, group=self.group, tag=tag)
-        return dist.irecv(tensor, peer, group=self.group, tag=tag)
+        try:
+            if op is dist.isend:
+                return dist.isend(tensor, peer, group=self.group, tag=tag)
+            return dist.irecv(tensor, peer, group=self.group, tag=tag)
+        except Exception as exc:  # e.g. the connection to a dead peer is gone
+            what = "send to" if op is dist.isend else "receive from"
+            raise RuntimeError(
+                f"pipeline p2p: rank {self.rank} could not {what} peer rank {peer} ({type(exc).__name__}: {exc}); "
+                f"is rank {peer} alive?"
+            ) from exc
 
     def flush(self) -> None:
         """Issue the operations collected since the last flush as one ``batch_isend_irecv`` (batched mode)."""
         if not self._batch:
             return
-        works = dist.batch_isend_irecv([entry[0] for entry in self._batch])
+        try:
+            works = dist.batch_isend_irecv([entry[0] for entry in self._batch])
+        except Exception as exc:
+            peers = sorted({entry[0].peer for entry in self._batch})
+            raise RuntimeError(
+                f"pipeline p2p: rank {self.rank} could not post a batch of sends/receives with peer ranks {peers} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
         for entry, work in zip(self._batch, works):
             entry[1] = work
         self._batch = []

@@ -1,0 +1,149 @@
+"""Per-rank bodies of the multi-process runtime tests (spawned by runtime_harness.run_ranks)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ds_plugins.runtime import (
+    P2PCommunicator,
+    PipelineExecutor,
+    build_stage_modules,
+    measured_costs,
+    partition_layers,
+)
+from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
+
+from runtime_harness import (
+    max_grad_diff,
+    mlp_batches,
+    mlp_layers,
+    mse,
+    reference_grads,
+    tuple_batches,
+    tuple_layers,
+)
+
+STEPS = 2  # two steps: the first exchanges shapes, the second posts receives early from cached shapes
+
+
+def _check_schedule(
+    name: str,
+    rank: int,
+    pp: int,
+    microbatches: int,
+    *,
+    p2p_kwargs: dict[str, Any],
+    model: str = "mlp",
+    pipeline_ranks: list[int] | None = None,
+    group: Any = None,
+    data_seed: int = 1,
+) -> dict[str, Any]:
+    """Run schedule ``name`` for STEPS steps on this rank and compare against the single-process reference."""
+    schedule = build_schedule(name, pp=pp, microbatches=microbatches)
+    shape = schedule.shape
+    num_layers = 2 * shape.num_stages
+    make_layers = mlp_layers if model == "mlp" else tuple_layers
+    layers = make_layers(num_layers)
+    stage_modules = build_stage_modules(layers, shape, rank)
+    inputs, targets = (mlp_batches if model == "mlp" else tuple_batches)(microbatches, seed=data_seed)
+    pipeline_ranks = pipeline_ranks if pipeline_ranks is not None else list(range(pp))
+    p2p = P2PCommunicator.for_shape(shape, pipeline_ranks, group=group, timeout_s=30, **p2p_kwargs)
+    executor = PipelineExecutor(schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device="cpu")
+    holds_first = 0 in stage_modules
+    holds_last = shape.num_stages - 1 in stage_modules
+    loss_scale = 1.0 / microbatches
+    results = []
+    for _ in range(STEPS):
+        results.append(
+            executor.run(inputs if holds_first else None, targets if holds_last else None, loss_scale=loss_scale)
+        )
+    reference_layers = make_layers(num_layers)
+    ref_grads, ref_losses = reference_grads(reference_layers, inputs, targets, loss_scale=loss_scale, steps=STEPS)
+    bounds = partition_layers(num_layers, shape.num_stages)
+    layer_ids = [i for s in stage_modules for i in bounds[s]]
+    grad_diff, compared = max_grad_diff(layers, ref_grads, layer_ids)
+    loss_diff = 0.0
+    if holds_last:
+        got = torch.stack(list(results[-1].losses))
+        loss_diff = (got - torch.stack(ref_losses)).abs().max().item()
+    return {
+        "grad_diff": grad_diff,
+        "params_compared": compared,
+        "loss_diff": loss_diff,
+        "losses_reported": len(results[-1].losses),
+        "holds_last": holds_last,
+        "splits_backward": schedule.splits_backward,
+        "placement": shape.placement,
+        "vp": shape.vp,
+        "busy_s": results[-1].busy_s,
+        "wall_s": results[-1].wall_s,
+        "mean_seconds": results[-1].mean_seconds(),
+    }
+
+
+def all_schedules(rank: int, world: int, microbatches: int, modes: dict[str, dict[str, Any]]) -> dict:
+    """Every registry schedule on a pp=world pipeline, in each p2p mode."""
+    out: dict[tuple[str, str], dict] = {}
+    for mode, kwargs in modes.items():
+        for name in SCHEDULE_NAMES:
+            out[(mode, name)] = _check_schedule(name, rank, world, microbatches, p2p_kwargs=kwargs)
+            dist.barrier()
+    # the tuple/view/non-tensor model, V and looped placement (pp=2: previous and next peer are the same rank)
+    for name in ("zb-v", "interleaved-1f1b", "1f1b"):
+        out[("tuple-model", name)] = _check_schedule(name, rank, world, microbatches, p2p_kwargs={}, model="tuple")
+        dist.barrier()
+    # measured timings of a split schedule -> a cost model -> the auto scheduler
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, out[("tagged", "zb-h1")]["mean_seconds"])
+    schedule = build_schedule("zb-h1", pp=world, microbatches=microbatches)
+    costs = measured_costs(gathered, schedule.shape)
+    auto = build_schedule("auto", pp=world, microbatches=microbatches, vp=1, costs=costs)
+    out[("measured", "auto")] = {"stages": costs.num_stages, "auto_ranks": len(auto.actions),
+                                  "forward": costs.forward, "backward_weight": costs.backward_weight}
+    if world == 4:
+        for name, r in data_parallel_pipelines(rank, world, 4).items():
+            out[("dp2xpp2", name)] = r
+    return out
+
+
+def data_parallel_pipelines(rank: int, world: int, microbatches: int) -> dict:
+    """dp=2 x pp=2 on 4 ranks: pipeline groups {0,1} and {2,3}, each with its own data."""
+    pp = 2
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_index, pipe_rank = divmod(rank, pp)
+    ranks = [dp_index * pp + r for r in range(pp)]
+    out = {}
+    for name in ("zb-v", "interleaved-1f1b", "zb-h2"):
+        out[name] = _check_schedule(
+            name, pipe_rank, pp, microbatches, p2p_kwargs={}, pipeline_ranks=ranks, group=groups[dp_index],
+            data_seed=10 + dp_index,
+        )
+        dist.barrier()
+    return out
+
+
+def dead_peer(rank: int, world: int, mode: str, timeout_s: float) -> dict:
+    """Rank 1 dies ("exit") or stays silent ("silent"); rank 0 must raise within its timeout."""
+    schedule = build_schedule("1f1b", pp=2, microbatches=2)
+    layers = mlp_layers(4)
+    stage_modules = build_stage_modules(layers, schedule.shape, rank)
+    p2p = P2PCommunicator.for_shape(schedule.shape, [0, 1], timeout_s=timeout_s)
+    executor = PipelineExecutor(schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device="cpu")
+    inputs, targets = mlp_batches(2)
+    dist.barrier()
+    if rank == 1:
+        if mode == "exit":
+            import os
+
+            os._exit(0)
+        time.sleep(timeout_s + 2)  # alive but never runs its part
+        return {"slept": True}
+    t0 = time.monotonic()
+    try:
+        executor.run(inputs, None)
+    except RuntimeError as exc:
+        return {"error": str(exc), "elapsed": time.monotonic() - t0}
+    return {"error": None, "elapsed": time.monotonic() - t0}

@@ -1,0 +1,159 @@
+"""The executor in one process (pp=1: every hand-over is on-rank, including the V turn), its checks and its
+timings; stage partitioning; measured costs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds_plugins.runtime import PipelineExecutor, build_stage_modules, measured_costs, partition_layers
+from ds_plugins.schedule.ir import Action, ActionKind, PipelineShape, Schedule
+from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
+
+from runtime_harness import (
+    max_grad_diff,
+    mlp_batches,
+    mlp_layers,
+    mse,
+    reference_grads,
+    tuple_batches,
+    tuple_layers,
+)
+
+TOL = 1e-12
+
+
+def _run(name: str, model: str = "mlp", microbatches: int = 4, steps: int = 2):
+    schedule = build_schedule(name, pp=1, microbatches=microbatches)
+    shape = schedule.shape
+    n_layers = 2 * shape.num_stages
+    make = mlp_layers if model == "mlp" else tuple_layers
+    layers = make(n_layers)
+    modules = build_stage_modules(layers, shape, 0)
+    inputs, targets = (mlp_batches if model == "mlp" else tuple_batches)(microbatches)
+    executor = PipelineExecutor(schedule, 0, modules, p2p=None, loss_fn=mse, device="cpu")
+    results = [executor.run(inputs, targets, loss_scale=0.5) for _ in range(steps)]
+    ref_grads, ref_losses = reference_grads(make(n_layers), inputs, targets, loss_scale=0.5, steps=steps)
+    diff, count = max_grad_diff(layers, ref_grads, range(n_layers))
+    assert count > 0
+    return results, diff, (torch.stack(list(results[-1].losses)) - torch.stack(ref_losses)).abs().max().item()
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_single_rank_schedule_matches_reference(name):
+    results, grad_diff, loss_diff = _run(name)
+    assert grad_diff <= TOL and loss_diff <= TOL
+    r = results[-1]
+    assert len(r.losses) == 4
+    assert 0 < r.busy_s <= r.wall_s + 1e-9 and 0 <= r.bubble_fraction < 1
+    kinds = {k for k, _ in r.mean_seconds()}
+    assert "F" in kinds and ("B" in kinds or {"I", "W"} <= kinds)
+
+
+@pytest.mark.parametrize("name", ["zb-v", "interleaved-1f1b", "zb-h1"])
+def test_single_rank_tuple_model_views_and_non_tensors(name):
+    _, grad_diff, loss_diff = _run(name, model="tuple")
+    assert grad_diff <= TOL and loss_diff <= TOL
+
+
+def test_forward_only_returns_outputs_and_leaves_grads_alone():
+    schedule = build_schedule("zb-v", pp=1, microbatches=3)
+    layers = mlp_layers(4)
+    modules = build_stage_modules(layers, schedule.shape, 0)
+    inputs, targets = mlp_batches(3)
+    executor = PipelineExecutor(schedule, 0, modules, p2p=None, loss_fn=mse, device="cpu", timing="none")
+    r = executor.run(inputs, targets, forward_only=True, return_outputs=True)
+    assert all(p.grad is None for layer in layers for p in layer.parameters())
+    for x, y, out, loss in zip(inputs, targets, r.outputs, r.losses):
+        value = x
+        for layer in layers:
+            value = layer(value)
+        assert torch.allclose(out, value.detach(), rtol=0, atol=TOL)
+        assert abs(loss.item() - mse(value, y).item()) <= TOL
+    assert r.busy_s == 0.0 and r.wall_s > 0
+    r = executor.run(inputs, None, forward_only=True)  # no targets: no loss
+    assert r.losses == ()
+    executor.run(inputs, targets)  # a training step after evaluation still works
+    assert all(p.grad is not None for layer in layers for p in layer.parameters())
+
+
+def test_bad_arguments_raise_value_error():
+    schedule = build_schedule("zb-v", pp=2, microbatches=4)
+    layers = mlp_layers(8)
+    with pytest.raises(ValueError, match="holds stages"):
+        PipelineExecutor(schedule, 0, build_stage_modules(layers, schedule.shape, 1), p2p=None, loss_fn=mse,
+                         device="cpu")
+    with pytest.raises(ValueError, match="P2PCommunicator"):
+        PipelineExecutor(schedule, 0, build_stage_modules(layers, schedule.shape, 0), p2p=None, loss_fn=mse,
+                         device="cpu")
+    single = build_schedule("1f1b", pp=1, microbatches=4)
+    ex = PipelineExecutor(single, 0, build_stage_modules(mlp_layers(2), single.shape, 0), p2p=None, loss_fn=mse,
+                          device="cpu")
+    inputs, targets = mlp_batches(4)
+    with pytest.raises(ValueError, match="inputs for all 4"):
+        ex.run(inputs[:3], targets)
+    with pytest.raises(ValueError, match="targets for all 4"):
+        ex.run(inputs, None)
+    with pytest.raises(ValueError, match="timing"):
+        PipelineExecutor(single, 0, build_stage_modules(mlp_layers(2), single.shape, 0), p2p=None, loss_fn=mse,
+                         device="cpu", timing="sometimes")
+
+
+def test_schedule_without_backward_is_reported_and_state_resets():
+    shape = PipelineShape(pp=1, microbatches=2)
+    a = lambda t: Action.parse(t)  # noqa: E731
+    broken = Schedule("broken", shape, ((a("0F0"), a("0F1"), a("0B0")),))
+    layers = mlp_layers(2)
+    ex = PipelineExecutor(broken, 0, build_stage_modules(layers, shape, 0), p2p=None, loss_fn=mse, device="cpu")
+    inputs, targets = mlp_batches(2)
+    with pytest.raises(RuntimeError, match="forward without backward"):
+        ex.run(inputs, targets)
+    assert len(ex.queue) == 0
+
+
+def test_hand_built_split_schedule_defers_w_across_microbatches():
+    # I of both micro-batches before any W, W in reverse order
+    shape = PipelineShape(pp=1, microbatches=2)
+    prog = tuple(Action.parse(t) for t in "0F0 0F1 0I0 0I1 0W1 0W0".split())
+    layers = mlp_layers(3)
+    ex = PipelineExecutor(Schedule("hand", shape, (prog,)), 0, build_stage_modules(layers, shape, 0), p2p=None,
+                          loss_fn=mse, device="cpu")
+    inputs, targets = mlp_batches(2)
+    r = ex.run(inputs, targets)
+    ref, _ = reference_grads(mlp_layers(3), inputs, targets, loss_scale=1.0)
+    diff, _ = max_grad_diff(layers, ref, range(3))
+    assert diff <= TOL
+    assert set(r.mean_seconds()) == {("F", 0), ("I", 0), ("W", 0)}
+
+
+def test_partition_layers():
+    assert partition_layers(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert partition_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    with pytest.raises(ValueError, match="equal stages"):
+        partition_layers(7, 3, even=True)
+    with pytest.raises(ValueError, match="cannot cut"):
+        partition_layers(3, 4)
+
+
+def test_build_stage_modules_follows_placement():
+    layers = mlp_layers(8)
+    v = PipelineShape(pp=2, microbatches=4, vp=2, placement="v")
+    mods = build_stage_modules(layers, v, 0)
+    assert sorted(mods) == [0, 3]
+    assert list(mods[3]) == layers[6:8]
+    loop = PipelineShape(pp=2, microbatches=4, vp=2, placement="loop")
+    mods = build_stage_modules(layers, loop, 1)
+    assert sorted(mods) == [1, 3] and list(mods[1]) == layers[2:4]
+
+
+def test_measured_costs_from_timings():
+    shape = PipelineShape(pp=2, microbatches=4)
+    costs = measured_costs([{("F", 0): 1.0, ("I", 0): 2.0, ("W", 0): 0.5}, {("F", 1): 3.0, ("B", 1): 4.0}], shape)
+    assert costs.forward == (1.0, 3.0)
+    assert costs.backward_input == (2.0, 2.0) and costs.backward_weight == (0.5, 2.0)
+    with pytest.raises(ValueError, match="every\\s+pipeline rank|stage 1"):
+        measured_costs([{("F", 0): 1.0, ("B", 0): 1.0}], shape)
+    mem = measured_costs(
+        [{("F", 0): 1.0, ("B", 0): 1.0, ("F", 1): 1.0, ("B", 1): 1.0}], shape,
+        memory=[{("F", 0): 100.0, ("I", 0): -70.0, ("F", 1): 50.0}],
+    )
+    assert mem.activation_memory == (100.0, 50.0) and mem.weight_grad_memory == (30.0, 0.0)
