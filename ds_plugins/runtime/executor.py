@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -255,6 +254,8 @@ class PipelineExecutor:
         recv_lookahead: how many compute actions ahead receives are posted (None: gloo = all whose shapes are
             known, NCCL = 0, i.e. batched with the previous compute action's sends).
         log_every: log wall/busy/bubble (and tokens/s) every this many steps (0: never).
+        backward_context: called before every I, W and B action; the context manager it returns is entered
+            around that action (DeepSpeed's ``_running_engine_backward`` flag, profiler ranges, ...).
     """
 
     def __init__(
@@ -270,6 +271,7 @@ class PipelineExecutor:
         timing: Timing = "action",
         recv_lookahead: int | None = None,
         log_every: int = 0,
+        backward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         shape = schedule.shape
         if not 0 <= rank < shape.pp:
@@ -296,6 +298,7 @@ class PipelineExecutor:
         self.queue = weight_grad_queue if weight_grad_queue is not None else WeightGradQueue()
         self.timing = timing
         self.log_every = log_every
+        self.backward_context = backward_context
         self.last_stage = shape.num_stages - 1
         ordered = p2p is not None and p2p.ordered
         if recv_lookahead is None:
@@ -446,9 +449,10 @@ class PipelineExecutor:
                         )
                     for key in plan.sends_after[j]:
                         self._send(key)
-                    if self.p2p is not None and j + 1 < n and not self.p2p.batched:
+                    if self.p2p is not None and j + 1 < n:
                         self.p2p.reap_sends()
-                leftover = self.queue.drain()
+                with (self.backward_context() if self.backward_context is not None else contextlib.nullcontext()):
+                    leftover = self.queue.drain()
                 if leftover:
                     logger.debug("rank %d: drained %d deferred weight-gradient closures at step end", self.rank, leftover)
                 if self.p2p is not None:
@@ -570,7 +574,16 @@ class PipelineExecutor:
         kind = action.kind
         if kind is _F:
             self._forward(action.stage, action.microbatch, received)
-        elif kind is _I or kind is _B:
+            return
+        if self.backward_context is not None:
+            with self.backward_context():
+                self._backward_action(action, received)
+        else:
+            self._backward_action(action, received)
+
+    def _backward_action(self, action: Action, received: dict) -> None:
+        kind = action.kind
+        if kind is _I or kind is _B:
             self._backward(action.stage, action.microbatch, received, defer_weight=kind is _I)
         elif kind is _W:
             self.queue.run(action.stage, action.microbatch)

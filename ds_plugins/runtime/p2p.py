@@ -246,8 +246,13 @@ class P2PCommunicator:
                 f"pipeline p2p: rank {self.rank} could not post a batch of sends/receives with peer ranks {peers} "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        for entry, work in zip(self._batch, works):
-            entry[1] = work
+        if len(works) == len(self._batch):
+            for entry, work in zip(self._batch, works):
+                entry[1] = work
+        else:  # NCCL coalescing returns one work for the whole batch: every op waits on all of them
+            shared = tuple(works)
+            for entry in self._batch:
+                entry[1] = shared
         self._batch = []
 
     def send(self, key: MessageKey, value: Any) -> None:
@@ -330,10 +335,14 @@ class P2PCommunicator:
 
     # ------------------------------------------------------------------ completion
     def _wait_work(self, work: Any, key: MessageKey, peer: int, action: str) -> None:
-        if isinstance(work, list):  # batched entry: [op, work]
+        if isinstance(work, list):  # batched entry: [op, work or tuple of works]
             if work[1] is None:
                 self.flush()
             work = work[1]
+        if isinstance(work, tuple):
+            for w in work:
+                self._wait_work(w, key, peer, action)
+            return
         if work is None:
             return
         try:
@@ -375,7 +384,8 @@ class P2PCommunicator:
             done = True
             for w in s.works:
                 work = w[1] if isinstance(w, list) else w
-                if work is None or not work.is_completed():
+                pieces = work if isinstance(work, tuple) else (work,)
+                if any(piece is None or not piece.is_completed() for piece in pieces):
                     done = False
                     break
             if not done:

@@ -157,3 +157,20 @@ def test_measured_costs_from_timings():
         memory=[{("F", 0): 100.0, ("I", 0): -70.0, ("F", 1): 50.0}],
     )
     assert mem.activation_memory == (100.0, 50.0) and mem.weight_grad_memory == (30.0, 0.0)
+
+
+def test_backward_context_wraps_every_backward_action():
+    import contextlib
+
+    schedule = build_schedule("zb-h1", pp=1, microbatches=3)
+    entered = []
+
+    @contextlib.contextmanager
+    def flag():
+        entered.append(1)
+        yield
+
+    ex = PipelineExecutor(schedule, 0, build_stage_modules(mlp_layers(2), schedule.shape, 0), p2p=None,
+                          loss_fn=mse, device="cpu", backward_context=flag)
+    ex.run(*mlp_batches(3))
+    assert len(entered) == 3 * 2 + 1  # I and W of each micro-batch, plus the final drain
