@@ -29,15 +29,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world: int, port: int, out_dir: str, args: tuple, backend: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     path = Path(out_dir) / f"rank{rank}.pkl"
     try:
         import torch.distributed as dist
 
+        kwargs = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            kwargs["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, **kwargs
         )
         result = fn(rank, world, *args)
         path.write_bytes(pickle.dumps(("ok", result)))
@@ -54,6 +58,7 @@ def run_ranks(
     tmp_path: Path,
     timeout_s: float = 120.0,
     required_ranks: Sequence[int] | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns per-rank results (None for a rank not in
     ``required_ranks`` that left none) or raises with the failing rank's traceback. Processes still alive after
@@ -63,7 +68,7 @@ def run_ranks(
     port = free_port()
     out_dir = Path(tmp_path) / f"ranks_{fn.__name__}_{port}"
     out_dir.mkdir(parents=True)
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out_dir), args)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out_dir), args, backend)) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s

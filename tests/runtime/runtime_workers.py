@@ -40,18 +40,20 @@ def _check_schedule(
     pipeline_ranks: list[int] | None = None,
     group: Any = None,
     data_seed: int = 1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run schedule ``name`` for STEPS steps on this rank and compare against the single-process reference."""
     schedule = build_schedule(name, pp=pp, microbatches=microbatches)
     shape = schedule.shape
     num_layers = 2 * shape.num_stages
     make_layers = mlp_layers if model == "mlp" else tuple_layers
-    layers = make_layers(num_layers)
+    layers = [layer.to(device) for layer in make_layers(num_layers)]
     stage_modules = build_stage_modules(layers, shape, rank)
     inputs, targets = (mlp_batches if model == "mlp" else tuple_batches)(microbatches, seed=data_seed)
+    inputs, targets = _to(inputs, device), _to(targets, device)
     pipeline_ranks = pipeline_ranks if pipeline_ranks is not None else list(range(pp))
-    p2p = P2PCommunicator.for_shape(shape, pipeline_ranks, group=group, timeout_s=30, **p2p_kwargs)
-    executor = PipelineExecutor(schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device="cpu")
+    p2p = P2PCommunicator.for_shape(shape, pipeline_ranks, group=group, timeout_s=30, device=device, **p2p_kwargs)
+    executor = PipelineExecutor(schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device=device)
     holds_first = 0 in stage_modules
     holds_last = shape.num_stages - 1 in stage_modules
     loss_scale = 1.0 / microbatches
@@ -60,7 +62,7 @@ def _check_schedule(
         results.append(
             executor.run(inputs if holds_first else None, targets if holds_last else None, loss_scale=loss_scale)
         )
-    reference_layers = make_layers(num_layers)
+    reference_layers = [layer.to(device) for layer in make_layers(num_layers)]
     ref_grads, ref_losses = reference_grads(reference_layers, inputs, targets, loss_scale=loss_scale, steps=STEPS)
     bounds = partition_layers(num_layers, shape.num_stages)
     layer_ids = [i for s in stage_modules for i in bounds[s]]
@@ -84,16 +86,32 @@ def _check_schedule(
     }
 
 
-def all_schedules(rank: int, world: int, microbatches: int, modes: dict[str, dict[str, Any]]) -> dict:
+def _to(values: list[Any], device: str) -> list[Any]:
+    out = []
+    for v in values:
+        if isinstance(v, tuple):
+            out.append(tuple(x.to(device) for x in v))
+        else:
+            out.append(v.to(device))
+    return out
+
+
+def all_schedules(
+    rank: int, world: int, microbatches: int, modes: dict[str, dict[str, Any]], device: str = "cpu"
+) -> dict:
     """Every registry schedule on a pp=world pipeline, in each p2p mode."""
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     out: dict[tuple[str, str], dict] = {}
     for mode, kwargs in modes.items():
         for name in SCHEDULE_NAMES:
-            out[(mode, name)] = _check_schedule(name, rank, world, microbatches, p2p_kwargs=kwargs)
+            out[(mode, name)] = _check_schedule(name, rank, world, microbatches, p2p_kwargs=kwargs, device=device)
             dist.barrier()
     # the tuple/view/non-tensor model, V and looped placement (pp=2: previous and next peer are the same rank)
     for name in ("zb-v", "interleaved-1f1b", "1f1b"):
-        out[("tuple-model", name)] = _check_schedule(name, rank, world, microbatches, p2p_kwargs={}, model="tuple")
+        out[("tuple-model", name)] = _check_schedule(
+            name, rank, world, microbatches, p2p_kwargs={}, model="tuple", device=device
+        )
         dist.barrier()
     # measured timings of a split schedule -> a cost model -> the auto scheduler
     gathered: list[Any] = [None] * world
