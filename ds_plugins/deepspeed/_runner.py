@@ -80,6 +80,9 @@ class ScheduleRunner:
         self.pipe_group = grid.get_pipe_parallel_group()
         self.max_grad_norm = 0.0
         self.history: list[IterationStats] = []
+        self.before_step: Any = None
+        """Optional ``callable(runner)`` run after gradient reduction and clipping, right before the optimizer step
+        (tests read the final gradients here)."""
         self.steps = 0
         self._tokens_per_microbatch: int | None = None
         self._auto_pending = self.config.schedule == "auto"
@@ -141,7 +144,8 @@ class ScheduleRunner:
             return
         i, j = where
         hp = opt.fp32_groups_gradients[i][j]
-        hp.add_(grad.to(hp.dtype).view(hp.shape))
+        with torch.no_grad():
+            hp.data.add_(grad.detach().to(hp.dtype).view(hp.shape))
         param._hp_grad = hp
         opt.fp32_groups_has_gradients[i][j] = True
 
@@ -202,6 +206,8 @@ class ScheduleRunner:
         eng._exec_reduce_tied_grads()
         eng._exec_reduce_grads()
         grad_norm = self._clip_by_global_norm()
+        if self.before_step is not None:
+            self.before_step(self)
         eng._exec_optimizer_step()
 
         if self.holds_loss_stage:

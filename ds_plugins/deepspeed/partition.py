@@ -161,6 +161,31 @@ class _ChunkedPipelineModule:
             self.is_checkpointable_results = cache[key]
             self.is_checkpointable_results_interval = self.activation_checkpoint_interval
 
+    def forward(self, forward_input: Any) -> Any:
+        """DeepSpeed's forward over the active chunk. Activation checkpointing recomputes a block during
+        backward, when another chunk may be active: the recompute is pinned to this chunk's layers."""
+        if self.activation_checkpoint_interval <= 0:
+            return super().forward(forward_input)  # type: ignore[misc]
+        funcs, bounds = self.forward_funcs, (self._local_start, self._local_stop)
+        checkpoint = self.activation_checkpoint_func
+
+        def pinned_checkpoint(function, *args):
+            def run_on_this_chunk(*inputs):
+                saved = self.forward_funcs, (self._local_start, self._local_stop)
+                self.forward_funcs, (self._local_start, self._local_stop) = funcs, bounds
+                try:
+                    return function(*inputs)
+                finally:
+                    self.forward_funcs, (self._local_start, self._local_stop) = saved
+
+            return checkpoint(run_on_this_chunk, *args)
+
+        self.activation_checkpoint_func = pinned_checkpoint
+        try:
+            return super().forward(forward_input)  # type: ignore[misc]
+        finally:
+            self.activation_checkpoint_func = checkpoint
+
     @property
     def num_chunks(self) -> int:
         return len(self._interleaf_chunk_funcs)
