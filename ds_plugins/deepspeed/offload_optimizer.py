@@ -415,20 +415,22 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
 
     @torch.no_grad()
     def update_lp_params(self):
-        self._sync_state()
+        self.sync_optimizer_state()
         return super().update_lp_params()
 
-    def _sync_state(self) -> None:
+    def sync_optimizer_state(self) -> None:
+        """Write the live state of GPU-resident subgroups into the host tensors DeepSpeed exposes (fp32 master
+        partitions, optimizer state): call before reading them directly (checkpoints do it themselves)."""
         if self._executor is not None:
             self._executor.sync_state_to_host()
 
     # ------------------------------------------------------------------ checkpoints (DeepSpeed's format)
     def state_dict(self):
-        self._sync_state()
+        self.sync_optimizer_state()
         return super().state_dict()
 
     def load_state_dict(self, *args: Any, **kwargs: Any):
-        self._sync_state()
+        self.sync_optimizer_state()
         result = super().load_state_dict(*args, **kwargs)
         if self._executor is not None:
             if self.cpu_offload_pin_memory:

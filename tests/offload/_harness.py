@@ -101,8 +101,9 @@ def init_dist(rank: int, world: int, port: int) -> None:
 
 def train_engine(config: dict, steps: int, *, rank: int = 0, world: int = 1, dtype=torch.float32,
                  grad_hook: Callable | None = None, engine_hook: Callable | None = None, model=None,
-                 data=None) -> dict[str, Any]:
-    """deepspeed.initialize + ``steps`` steps; params after each step."""
+                 data=None, wait_each_step: bool = True) -> dict[str, Any]:
+    """deepspeed.initialize + ``steps`` steps; params after each step (``wait_each_step=False``: only the per-layer
+    waits of the forward hooks order the next forward after the host updates; params only after the last step)."""
     import deepspeed
 
     model = model if model is not None else make_model(dtype)
@@ -119,11 +120,13 @@ def train_engine(config: dict, steps: int, *, rank: int = 0, world: int = 1, dty
             grad_hook(step, engine)
         engine.step()
         wait = getattr(engine.optimizer, "wait_for_updates", None)
-        if wait is not None:  # interleaf: host-updated weights land per layer in the next forward
+        last = step == steps - 1
+        if wait is not None and (wait_each_step or last):  # interleaf: host updates land per layer otherwise
             wait()
         losses.append(float(loss.detach()))
         norms.append(float(engine.get_global_grad_norm() or 0.0))
-        per_step.append(snapshot(engine.module))
+        if wait_each_step or last:
+            per_step.append(snapshot(engine.module))
     result = {"params": per_step, "losses": losses, "norms": norms, "skipped": engine.skipped_steps,
               "optimizer": type(engine.optimizer).__name__}
     if engine_hook is not None:

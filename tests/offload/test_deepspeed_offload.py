@@ -1,0 +1,370 @@
+"""InterleafZeroOptimizer on DeepSpeed's CPU accelerator (gloo): exactness against DeepSpeed without offload and
+against plain torch AdamW, clipping, fp16 overflow, checkpoints with a changed split, ZeRO-2 dp=2, ZeRO-1 + PP=2.
+
+The "GPU" half runs on the CPU accelerator device: split, worker thread, per-layer waits, rollback-free skip and
+checkpoint paths are exercised; timing needs a GPU (benchmarks/offload.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import _harness as H
+
+TOL = 1e-6  # per-tensor relative error ||a-b|| / ||b||
+STEPS = 10
+
+
+def _plan_info(engine) -> dict:
+    opt = engine.optimizer
+    ex = opt._executor
+    return {
+        "gpu_fraction": opt.last_plan.gpu_fraction if opt.last_plan is not None else None,
+        "cpu_numel": ex.timings.cpu_numel,
+        "gpu_numel": ex.timings.gpu_numel,
+        "subgroups": len(ex.subgroups),
+        "step": [int(opt.optimizer.state[p]["step"]) for p in opt.single_partition_of_fp32_groups],
+        "hooks": len(opt._hook_handles),
+    }
+
+
+def _record_plan(tag, engine, result):
+    if tag == "end" and type(engine.optimizer).__name__ == "InterleafZeroOptimizer":
+        result["plan"] = _plan_info(engine)
+
+
+# ---------------------------------------------------------------------------------------------- fp32 parity
+def _fp32_scenarios(rank, world):
+    out = {}
+    out["torch"] = H.torch_reference(STEPS)
+    out["torch_clip"] = H.torch_reference(STEPS, clip=0.05)
+    out["ds"] = H.train_engine(H.ds_config(offload=False), STEPS)
+    out["ds_clip"] = H.train_engine(H.ds_config(offload=False, clip=0.05), STEPS)
+    for fraction in (0.0, 0.5, "auto", 1.0):
+        out[f"il_{fraction}"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": fraction}), STEPS,
+                                               engine_hook=_record_plan)
+    out["il_nowait"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": 0.5}), STEPS, wait_each_step=False,
+                                      engine_hook=_record_plan)
+    out["il_clip"] = H.train_engine(H.ds_config(clip=0.05, interleaf={"gpu_fraction": 0.5}), STEPS,
+                                    engine_hook=_record_plan)
+    out["il_stage1"] = H.train_engine(H.ds_config(stage=1, interleaf={"gpu_fraction": 0.5}), STEPS,
+                                      engine_hook=_record_plan)
+    out["il_cpu_mode"] = H.train_engine(H.ds_config(interleaf={"mode": "cpu"}), STEPS, engine_hook=_record_plan)
+    # a budget that holds only part of the state resident: the rest of the GPU share streams
+    out["il_streamed"] = H.train_engine(
+        H.ds_config(interleaf={"gpu_fraction": 0.7, "gpu_memory_budget_gib": 2500 * 16 / 2**30}), STEPS,
+        engine_hook=_record_plan)
+    # gradient accumulation 2 (DeepSpeed's accumulate-through-host path) with clipping
+    ga = dict(gradient_accumulation_steps=2, train_batch_size=2 * H.BATCH)
+    data = H.batches(2 * STEPS)
+
+    def ga_run(cfg):
+        import deepspeed
+
+        model = H.make_model()
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          optimizer=H.make_optimizer(model.parameters()), config=cfg)
+        for x, y in data:
+            engine.backward(H.loss_fn(engine(x), y))
+            engine.step()
+        if hasattr(engine.optimizer, "wait_for_updates"):
+            engine.optimizer.wait_for_updates()
+        return H.snapshot(engine.module)
+
+    out["ds_ga"] = ga_run(H.ds_config(offload=False, clip=0.05, **ga))
+    out["il_ga"] = ga_run(H.ds_config(clip=0.05, interleaf={"gpu_fraction": 0.5}, **ga))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(tmp_path_factory):
+    return H.run_ranks(_fp32_scenarios, 1, tmp_path_factory.mktemp("fp32"))[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fraction", [0.0, 0.5, "auto", 1.0])
+def test_params_equal_deepspeed_without_offload(fp32_runs, fraction):
+    run = fp32_runs[f"il_{fraction}"]
+    assert run["optimizer"] == "InterleafZeroOptimizer"
+    for step in range(STEPS):
+        assert H.max_rel_diff(run["params"][step], fp32_runs["ds"]["params"][step]) <= TOL, step
+        assert H.max_rel_diff(run["params"][step], fp32_runs["torch"]["params"][step]) <= TOL, step
+    assert run["plan"]["step"] == [STEPS]
+    assert run["plan"]["hooks"] > 0  # per-layer waits are installed (dp=1)
+
+
+@pytest.mark.timeout(300)
+def test_next_forward_waits_per_layer(fp32_runs):
+    """No explicit wait between steps: only the forward pre-hooks order each layer after its host update."""
+    run, ref = fp32_runs["il_nowait"], fp32_runs["ds"]
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    assert H.max_rel_diff(run["params"][-1], ref["params"][-1]) <= TOL
+
+
+@pytest.mark.timeout(300)
+def test_split_really_splits(fp32_runs):
+    half = fp32_runs["il_0.5"]["plan"]
+    assert 0.3 <= half["gpu_fraction"] <= 0.7
+    assert half["cpu_numel"] > 0 and half["gpu_numel"] > 0 and half["subgroups"] >= 4
+    assert fp32_runs["il_0.0"]["plan"]["gpu_numel"] == 0
+    assert fp32_runs["il_1.0"]["plan"]["cpu_numel"] == 0
+    assert fp32_runs["il_cpu_mode"]["plan"]["gpu_numel"] == 0
+    assert H.max_rel_diff(fp32_runs["il_cpu_mode"]["params"][-1], fp32_runs["ds"]["params"][-1]) <= TOL
+
+
+@pytest.mark.timeout(300)
+def test_streamed_subgroups_exact(fp32_runs):
+    run = fp32_runs["il_streamed"]
+    assert run["plan"]["gpu_numel"] > 0
+    assert H.max_rel_diff(run["params"][-1], fp32_runs["ds"]["params"][-1]) <= TOL
+
+
+@pytest.mark.timeout(300)
+def test_zero_stage1(fp32_runs):
+    assert H.max_rel_diff(fp32_runs["il_stage1"]["params"][-1], fp32_runs["ds"]["params"][-1]) <= TOL
+
+
+@pytest.mark.timeout(300)
+def test_clipping_active_and_exact(fp32_runs):
+    run, ref = fp32_runs["il_clip"], fp32_runs["ds_clip"]
+    assert all(norm > 0.05 * 2 for norm in ref["norms"]), ref["norms"]  # clipping acts on every step
+    assert run["norms"] == pytest.approx(ref["norms"], rel=1e-5)
+    for step in range(STEPS):
+        assert H.max_rel_diff(run["params"][step], ref["params"][step]) <= TOL, step
+        assert H.max_rel_diff(run["params"][step], fp32_runs["torch_clip"]["params"][step]) <= TOL, step
+    # and clipping changed the result
+    assert H.max_rel_diff(run["params"][-1], fp32_runs["ds"]["params"][-1]) > 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_gradient_accumulation(fp32_runs):
+    assert H.max_rel_diff(fp32_runs["il_ga"], fp32_runs["ds_ga"]) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------- fp16 overflow
+def _fp16_scenarios(rank, world):
+    from deepspeed.accelerator import get_accelerator
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True  # fp16 on the CPU accelerator, for the test
+    out = {}
+    for poisoned in ("first", "last"):  # a GPU-half layer and a host-half layer
+        def engine_hook(tag, engine, result, poisoned=poisoned):
+            if tag == "init":
+                layers = [m for m in engine.module if isinstance(m, torch.nn.Linear)]
+                target = layers[0] if poisoned == "first" else layers[-1]
+                engine.step_counter = [0]
+
+                def inject(grad):
+                    return grad * float("inf") if engine.global_steps == 3 else grad
+
+                target.weight.register_hook(inject)
+            else:
+                _record_plan(tag, engine, result)
+                if hasattr(engine.optimizer, "sync_optimizer_state"):
+                    engine.optimizer.sync_optimizer_state()
+                result["masters"] = [
+                    t.detach().double().numpy().copy() for t in engine.optimizer.single_partition_of_fp32_groups]
+                result["loss_scale"] = engine.optimizer.loss_scale
+
+        cfg = H.ds_config(fp16=True, interleaf={"gpu_fraction": 0.5})
+        out[f"il_{poisoned}"] = H.train_engine(cfg, STEPS, dtype=torch.float16, engine_hook=engine_hook)
+        out[f"ds_{poisoned}"] = H.train_engine(H.ds_config(fp16=True, offload=False), STEPS, dtype=torch.float16,
+                                               engine_hook=engine_hook)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_fp16_overflow_skips_both_halves(tmp_path):
+    runs = H.run_ranks(_fp16_scenarios, 1, tmp_path)[0]
+    for poisoned in ("first", "last"):
+        run, ref = runs[f"il_{poisoned}"], runs[f"ds_{poisoned}"]
+        assert run["skipped"] == 1 and ref["skipped"] == 1
+        # the poisoned step (index 3) changed nothing, on either half
+        for name in run["params"][3]:
+            assert (run["params"][3][name] == run["params"][2][name]).all(), name
+        assert run["plan"]["step"] == [STEPS - 1]  # step counter not advanced by the skipped step
+        assert run["plan"]["cpu_numel"] > 0 and run["plan"]["gpu_numel"] > 0
+        assert run["loss_scale"] == ref["loss_scale"]
+        import numpy as np
+
+        for mine, theirs in zip(run["masters"], ref["masters"]):
+            assert np.linalg.norm(mine - theirs) <= TOL * np.linalg.norm(theirs)
+        assert H.max_rel_diff(run["params"][-1], ref["params"][-1]) <= 1e-3  # fp16 weights: same rounding
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _checkpoint_scenarios(rank, world, ckpt_dir):
+    out = {}
+    data = H.batches(STEPS)
+    out["straight"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": 0.5}), STEPS, data=data)
+    out["ds"] = H.train_engine(H.ds_config(offload=False), STEPS, data=data)
+
+    def save(tag, engine, result):
+        if tag == "end":
+            engine.save_checkpoint(ckpt_dir, tag="half")
+
+    H.train_engine(H.ds_config(interleaf={"gpu_fraction": 0.5}), STEPS // 2, data=data[:STEPS // 2],
+                   engine_hook=save)
+    for name, cfg in (
+        ("resumed_gpu", H.ds_config(interleaf={"gpu_fraction": 1.0})),
+        ("resumed_cpu", H.ds_config(interleaf={"gpu_fraction": 0.0})),
+        ("resumed_plain_deepspeed", H.ds_config()),  # DeepSpeed's own ZeRO-Offload reads our checkpoint
+    ):
+        def load(tag, engine, result):
+            if tag == "init":
+                engine.load_checkpoint(ckpt_dir, tag="half")
+
+        out[name] = H.train_engine(cfg, STEPS - STEPS // 2, data=data[STEPS // 2:], engine_hook=load)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_roundtrip_with_changed_split(tmp_path):
+    runs = H.run_ranks(_checkpoint_scenarios, 1, tmp_path, str(tmp_path / "ckpt"))[0]
+    assert H.max_rel_diff(runs["straight"]["params"][-1], runs["ds"]["params"][-1]) <= TOL
+    for name in ("resumed_gpu", "resumed_cpu", "resumed_plain_deepspeed"):
+        for k in range(STEPS - STEPS // 2):
+            got = runs[name]["params"][k]
+            assert H.max_rel_diff(got, runs["straight"]["params"][STEPS // 2 + k]) <= TOL, (name, k)
+
+
+# ---------------------------------------------------------------------------------------------- bad configs
+def test_bad_config_errors_torch_free():
+    from ds_plugins.offload.settings import offload_config_from_ds_config as check
+
+    zero = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    assert check({"zero_optimization": zero}) is None
+    assert check({"zero_optimization": zero, "interleaf": {"offload": {}}}).gpu_fraction == "auto"
+    with pytest.raises(ValueError, match="unknown offload mode"):
+        check({"zero_optimization": zero, "interleaf": {"offload": {"mode": "gpu"}}})
+    with pytest.raises(ValueError, match=r"gpu_fraction must be in \[0, 1\]"):
+        check({"zero_optimization": zero, "interleaf": {"offload": {"gpu_fraction": 1.5}}})
+    with pytest.raises(ValueError, match="needs ZeRO stage 1 or 2"):
+        check({"interleaf": {"offload": {"gpu_fraction": 0.5}}})
+    with pytest.raises(ValueError, match="needs ZeRO stage 1 or 2"):
+        check({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+               "interleaf": {"offload": {}}})
+    with pytest.raises(ValueError, match='offload_optimizer.device": "cpu"'):
+        check({"zero_optimization": {"stage": 2}, "interleaf": {"offload": {}}})
+    with pytest.raises(ValueError, match='offload_optimizer.device": "cpu"'):
+        check({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}},
+               "interleaf": {"offload": {}}})
+    with pytest.raises(ValueError, match="unknown key"):
+        check({"zero_optimization": zero, "interleaf": {"offload": {"fraction": 0.5}}})
+
+
+def _bad_config_scenarios(rank, world):
+    import deepspeed
+
+    errors = {}
+    for name, cfg, opt in (
+        ("no_zero", {**H.ds_config(offload=False, stage=0), "interleaf": {"offload": {}}}, None),
+        ("no_offload", H.ds_config(offload=False, interleaf={}), None),
+        ("bad_fraction", H.ds_config(interleaf={"gpu_fraction": -0.1}), None),
+        ("sgd", H.ds_config(interleaf={}), "sgd"),
+    ):
+        model = H.make_model()
+        optimizer = (torch.optim.SGD(model.parameters(), lr=0.1) if opt == "sgd"
+                     else H.make_optimizer(model.parameters()))
+        try:
+            deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer, config=cfg)
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    # without the block: DeepSpeed's own class, untouched
+    model = H.make_model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      optimizer=H.make_optimizer(model.parameters()), config=H.ds_config())
+    errors["plain_class"] = type(engine.optimizer).__module__ + "." + type(engine.optimizer).__name__
+    return errors
+
+
+@pytest.mark.timeout(300)
+def test_bad_config_errors_through_deepspeed(tmp_path):
+    errors = H.run_ranks(_bad_config_scenarios, 1, tmp_path)[0]
+    assert "needs ZeRO stage 1 or 2" in errors["no_zero"]
+    assert 'offload_optimizer.device": "cpu"' in errors["no_offload"]
+    assert "gpu_fraction must be in [0, 1]" in errors["bad_fraction"]
+    assert "Adam/AdamW only" in errors["sgd"]
+    assert errors["plain_class"] == "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+
+
+# ---------------------------------------------------------------------------------------------- 2 ranks
+def _dp2_scenarios(rank, world):
+    return {
+        "ds": H.train_engine(H.ds_config(offload=False, world=world, clip=0.05), STEPS, rank=rank, world=world),
+        "il": H.train_engine(H.ds_config(world=world, clip=0.05, interleaf={"gpu_fraction": 0.5}), STEPS,
+                             rank=rank, world=world, engine_hook=_record_plan),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_zero2_two_ranks(tmp_path):
+    runs = H.run_ranks(_dp2_scenarios, 2, tmp_path)
+    for rank_runs in runs:
+        assert rank_runs["il"]["plan"]["hooks"] == 0  # dp > 1: the step all-gathers after the host half
+        for step in range(STEPS):
+            assert H.max_rel_diff(rank_runs["il"]["params"][step], rank_runs["ds"]["params"][step]) <= TOL, step
+    assert H.max_rel_diff(runs[0]["il"]["params"][-1], runs[1]["il"]["params"][-1]) == 0.0
+
+
+def _pipeline_scenarios(rank, world):
+    import deepspeed
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    torch.manual_seed(0)
+    reference = H.make_model()
+    layers = list(reference)
+
+    def build():
+        specs = [LayerSpec(type(layer), *_ctor_args(layer)) for layer in layers]
+        module = PipelineModule(layers=specs, num_stages=world, loss_fn=H.loss_fn, partition_method="uniform")
+        with torch.no_grad():  # same weights as the reference model, whatever the stage owns
+            mine = dict(module.named_parameters())
+            for name, p in reference.named_parameters():
+                index, rest = name.split(".", 1)
+                key = f"{int(index)}.{rest}"
+                if key in mine:
+                    mine[key].copy_(p)
+        return module
+
+    def run(cfg):
+        module = build()
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                          optimizer=H.make_optimizer(module.parameters()), config=cfg)
+        data = H.batches(2 * STEPS)
+        params = []
+        for step in range(STEPS):
+            pair = iter([data[2 * step], data[2 * step + 1]])
+            engine.train_batch(pair)
+            if hasattr(engine.optimizer, "wait_for_updates"):
+                engine.optimizer.wait_for_updates()
+            params.append(H.snapshot(engine.module))
+        return {"params": params, "optimizer": type(engine.optimizer).__name__,
+                "hooks": len(getattr(engine.optimizer, "_hook_handles", []))}
+
+    pipe = dict(gradient_accumulation_steps=2, train_batch_size=2 * H.BATCH, pipeline={"activation_checkpoint_interval": 0})
+    return {
+        "ds": run(H.ds_config(stage=1, offload=False, **pipe)),
+        "il": run(H.ds_config(stage=1, interleaf={"gpu_fraction": 0.5}, **pipe)),
+    }
+
+
+def _ctor_args(layer: torch.nn.Module) -> tuple:
+    if isinstance(layer, torch.nn.Linear):
+        return (layer.in_features, layer.out_features, layer.bias is not None)
+    if isinstance(layer, torch.nn.LayerNorm):
+        return (layer.normalized_shape,)
+    return ()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pipeline_engine_zero1(tmp_path):
+    runs = H.run_ranks(_pipeline_scenarios, 2, tmp_path)
+    for rank_runs in runs:
+        assert rank_runs["il"]["optimizer"] == "InterleafZeroOptimizer"
+        assert rank_runs["il"]["hooks"] > 0
+        for step in range(STEPS):
+            assert H.max_rel_diff(rank_runs["il"]["params"][step], rank_runs["ds"]["params"][step]) <= TOL, step
