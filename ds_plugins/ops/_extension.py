@@ -85,7 +85,7 @@ def _load_locked(kind: str) -> bool:
         if kind == "cuda" and (torch.version.cuda is None or not torch.cuda.is_available()):
             raise RuntimeError("torch has no usable CUDA")
         if not _load_prebuilt(module):
-            _load_jit(f"interleaf{module}", sources, cuda=kind == "cuda")
+            _load_jit(f"interleaf_{kind}_ops", sources, cuda=kind == "cuda")
         _register_fake_once()
         _loaded[kind] = True
     except Exception as error:  # noqa: BLE001 - any build/load failure means: use the torch twin

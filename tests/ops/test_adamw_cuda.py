@@ -1,0 +1,98 @@
+"""ds_plugins.ops.adamw_step_ on CUDA (device machine only): bit-equal to the CPU kernel, close to torch's fused
+AdamW, exact low-precision copy, multi-launch tables, argument checks, opcheck."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ds_plugins.ops as ops
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
+
+LR, BETA1, BETA2, EPS, WD = 1e-2, 0.9, 0.999, 1e-8, 0.05
+
+
+@pytest.fixture(autouse=True)
+def _native(monkeypatch):
+    monkeypatch.setenv("INTERLEAF_OPS", "native")
+    monkeypatch.delenv("INTERLEAF_CPU_ISA", raising=False)
+
+
+def _inputs(sizes, grad_dtypes, lowp_dtypes, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [[torch.randn(n, generator=gen).to(d) for n, d in zip(sizes, grad_dtypes)] for _ in range(3)]
+    exp_avgs = [torch.zeros(n) for n in sizes]
+    exp_avg_sqs = [torch.zeros(n) for n in sizes]
+    lowp = [torch.empty(n, dtype=d) for n, d in zip(sizes, lowp_dtypes)]
+    move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+    return move(params), [move(g) for g in grads], move(exp_avgs), move(exp_avg_sqs), move(lowp)
+
+
+def test_backend_is_native():
+    assert ops.backend("cuda") == "cuda"
+
+
+# 36 tensors per launch, 320 blocks of 64K elements: 40 tensors overflow the tensor table, the 22M tensor
+# overflows the block table mid-tensor.
+SIZES = [1, 7, 1025, 65_536, 65_537, 1_000_003] * 6 + [3, 5, 22_000_001, 9]
+
+
+@pytest.mark.parametrize("adamw_mode", [True, False])
+def test_cuda_equals_cpu_kernel_bitwise(adamw_mode):
+    grad_dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(SIZES))]
+    lowp_dtypes = [(torch.bfloat16, torch.float16)[i % 2] for i in range(len(SIZES))]
+    cpu = _inputs(SIZES, grad_dtypes, lowp_dtypes, seed=1, device="cpu")
+    gpu = _inputs(SIZES, grad_dtypes, lowp_dtypes, seed=1, device="cuda")
+    for (params, grads, exp_avgs, exp_avg_sqs, lowp) in (cpu, gpu):
+        for step in (1, 2, 3):
+            ops.adamw_step_(params, grads[step - 1], exp_avgs, exp_avg_sqs, lr=LR, beta1=BETA1, beta2=BETA2,
+                            eps=EPS, weight_decay=WD, step=step, adamw_mode=adamw_mode, lowp_out=lowp)
+    torch.cuda.synchronize()
+    for name, i in (("params", 0), ("exp_avgs", 2), ("exp_avg_sqs", 3), ("lowp", 4)):
+        for k, (want, got) in enumerate(zip(cpu[i], gpu[i])):
+            assert torch.equal(want, got.cpu()), f"{name}[{k}] (numel {want.numel()}) differs between CPU and CUDA"
+    for p, low in zip(gpu[0], gpu[4]):
+        assert torch.equal(low, p.to(low.dtype))
+
+
+def test_close_to_torch_fused_adamw():
+    n = 4_000_037
+    gen = torch.Generator().manual_seed(2)
+    p0 = torch.randn(n, generator=gen).cuda()
+    ref = p0.clone().requires_grad_(True)
+    ref_opt = torch.optim.AdamW([ref], lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=WD, fused=True)
+    param, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    lowp = torch.empty_like(p0, dtype=torch.bfloat16)
+    for step in range(1, 6):
+        grad = torch.randn(n, generator=gen).cuda()
+        ref.grad = grad.clone()
+        ref_opt.step()
+        ops.adamw_step_([param], [grad], [m], [v], lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WD,
+                        step=step, lowp_out=[lowp])
+    state = ref_opt.state[ref]
+    torch.testing.assert_close(param, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m, state["exp_avg"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert torch.equal(lowp, param.to(torch.bfloat16))
+
+
+def test_cuda_rejects_noncontiguous_and_cpu_lowp():
+    p = torch.randn(128, device="cuda")
+    args = dict(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.adamw_step_([p[::2]], [torch.randn(64, device="cuda")], [torch.zeros(64, device="cuda")],
+                        [torch.zeros(64, device="cuda")], **args)
+    with pytest.raises(ValueError, match="device"):
+        ops.adamw_step_([p], [torch.randn(128, device="cuda")], [torch.zeros_like(p)], [torch.zeros_like(p)],
+                        lowp_out=[torch.empty(128, dtype=torch.bfloat16).pin_memory()], **args)
+
+
+def test_opcheck_cuda():
+    sizes = [1, 1025, 70_001]
+    params, grads, exp_avgs, exp_avg_sqs, lowp = _inputs(
+        sizes, [torch.float32, torch.bfloat16, torch.float16], [torch.bfloat16] * 3, seed=4, device="cuda")
+    kwargs = dict(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WD, step=1, adamw_mode=True,
+                  bias_correction=True)
+    torch.library.opcheck(torch.ops.interleaf.adamw_step_.default,
+                          (params, grads[0], exp_avgs, exp_avg_sqs, lowp), kwargs)
