@@ -99,6 +99,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 "interleaf offload supports dense models with fp32 master weights and no torch autocast scaler; "
                 'remove the "interleaf.offload" block for this model'
             )
+        self._device_overflow: torch.Tensor | None = None
         self._executor: HybridAdamExecutor | None = None
         self._param_subgroup: dict[int, int] = {}
         self._module: torch.nn.Module | None = None
@@ -161,7 +162,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             self._ensure_state(i)
         self._executor = HybridAdamExecutor(
             subgroups, self._flat_buffers(), device=torch.device(get_accelerator().current_device_name()),
-            pin_memory=self.cpu_offload_pin_memory,
+            pin_memory=self.cpu_offload_pin_memory, host_threads=max(1, torch.get_num_threads() - 1),
         )
         if self._module is not None and self._dp_world_size() == 1:
             self._install_forward_waits()
@@ -321,6 +322,46 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                                  source.to(torch.float32, copy=True))
         self.clear_grad_attribute(param)
 
+    # ------------------------------------------------------------------ overflow flag and norm without per-tensor syncs
+    def update_offload_overflow_tracker(self, grad):
+        """DeepSpeed tests every gradient with a host sync; keep the flag on the device until the step."""
+        if grad is None:
+            return
+        flag = self._has_inf_or_nan(grad.data)
+        self._device_overflow = flag if self._device_overflow is None else self._device_overflow.logical_or(flag)
+
+    def has_overflow(self, partition_gradients=True):
+        if self._device_overflow is not None:
+            if bool(self._device_overflow):
+                self.local_overflow = True
+            self._device_overflow = None
+        return super().has_overflow(partition_gradients)
+
+    def complete_grad_norm_calculation_for_cpu_offload(self, params):
+        """DeepSpeed's global norm over this rank's gradients, with one host sync instead of one per tensor."""
+        from deepspeed.runtime.constants import PIPE_REPLICATED
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+
+        norms = []
+        for p in params:
+            if hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated:
+                continue
+            if is_model_parallel_parameter(p) or self.model_parallel_rank == 0:
+                param_id = self.get_param_id(p)
+                if param_id in self.norm_for_param_grads:
+                    norms.append(self.norm_for_param_grads[param_id])
+                elif not self.ignore_unused_parameters:
+                    raise RuntimeError("a trainable parameter got no gradient; set "
+                                       "zero_optimization.ignore_unused_parameters or use every parameter")
+        total_norm = float(torch.stack(norms).double().pow(2).sum().item()) if norms else 0.0
+        total_dev_norm = get_accelerator().FloatTensor([total_norm])
+        dist.all_reduce(total_dev_norm, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+        self._model_parallel_all_reduce(tensor=total_dev_norm, op=dist.ReduceOp.SUM)
+        total_norm = total_dev_norm[0].item() ** 0.5
+        if total_norm in (float("inf"), -float("inf")) or total_norm != total_norm:
+            total_norm = -1.0
+        return torch.tensor(total_norm, device=self.device, dtype=torch.float)
+
     # ------------------------------------------------------------------ the step
     def _inverse_grad_scale(self, scaled_norm, loss_scale: float) -> float:
         """1 / (loss scale x clip coefficient), computed as DeepSpeed's unscale_and_clip_grads does."""
@@ -352,6 +393,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         self.overflow = False
         if self.check_grad_overflow:
             self.check_overflow(partition_gradients=self.partition_gradients)
+        self._device_overflow = None
         scaled_norm = None
         if self.compute_grad_norm and not self.overflow:
             scaled_norm = self.scaled_global_norm()
