@@ -63,6 +63,8 @@ class Scenario:
             "zero_optimization": {"stage": self.zero_stage},
             "pipeline": {"activation_checkpoint_interval": self.checkpoint_interval, "use_reentrant": True},
         }
+        if self.zero_stage:
+            cfg["zero_allow_untested_optimizer"] = True
         if self.bf16:
             cfg["bf16"] = {"enabled": True}
         if self.schedule is not None:

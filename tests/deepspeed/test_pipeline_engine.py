@@ -86,8 +86,9 @@ def _ok(results, name):
 def _assert_matches_reference(r, sc, *, steps=(0, 2)):
     ref = reference_run(sc)
     for s in steps:
-        d, where = max_abs_diff(r["grads"][s], ref["grads"][s])
-        assert d <= TOL, f"{sc.name}: gradient after step {s + 1} differs by {d} at {where}"
+        if sc.zero_stage == 0:  # ZeRO-1 keeps reduced gradients in flat partitions, not in param.grad
+            d, where = max_abs_diff(r["grads"][s], ref["grads"][s])
+            assert d <= TOL, f"{sc.name}: gradient after step {s + 1} differs by {d} at {where}"
         d, where = max_abs_diff(r["params"][s], ref["params"][s])
         assert d <= TOL, f"{sc.name}: parameter after step {s + 1} differs by {d} at {where}"
     assert r["losses"] == pytest.approx(reference_losses(sc), abs=1e-5)
@@ -216,4 +217,9 @@ def test_bad_config_raises_value_error_on_every_rank(two_rank, name):
 @pytest.mark.parametrize("name", [s.name for s in FOUR_RANK])
 def test_four_ranks(four_rank, name):
     sc = _by_name(name, FOUR_RANK)
-    _assert_matches_reference(_ok(four_rank, name), sc)
+    r = _ok(four_rank, name)
+    _assert_matches_reference(r, sc)
+    if sc.clip > 0:
+        ref = reference_run(sc)
+        assert r["grad_norms"] == pytest.approx(ref["norms"], rel=1e-5)
+        assert min(ref["norms"]) > sc.clip
