@@ -1,6 +1,7 @@
 """Per-rank bodies of the multi-process runtime tests (spawned by runtime_harness.run_ranks)."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -27,6 +28,12 @@ from runtime_harness import (
 )
 
 STEPS = 2  # two steps: the first exchanges shapes, the second posts receives early from cached shapes
+_REFERENCES: dict[tuple, Any] = {}  # the single-process reference depends only on model, layers and data
+
+
+@functools.lru_cache(maxsize=None)
+def _schedule(name: str, pp: int, microbatches: int):
+    return build_schedule(name, pp=pp, microbatches=microbatches)
 
 
 def _check_schedule(
@@ -43,7 +50,7 @@ def _check_schedule(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Run schedule ``name`` for STEPS steps on this rank and compare against the single-process reference."""
-    schedule = build_schedule(name, pp=pp, microbatches=microbatches)
+    schedule = _schedule(name, pp, microbatches)
     shape = schedule.shape
     num_layers = 2 * shape.num_stages
     make_layers = mlp_layers if model == "mlp" else tuple_layers
@@ -62,8 +69,11 @@ def _check_schedule(
         results.append(
             executor.run(inputs if holds_first else None, targets if holds_last else None, loss_scale=loss_scale)
         )
-    reference_layers = [layer.to(device) for layer in make_layers(num_layers)]
-    ref_grads, ref_losses = reference_grads(reference_layers, inputs, targets, loss_scale=loss_scale, steps=STEPS)
+    ref_key = (model, num_layers, microbatches, data_seed, device)
+    if ref_key not in _REFERENCES:
+        reference_layers = [layer.to(device) for layer in make_layers(num_layers)]
+        _REFERENCES[ref_key] = reference_grads(reference_layers, inputs, targets, loss_scale=loss_scale, steps=STEPS)
+    ref_grads, ref_losses = _REFERENCES[ref_key]
     bounds = partition_layers(num_layers, shape.num_stages)
     layer_ids = [i for s in stage_modules for i in bounds[s]]
     grad_diff, compared = max_grad_diff(layers, ref_grads, layer_ids)
@@ -116,7 +126,7 @@ def all_schedules(
     # measured timings of a split schedule -> a cost model -> the auto scheduler
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, out[("tagged", "zb-h1")]["mean_seconds"])
-    schedule = build_schedule("zb-h1", pp=world, microbatches=microbatches)
+    schedule = _schedule("zb-h1", world, microbatches)
     costs = measured_costs(gathered, schedule.shape)
     auto = build_schedule("auto", pp=world, microbatches=microbatches, vp=1, costs=costs)
     out[("measured", "auto")] = {"stages": costs.num_stages, "auto_ranks": len(auto.actions),
@@ -145,7 +155,7 @@ def data_parallel_pipelines(rank: int, world: int, microbatches: int) -> dict:
 
 def dead_peer(rank: int, world: int, mode: str, timeout_s: float) -> dict:
     """Rank 1 dies ("exit") or stays silent ("silent"); rank 0 must raise within its timeout."""
-    schedule = build_schedule("1f1b", pp=2, microbatches=2)
+    schedule = _schedule("1f1b", 2, 2)
     layers = mlp_layers(4)
     stage_modules = build_stage_modules(layers, schedule.shape, rank)
     p2p = P2PCommunicator.for_shape(schedule.shape, [0, 1], timeout_s=timeout_s)
