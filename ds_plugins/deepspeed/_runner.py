@@ -55,6 +55,8 @@ class IterationStats:
     tokens_per_s: float
     schedule: str
     grad_norm: float | None
+    busy_max_s: float
+    """Largest per-rank compute time (F/I/W/B) of the executor's step: the bubble-free step time."""
 
 
 class ScheduleRunner:
@@ -80,6 +82,7 @@ class ScheduleRunner:
         self.pipe_group = grid.get_pipe_parallel_group()
         self.max_grad_norm = 0.0
         self.history: list[IterationStats] = []
+        self.last_result: StepResult | None = None
         self.before_step: Any = None
         """Optional ``callable(runner)`` run after gradient reduction and clipping, right before the optimizer step
         (tests read the final gradients here)."""
@@ -224,12 +227,15 @@ class ScheduleRunner:
 
     def _record(self, result: StepResult, wall: float, tokens: int, grad_norm: Any) -> None:
         eng = self.engine
-        stats = torch.tensor([result.bubble_fraction, result.bubble_fraction, result.wall_s], dtype=torch.float64)
+        self.last_result = result
+        stats = torch.tensor([result.bubble_fraction, result.busy_s, result.wall_s], dtype=torch.float64)
         stats = stats.to(self.device)
         gathered = [torch.zeros_like(stats) for _ in range(self.shape.pp)]
-        dist.all_gather(gathered, stats, group=self.pipe_group)
-        bubbles = [float(g[0]) for g in gathered]
-        pipeline_s = max(float(g[2]) for g in gathered)
+        torch.distributed.all_gather(gathered, stats, group=self.pipe_group)
+        rows = torch.stack(gathered).cpu().tolist()
+        bubbles = [row[0] for row in rows]
+        pipeline_s = max(row[2] for row in rows)
+        busy_max = max(row[1] for row in rows)
         norm = None
         if grad_norm is not None:
             norm = float(grad_norm)
@@ -244,6 +250,7 @@ class ScheduleRunner:
             tokens_per_s=tokens / wall if wall > 0 else 0.0,
             schedule=self.executor.schedule.name,
             grad_norm=norm,
+            busy_max_s=busy_max,
         )
         self.history.append(it)
         if eng.global_rank == 0:
@@ -305,12 +312,13 @@ class ScheduleRunner:
         self._auto_pending = False
         shape = self.shape
         gathered: list[Any] = [None] * shape.pp
-        dist.all_gather_object(gathered, (self._auto_samples[1:] or self._auto_samples, self._auto_memory),
-                               group=self.pipe_group)
+        torch.distributed.all_gather_object(
+            gathered, (self._auto_samples[1:] or self._auto_samples, self._auto_memory), group=self.pipe_group
+        )
         schedule_box: list[Any] = [None]
         if self.rank == 0:
             schedule_box[0] = self._plan_auto(gathered)
-        dist.broadcast_object_list(schedule_box, src=self.grid.stage_to_global(0), group=self.pipe_group)
+        torch.distributed.broadcast_object_list(schedule_box, src=self.grid.stage_to_global(0), group=self.pipe_group)
         outcome = schedule_box[0]
         if isinstance(outcome, str):
             raise ValueError(outcome)
@@ -347,6 +355,13 @@ class ScheduleRunner:
             )
             return None
         return schedule
+
+    def measured_cost_model(self) -> Any:
+        """Cost model from the last step's measured F/I/W/B times of every pipeline rank (collective over the
+        pipeline group), e.g. to simulate and draw the schedule as it ran."""
+        gathered: list[Any] = [None] * self.shape.pp
+        torch.distributed.all_gather_object(gathered, self.last_result.mean_seconds(), group=self.pipe_group)
+        return measured_costs(gathered, self.shape)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_executor(self, microbatches: int) -> PipelineExecutor:
