@@ -174,3 +174,17 @@ def test_backward_context_wraps_every_backward_action():
                           loss_fn=mse, device="cpu", backward_context=flag)
     ex.run(*mlp_batches(3))
     assert len(entered) == 3 * 2 + 1  # I and W of each micro-batch, plus the final drain
+
+
+def test_log_every_logs_bubble_and_tokens_per_second(caplog):
+    import logging
+
+    schedule = build_schedule("1f1b", pp=1, microbatches=2)
+    ex = PipelineExecutor(schedule, 0, build_stage_modules(mlp_layers(2), schedule.shape, 0), p2p=None,
+                          loss_fn=mse, device="cpu", log_every=2)
+    with caplog.at_level(logging.INFO, logger="ds_plugins.runtime.executor"):
+        ex.run(*mlp_batches(2), tokens=6)
+        assert not caplog.records  # every 2nd step only
+        ex.run(*mlp_batches(2), tokens=6)
+    (record,) = caplog.records
+    assert "bubble" in record.getMessage() and "tokens/s" in record.getMessage()
