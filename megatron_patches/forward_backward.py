@@ -148,10 +148,22 @@ def _pg_collection_for(placement: str, pg_collection):
         )
     if placement == "v":
         # Both ends of the model (embedding and LM head) live on pipeline rank 0: no cross-rank embedding sync.
+        # finalize_model_grads falls back to parallel_state's group when embd is None, so give it a group of one.
         pg_collection = copy.copy(pg_collection)
-        pg_collection.embd = None
-        pg_collection.pos_embd = None
+        pg_collection.embd = _own_rank_group()
+        pg_collection.pos_embd = pg_collection.embd
     return pg_collection
+
+
+_OWN_RANK_GROUP = None
+
+
+def _own_rank_group():
+    """A process group holding only this rank (created once, by this rank alone)."""
+    global _OWN_RANK_GROUP
+    if _OWN_RANK_GROUP is None:
+        _OWN_RANK_GROUP = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    return _OWN_RANK_GROUP
 
 
 def _per_chunk(funcs, n: int) -> List[Optional[Callable]]:

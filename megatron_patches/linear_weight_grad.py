@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["install", "uninstall", "is_installed"]
 
 _original_backward = None
+deferred_count = 0
+"""How many weight-gradient GEMMs were queued since import (tests check that deferral really happens)."""
 _collecting: Optional[Callable[[], Optional[Callable[[Callable[[], None]], None]]]] = None
 
 
@@ -95,6 +97,8 @@ def _backward(ctx, grad_output):
         handle = layers.dist_reduce_scatter_func(sub_grad_input, grad_input, group=tp_group, async_op=True)
         grad_input = sub_grad_input
 
+    global deferred_count
+    deferred_count += 1
     ddp_managed = hasattr(weight, "grad_added_to_main_grad")
     to_main_grad = (ctx.gradient_accumulation_fusion and main_grad is not None) or ddp_managed
     put(_weight_grad_closure(ctx, input, weight, grad_output, to_main_grad))
@@ -116,7 +120,9 @@ def _backward(ctx, grad_output):
 def _weight_grad_closure(ctx, input, weight, grad_output, to_main_grad: bool) -> Callable[[], None]:
     sequence_parallel = ctx.sequence_parallel
     tp_group = ctx.tp_group
+    input, grad_output = input.detach(), grad_output.detach()
 
+    @torch.no_grad()
     def weight_grad() -> None:
         from megatron.core.tensor_parallel import layers
         from megatron.core.utils import prepare_input_tensors_for_wgrad_compute

@@ -107,13 +107,14 @@ def _megatron_own(pp_size=None, vp_size=None):
 
 
 # --------------------------------------------------------------------------------------------- toy model
-def _toy_config(pp, vp, h):
+def _toy_config(pp, vp, h, tp=1, sp=False):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
-        num_layers=pp * (vp or 1), hidden_size=h, num_attention_heads=1, pipeline_dtype=torch.float32,
+        num_layers=pp * (vp or 1), hidden_size=h, num_attention_heads=tp, pipeline_dtype=torch.float32,
         use_cpu_initialization=True, batch_p2p_comm=False, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp, deallocate_pipeline_outputs=True,
+        tensor_model_parallel_size=tp, sequence_parallel=sp,
     )
 
 
@@ -123,7 +124,7 @@ def _toy_stage_class():
     from megatron.core.transformer.module import MegatronModule
 
     class ToyStage(MegatronModule):
-        """Residual MLP block of megatron's parallel linears + LayerNorm; stage 0 reads x, last stage is the head."""
+        """Residual MLP block of megatron's parallel linears + LayerNorm; stage 0 reads x."""
 
         def __init__(self, config, *, first, last, vp_stage=None):
             super().__init__(config)
@@ -162,19 +163,29 @@ def _toy_forward_step(data_iterator, model):
     return out, loss_func
 
 
-def _toy_data(m, s, b, h):
+def _toy_data(m, s, b, h, shard=None):
+    """Micro-batches (x, y) of shape [s, b, h]; ``shard=(i, n)`` keeps sequence shard i of n (sequence parallel)."""
     g = torch.Generator().manual_seed(1234)
-    return [(torch.randn(s, b, h, generator=g), torch.randn(s, b, h, generator=g)) for _ in range(m)]
+    data = [(torch.randn(s, b, h, generator=g), torch.randn(s, b, h, generator=g)) for _ in range(m)]
+    if shard is not None:
+        i, n = shard
+        data = [(x.chunk(n)[i].contiguous(), y.chunk(n)[i].contiguous()) for x, y in data]
+    return data
 
 
-def _toy_reference(pp, vp, m, s, b, h):
-    """Single-process reference: all stages in one process, plain autograd, loss averaged over micro-batches."""
+TOY_SHAPE = (4, 2, 8)  # s, b, h
+
+
+def toy_reference(pp, vp, m):
+    """Single-process reference of the toy pipeline: all stages in one process, plain autograd, loss averaged
+    over micro-batches. Needs an initialised megatron parallel state with tp=1."""
+    s, b, h = TOY_SHAPE
     ToyStage = _toy_stage_class()
     n = pp * vp
     cfg = _toy_config(1, None, h)
     stages = [ToyStage(cfg, first=k == 0, last=k == n - 1) for k in range(n)]
     for k, st in enumerate(stages):
-        deterministic_init(st.named_parameters(), lambda name, k=k: f"stage{k}.{name}")
+        deterministic_init(st.named_parameters(), lambda name, k=k: f"stage{k}.{name}.tp0")
     losses = []
     for x, y in _toy_data(m, s, b, h):
         act = x
@@ -184,51 +195,58 @@ def _toy_reference(pp, vp, m, s, b, h):
         loss = ((act - y) ** 2).mean()
         (loss / m).backward()
         losses.append(loss.detach())
-    grads = {k: {n_: p.grad.clone() for n_, p in st.named_parameters()} for k, st in enumerate(stages)}
+    grads = {f"stage{k}.{n_}.tp0": p.grad.clone() for k, st in enumerate(stages) for n_, p in st.named_parameters()}
     return grads, losses
 
 
-def toy_worker(rank, world, pp, cases, m):
-    """For each (placement, vp, schedules): megatron's own schedule (loop placement) and each interleaf
-    schedule on the same weights; returns grads per stage and logged losses, plus the single-process reference."""
+def toy_worker(rank, world, tp, pp, cases, m, sp=False):
+    """For each (placement, vp, schedules) case: run each schedule ("megatron" = megatron's own schedule for the
+    chunk layout) on the same weights. Returns ``{"runs": {(placement, vp, name): ({stage.param.tp: grad},
+    [logged losses], deferred W count)}, "reference": {vp: single-process (grads, losses)}}`` (reference only
+    for tp == 1)."""
     import megatron_patches
     from megatron.core import parallel_state as ps
+    from megatron_patches import linear_weight_grad
     from megatron_patches.placement import build_model_chunks
 
-    s, b, h = 3, 2, 8
+    s, b, h = TOY_SHAPE
     ToyStage = _toy_stage_class()
     out = {"runs": {}, "reference": {}}
     for placement, vp, schedules in cases:
-        init_parallel(1, pp, vp if vp > 1 else None)
-        cfg = _toy_config(pp, vp if vp > 1 else None, h)
+        init_parallel(tp, pp, vp if vp > 1 else None)
+        pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+        cfg = _toy_config(pp, vp if vp > 1 else None, h, tp=tp, sp=sp)
         n = pp * vp
         if placement == "v":
             def provider(pre_process, post_process, vp_stage):
                 return ToyStage(cfg, first=pre_process, last=post_process, vp_stage=vp_stage)
 
             chunks = build_model_chunks(provider)
-            stages = [rank, 2 * pp - 1 - rank]
+            stages = [pp_rank, 2 * pp - 1 - pp_rank]
         else:
-            stages = [c * pp + rank for c in range(vp)]
+            stages = [c * pp + pp_rank for c in range(vp)]
             chunks = [ToyStage(cfg, first=k == 0, last=k == n - 1, vp_stage=c if vp > 1 else None)
                       for c, k in enumerate(stages)]
         for k, chunk in zip(stages, chunks):
-            deterministic_init(chunk.named_parameters(), lambda name, k=k: f"stage{k}.{name}")
+            deterministic_init(chunk.named_parameters(), lambda name, k=k: f"stage{k}.{name}.tp{tp_rank}")
 
         def run(func):
             for chunk in chunks:
                 chunk.zero_grad(set_to_none=True)
-            data = _toy_data(m, s, b, h)
+            data = _toy_data(m, s, b, h, shard=(tp_rank, tp) if sp else None)
             iters = [iter(data) for _ in chunks]
+            before = linear_weight_grad.deferred_count
             store = func(forward_step_func=_toy_forward_step, data_iterator=iters if vp > 1 else iters[0],
                          model=chunks if vp > 1 else chunks[0], num_microbatches=m, seq_length=s,
                          micro_batch_size=b)
-            grads = {k: {n_: p.grad.clone() for n_, p in c.named_parameters()} for k, c in zip(stages, chunks)}
-            return grads, [d["loss"] for d in store]
+            grads = {f"stage{k}.{n_}.tp{tp_rank}": p.grad.clone()
+                     for k, c in zip(stages, chunks) for n_, p in c.named_parameters()}
+            return grads, [d["loss"] for d in store], linear_weight_grad.deferred_count - before
 
-        if placement == "loop":
-            out["runs"][(placement, vp, "megatron")] = run(_megatron_own())
         for name in schedules:
+            if name == "megatron":
+                out["runs"][(placement, vp, name)] = run(_megatron_own())
+                continue
             megatron_patches.apply(name)
             try:
                 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -236,6 +254,163 @@ def toy_worker(rank, world, pp, cases, m):
                 out["runs"][(placement, vp, name)] = run(get_forward_backward_func())
             finally:
                 megatron_patches.remove()
-        out["reference"][vp] = _toy_reference(pp, vp, m, s, b, h)
+        if tp == 1 and vp not in out["reference"]:
+            out["reference"][vp] = toy_reference(pp, vp, m)
+        ps.destroy_model_parallel()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- GPTModel
+GPT_VOCAB = 64
+
+
+def gpt_config(*, tp, pp, vp, layers, hidden=16, heads=4, sp=False, dtype=torch.float32):
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads, use_cpu_initialization=True,
+        pipeline_dtype=dtype, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
+        batch_p2p_comm=False, tensor_model_parallel_size=tp, sequence_parallel=sp,
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
+    )
+
+
+def gpt_provider(config, seq_length):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    def model_provider(pre_process=True, post_process=True, vp_stage=None):
+        return GPTModel(
+            config=config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=GPT_VOCAB,
+            max_sequence_length=seq_length, pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=True, vp_stage=vp_stage,
+        )
+
+    return model_provider
+
+
+def canonical_names(gpt_model):
+    """``{param: model-global name}``: decoder layers by their global layer number, the tied LM-head copy by
+    its own name (it is initialised from the embedding's key)."""
+    import re
+
+    names = {}
+    layers = getattr(gpt_model.decoder, "layers", [])
+    for name, p in gpt_model.named_parameters():
+        match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+        if match:
+            name = f"decoder.layers.{layers[int(match.group(1))].layer_number}.{match.group(2)}"
+        names[p] = name
+    return names
+
+
+def _gpt_data(m, s, b, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"tokens": torch.randint(0, GPT_VOCAB, (b, s), generator=g),
+         "labels": torch.randint(0, GPT_VOCAB, (b, s), generator=g)}
+        for _ in range(m)
+    ]
+
+
+def _gpt_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    tokens, labels = batch["tokens"], batch["labels"]
+    b, s = tokens.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+    output = model(tokens, position_ids, mask, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion=False, layers_per_chunk=1,
+               align_grad_reduce=True):
+    """megatron's GPTModel (local spec) in megatron's DDP, megatron's own schedule vs interleaf schedules.
+
+    ``cases``: list of (placement, vp, [schedules]); "megatron" in the list runs megatron's own schedule.
+    Returns ``{(placement, vp, schedule): ({global name: main_grad}, [logged losses], deferred W count)}``.
+    """
+    import megatron_patches
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron_patches import linear_weight_grad
+    from megatron_patches.placement import build_model_chunks, unwrap
+
+    if fusion:
+        fake_apex()
+    s, b = 8, 2
+    out = {}
+    for placement, vp, schedules in cases:
+        init_parallel(tp, pp, vp if vp > 1 else None)
+        dp_rank = ps.get_data_parallel_rank()
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        cfg = gpt_config(tp=tp, pp=pp, vp=vp if vp > 1 else None, layers=pp * 2 * layers_per_chunk, sp=sp)
+        provider = gpt_provider(cfg, s)
+        if placement == "v":
+            chunks = build_model_chunks(provider)
+        else:
+            chunks = []
+            for c in range(vp):
+                vps = c if vp > 1 else None
+                chunks.append(provider(
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vps),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vps), vp_stage=vps))
+        names = {}
+        for chunk in chunks:
+            names.update(canonical_names(chunk))
+
+        def init_key(name):
+            key = "embedding.word_embeddings.weight" if name == "output_layer.weight" else name
+            return f"{key}.tp{tp_rank}"
+
+        for chunk in chunks:
+            with torch.no_grad():
+                deterministic_init([(names[p], p) for p in chunk.parameters()], init_key)
+        if fusion:
+            for chunk in chunks:
+                for mod in chunk.modules():
+                    if hasattr(mod, "gradient_accumulation_fusion"):
+                        mod.gradient_accumulation_fusion = True
+        ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=overlap, use_distributed_optimizer=False,
+                                                bucket_size=4000 if overlap else None)
+        wrapped = [DistributedDataParallel(cfg, ddp_cfg, chunk) for chunk in chunks]
+        cfg.no_sync_func = [w.no_sync for w in wrapped] if vp > 1 else wrapped[0].no_sync
+        if overlap and align_grad_reduce:
+            cfg.grad_sync_func = [w.start_grad_sync for w in wrapped] if vp > 1 else wrapped[0].start_grad_sync
+        cfg.finalize_model_grads_func = finalize_model_grads
+
+        def run(func):
+            for w in wrapped:
+                w.zero_grad_buffer()
+            data = _gpt_data(m, s, b, seed=100 + dp_rank)
+            iters = [iter(data) for _ in wrapped]
+            before = linear_weight_grad.deferred_count
+            store = func(forward_step_func=_gpt_forward_step, data_iterator=iters if vp > 1 else iters[0],
+                         model=wrapped if vp > 1 else wrapped[0], num_microbatches=m, seq_length=s,
+                         micro_batch_size=b)
+            grads = {}
+            for w in wrapped:
+                for p in unwrap(w).parameters():
+                    grads[f"{names[p]}.tp{tp_rank}.dp{dp_rank}"] = p.main_grad.detach().clone()
+            return grads, [d["lm loss"] for d in store], linear_weight_grad.deferred_count - before
+
+        for name in schedules:
+            if name == "megatron":
+                out[(placement, vp, name)] = run(_megatron_own())
+                continue
+            megatron_patches.apply(name)
+            try:
+                from megatron.core.pipeline_parallel import get_forward_backward_func
+
+                out[(placement, vp, name)] = run(get_forward_backward_func())
+            finally:
+                megatron_patches.remove()
+        cfg.no_sync_func = cfg.grad_sync_func = cfg.finalize_model_grads_func = None
         ps.destroy_model_parallel()
     return out

@@ -1,0 +1,120 @@
+"""Flags, bad combinations, and apply()/remove() of the Megatron adapter (single process, no pipeline run)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+import pytest
+
+import megatron_patches
+from megatron_patches.arguments import MegatronScheduleConfig, config_from_args, extra_args_provider
+from megatron_patches.placement import v_stage_of_chunk
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    return extra_args_provider(parser).parse_args(argv)
+
+
+def test_flags_parse_into_config():
+    args = _parse(["--pipeline-schedule", "zb-v", "--pipeline-model-parallel-size", "4",
+                   "--virtual-pipeline-model-parallel-size", "2"])
+    assert config_from_args(args) == MegatronScheduleConfig(schedule="zb-v")
+    args = _parse(["--pipeline-schedule", "auto", "--pipeline-memory-limit-gib", "20",
+                   "--pipeline-model-parallel-size", "4"])
+    assert config_from_args(args) == MegatronScheduleConfig(schedule="auto", memory_limit_gib=20.0)
+    assert config_from_args(_parse([])) is None
+
+
+def test_unknown_schedule_is_rejected_by_argparse():
+    with pytest.raises(SystemExit):
+        _parse(["--pipeline-schedule", "zb-x"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pipeline-schedule", "zb-v", "--pipeline-model-parallel-size", "4"],
+         "--virtual-pipeline-model-parallel-size 2"),
+        (["--pipeline-schedule", "zb-h1", "--pipeline-model-parallel-size", "4",
+          "--virtual-pipeline-model-parallel-size", "2"], "runs one model chunk per rank"),
+        (["--pipeline-schedule", "interleaved-1f1b", "--pipeline-model-parallel-size", "4"],
+         "--virtual-pipeline-model-parallel-size >= 2"),
+        (["--pipeline-schedule", "zb-h2"], "--pipeline-model-parallel-size >= 2"),
+        (["--pipeline-schedule", "zb-v", "--pipeline-memory-limit-gib", "10", "--pipeline-model-parallel-size",
+          "4", "--virtual-pipeline-model-parallel-size", "2"], "only applies to --pipeline-schedule auto"),
+        (["--pipeline-memory-limit-gib", "10"], "needs --pipeline-schedule auto"),
+        (["--pipeline-schedule", "auto", "--pipeline-memory-limit-gib", "0", "--pipeline-model-parallel-size", "2"],
+         "must be positive"),
+    ],
+)
+def test_bad_flag_combination_gives_clear_error(argv, message):
+    with pytest.raises(ValueError, match=message.replace("-", r"\-").replace("+", r"\+")):
+        config_from_args(_parse(argv))
+
+
+def test_apply_rejects_unknown_schedule_before_touching_megatron():
+    with pytest.raises(ValueError, match="choose one of"):
+        megatron_patches.apply("gpipe")
+    assert not megatron_patches.is_applied()
+
+
+def test_v_stage_mapping():
+    pp = 4
+    stages = sorted(v_stage_of_chunk(r, pp, c) for r in range(pp) for c in (0, 1))
+    assert stages == list(range(2 * pp))
+    assert v_stage_of_chunk(0, pp, 0) == 0 and v_stage_of_chunk(0, pp, 1) == 2 * pp - 1
+
+
+def test_apply_patches_early_imported_names_and_remove_restores():
+    pytest.importorskip("megatron.core")
+    from megatron.core import pipeline_parallel
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import layers
+
+    original = schedules.get_forward_backward_func
+    original_backward = layers.LinearWithGradAccumulationAndAsyncCommunication.__dict__["backward"]
+    # A training script that imported the name before apply() (megatron.training.training does this).
+    early = types.ModuleType("early_training_script")
+    early.get_forward_backward_func = original
+    sys.modules[early.__name__] = early
+    try:
+        megatron_patches.apply("zb-h1")
+        assert megatron_patches.is_applied()
+        for holder in (schedules, pipeline_parallel, early):
+            assert holder.get_forward_backward_func is not original
+            assert holder.get_forward_backward_func.interleaf_original is original
+        assert layers.LinearWithGradAccumulationAndAsyncCommunication.__dict__["backward"] is not original_backward
+        # Without pipeline parallelism megatron's own no-pipelining function is returned.
+        assert early.get_forward_backward_func(1, None) is schedules.forward_backward_no_pipelining
+        fb = early.get_forward_backward_func(4, None)
+        assert fb.interleaf_schedule == "zb-h1"
+        megatron_patches.apply("zb-h2")  # changing the schedule re-uses the patch
+        assert early.get_forward_backward_func(4, None).interleaf_schedule == "zb-h2"
+    finally:
+        megatron_patches.remove()
+        del sys.modules[early.__name__]
+    for holder in (schedules, pipeline_parallel, early):
+        assert holder.get_forward_backward_func is original
+    assert layers.LinearWithGradAccumulationAndAsyncCommunication.__dict__["backward"] is original_backward
+    assert not megatron_patches.is_applied()
+
+
+def test_schedule_from_megatron_training_args(monkeypatch):
+    pytest.importorskip("megatron.core")
+    from megatron.core.pipeline_parallel import schedules
+
+    global_vars = types.ModuleType("megatron.training.global_vars")
+    global_vars._GLOBAL_ARGS = _parse(["--pipeline-schedule", "zb-h2", "--pipeline-model-parallel-size", "2"])
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", global_vars)
+    megatron_patches.apply()
+    try:
+        assert schedules.get_forward_backward_func(2, None).interleaf_schedule == "zb-h2"
+        global_vars._GLOBAL_ARGS = _parse([])
+        assert schedules.get_forward_backward_func(2, None) is \
+            schedules.forward_backward_pipelining_without_interleaving
+    finally:
+        megatron_patches.remove()
