@@ -26,6 +26,7 @@ __all__ = [
     "LMHead",
     "gpt_loss",
     "layer_specs",
+    "build_layer",
     "build_layers",
     "reference_model",
     "tied_head_forward",
@@ -180,6 +181,21 @@ def layer_specs(cfg: GPTConfig) -> list:
     else:
         specs.append(LayerSpec(LMHead, cfg, cfg.seed + 2 + cfg.layers))
     return specs
+
+
+def build_layer(cfg: GPTConfig, index: int) -> nn.Module:
+    """Pipeline layer ``index`` alone (untied models), with the same weights :func:`layer_specs` gives it."""
+    if cfg.tied_embeddings:
+        raise ValueError("build_layer builds untied models only; use build_layers for tied embeddings")
+    if index == 0:
+        return Embedding(cfg, cfg.seed)
+    if index <= cfg.layers:
+        return TransformerLayer(cfg, cfg.seed + index)
+    if index == cfg.layers + 1:
+        return FinalNorm(cfg, cfg.seed + 1 + cfg.layers)
+    if index == cfg.layers + 2:
+        return LMHead(cfg, cfg.seed + 2 + cfg.layers)
+    raise ValueError(f"layer index {index} out of range 0..{cfg.layers + 2}")
 
 
 def build_layers(cfg: GPTConfig) -> list[nn.Module]:

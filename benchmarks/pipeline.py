@@ -1,0 +1,400 @@
+"""Pipeline schedules side by side on the GPT of ../shared/docs/anchors.md, in ONE process group.
+
+For m = 8 and m = 16 micro-batches (micro-batch 1, seq 2048, bf16, pp = 4, SGD):
+
+- ``deepspeed-1f1b``: DeepSpeed's own PipelineEngine (the baseline; bf16 optimizer step);
+- interleaf through ``deepspeed.initialize`` + the ``"interleaf"`` config block: ``1f1b``, ``interleaved-1f1b``,
+  ``zb-h1``, ``zb-h2``, ``zb-v``, ``auto`` (same bf16 optimizer step);
+- torch.distributed.pipelining: ``torch-1f1b`` (Schedule1F1B, best torch schedule at m=16 in anchors.md) and
+  ``torch-izb`` (ScheduleInterleavedZeroBubble v=2, best at m=8), plain torch SGD step on the bf16 weights.
+
+Reported per variant: tokens/s (warm-up steps excluded), ratio to DeepSpeed 1F1B of the same run, measured
+bubble (interleaf: share of each rank's schedule time not computing, mean over ranks, from the executor's
+F/I/W/B timings; DeepSpeed: the same from its forward/backward instruction timings; torch: not measured),
+bubble vs ideal (1 - tokens/s / ideal, where ideal is the slowest rank's own F+B compute measured in the
+interleaf 1f1b run: anchors.md's definition), and peak allocated memory per rank (GiB).
+
+GPU (writes its section of BENCHMARKS.md)::
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 4 benchmarks/pipeline.py
+
+CPU smoke test (tiny model, gloo, no BENCHMARKS.md)::
+
+    OMP_NUM_THREADS=1 python benchmarks/pipeline.py --tiny --procs 4
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+INTERLEAF = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "auto")
+TORCH = ("torch-1f1b", "torch-izb", "torch-zbv", "torch-dualpipev")
+DEFAULT_VARIANTS = ("deepspeed-1f1b", *INTERLEAF, "torch-1f1b", "torch-izb")
+SECTION_START = "<!-- benchmarks/pipeline.py:start -->"
+SECTION_END = "<!-- benchmarks/pipeline.py:end -->"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny GPT (CPU smoke test)")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                   help=f"subset of: deepspeed-1f1b {' '.join(INTERLEAF)} {' '.join(TORCH)}")
+    p.add_argument("--warmup", type=int, default=4, help="untimed iterations per variant (auto re-plans after 3)")
+    p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
+    p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
+    p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
+    p.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Row:
+    variant: str
+    microbatches: int
+    tokens_per_s: float
+    bubble: float | None
+    peak_gib: list[float]
+    note: str = ""
+    busy_max_s: float | None = None
+    schedule: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _gpt_config(tiny: bool):
+    from benchmarks import gpt
+
+    if tiny:
+        return gpt.GPTConfig(layers=8, hidden=64, heads=4, seq=64, vocab=256)
+    return gpt.ANCHOR
+
+
+def _ds_config(m: int, schedule: str | None, bf16: bool) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": m,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "SGD", "params": {"lr": 1e-4}},
+        "zero_optimization": {"stage": 0},
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if schedule is not None:
+        cfg["interleaf"] = {"pipeline": {"schedule": schedule, "auto_warmup_iterations": 3}}
+    return cfg
+
+
+def _batches(cfg, count: int, device=None):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        t = torch.randint(0, cfg.vocab, (1, cfg.seq + 1), generator=g)
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+    return out
+
+
+def _peak_gib(device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _gather_floats(values: list[float], device) -> list[list[float]]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.zeros_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(out, t)
+    return [o.cpu().tolist() for o in out]
+
+
+def _cleanup(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
+    """DeepSpeed's engine (variant deepspeed-1f1b) or interleaf's (variant = schedule name)."""
+    import deepspeed
+    from deepspeed.pipe import PipelineModule
+
+    from benchmarks import gpt
+    from ds_plugins.deepspeed.baseline_timing import DeepSpeedStepTimer
+
+    schedule = None if variant == "deepspeed-1f1b" else variant
+    world = torch.distributed.get_world_size()
+    module = PipelineModule(layers=gpt.layer_specs(cfg), num_stages=world, loss_fn=gpt.gpt_loss,
+                            partition_method="type:TransformerLayer")
+    engine, *_ = deepspeed.initialize(model=module, config=_ds_config(m, schedule, device.type == "cuda"),
+                                      model_parameters=module.parameters())
+    runner = getattr(engine, "interleaf_runner", None)
+    timer = DeepSpeedStepTimer(engine) if runner is None else None
+    data = _batches(cfg, m * (args.warmup + args.steps))
+    it = iter(data)
+    for _ in range(args.warmup):
+        engine.train_batch(it)
+    if timer is not None:
+        timer.reset()
+    _sync(device)
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.train_batch(it)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    elapsed = max(r[0] for r in _gather_floats([elapsed], device))
+    tokens = cfg.seq * m * args.steps * engine.grid.data_parallel_size
+    if runner is not None:
+        hist = runner.history[-args.steps:]
+        bubble = sum(h.bubble for h in hist) / len(hist)
+        busy_max = sum(h.busy_max_s for h in hist) / len(hist)
+        name = hist[-1].schedule
+    else:
+        # idle share of the schedule part (step time minus reduction + optimizer step), mean over ranks
+        per_step_wall = elapsed / args.steps
+        mine = 1.0 - (timer.busy_s / args.steps) / max(per_step_wall - timer.tail_s / args.steps, 1e-9)
+        bubble = sum(r[0] for r in _gather_floats([mine], device)) / world
+        busy_max = None
+        name = "1f1b"
+    peaks = [r[0] for r in _gather_floats([_peak_gib(device)], device)]
+    row = Row(variant, m, tokens / elapsed, bubble, peaks, busy_max_s=busy_max, schedule=name)
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    del engine, module, runner, timer, it, data
+    return row
+
+
+def _torch_stage_module(cfg, start: int, stop: int, device):
+    from benchmarks import gpt
+
+    layers = [gpt.build_layer(cfg, i) for i in range(start, stop)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def run_torch(variant: str, m: int, cfg, args, device) -> Row:
+    """torch.distributed.pipelining with the same layers and partition (type:TransformerLayer)."""
+    from torch.distributed import pipelining as tp
+
+    from benchmarks import gpt
+    from ds_plugins.deepspeed.partition import compute_parts
+
+    pp = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    v = 1 if variant == "torch-1f1b" else 2
+    n = pp * v
+    parts = compute_parts(gpt.layer_specs(cfg), n, "type:TransformerLayer")
+    if variant in ("torch-zbv", "torch-dualpipev"):
+        stage_ids = [rank, 2 * pp - 1 - rank]
+    else:
+        stage_ids = [rank + c * pp for c in range(v)]
+    modules = {s: _torch_stage_module(cfg, parts[s], parts[s + 1], device) for s in stage_ids}
+    stages = [tp.PipelineStage(modules[s], s, n, device) for s in stage_ids]
+
+    def loss_fn(logits, labels):
+        return gpt.gpt_loss(logits, labels)
+
+    cls = {
+        "torch-1f1b": tp.Schedule1F1B,
+        "torch-izb": tp.ScheduleInterleavedZeroBubble,
+        "torch-zbv": tp.ScheduleZBVZeroBubble,
+        "torch-dualpipev": getattr(tp, "ScheduleDualPipeV", None),
+    }[variant]
+    if cls is None:
+        raise ValueError(f"{variant} is not in this torch version")
+    schedule = cls(stages[0] if v == 1 else stages, n_microbatches=m, loss_fn=loss_fn)
+    params = [p for mod in modules.values() for p in mod.parameters()]
+    opt = torch.optim.SGD(params, lr=1e-4)
+    data = _batches(cfg, args.warmup + args.steps)
+    holds_first = 0 in stage_ids
+    holds_last = n - 1 in stage_ids
+
+    def one_step(i: int) -> None:
+        g = torch.Generator().manual_seed(i)
+        tokens = torch.randint(0, cfg.vocab, (m, cfg.seq + 1), generator=g)
+        x = tokens[:, :-1].contiguous().to(device)
+        y = tokens[:, 1:].contiguous().to(device)
+        kwargs = {}
+        if holds_last:
+            kwargs["target"] = y
+            kwargs["losses"] = []
+        if holds_first:
+            schedule.step(x, **kwargs)
+        else:
+            schedule.step(**kwargs)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        one_step(i)
+    _sync(device)
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        one_step(args.warmup + i)
+    _sync(device)
+    elapsed = max(r[0] for r in _gather_floats([time.perf_counter() - t0], device))
+    tokens = cfg.seq * m * args.steps
+    peaks = [r[0] for r in _gather_floats([_peak_gib(device)], device)]
+    row = Row(variant, m, tokens / elapsed, None, peaks, schedule=cls.__name__)
+    del schedule, stages, modules, opt, params, data
+    return row
+
+
+def run_all(args: argparse.Namespace) -> list[Row]:
+    import deepspeed
+
+    import ds_plugins  # noqa: F401  (registers interleaf's DeepSpeed engine)
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    rank = torch.distributed.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = _gpt_config(args.tiny)
+    rows: list[Row] = []
+    for m in args.microbatches:
+        for variant in args.variants:
+            _cleanup(device)
+            t0 = time.perf_counter()
+            try:
+                if variant.startswith("torch-"):
+                    row = run_torch(variant, m, cfg, args, device)
+                else:
+                    row = run_deepspeed(variant, m, cfg, args, device)
+            except Exception as err:  # keep the other variants' numbers; report the failure in the table
+                if rank == 0:
+                    print(f"[pipeline bench] {variant} m={m} FAILED: {type(err).__name__}: {err}", flush=True)
+                row = Row(variant, m, 0.0, None, [], note=f"failed: {type(err).__name__}: {str(err)[:120]}")
+                if device.type == "cuda" or "gloo" not in backend:
+                    raise
+            rows.append(row)
+            if rank == 0:
+                print(f"[pipeline bench] m={m:2d} {variant:>16}: {row.tokens_per_s:10.0f} tokens/s  "
+                      f"bubble {_pct(row.bubble):>6}  peak GiB {'/'.join(f'{p:.1f}' for p in row.peak_gib)}  "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * max(x, 0.0):.1f}%"
+
+
+def table(rows: list[Row]) -> str:
+    lines = []
+    for m in sorted({r.microbatches for r in rows}):
+        sub = [r for r in rows if r.microbatches == m]
+        base = next((r.tokens_per_s for r in sub if r.variant == "deepspeed-1f1b" and r.tokens_per_s), None)
+        ideal_src = next((r for r in sub if r.variant == "1f1b" and r.busy_max_s), None)
+        lines.append(f"m = {m} micro-batches:")
+        lines.append("")
+        lines.append("| variant | schedule run | tokens/s | vs DeepSpeed 1F1B | measured bubble | bubble vs ideal | "
+                     "peak GiB (rank 0..3) |")
+        lines.append("|---|---|---|---|---|---|---|")
+        # ideal tokens/s: the slowest rank's own F+B time per step, no waiting (from the interleaf 1f1b run)
+        ideal = ideal_src.extra.get("ideal_tokens_per_s") if ideal_src is not None else None
+        for r in sub:
+            ratio = f"{r.tokens_per_s / base:.2f}x" if base and r.tokens_per_s else "—"
+            vs_ideal = f"{100 * max(0.0, 1 - r.tokens_per_s / ideal):.1f}%" if ideal and r.tokens_per_s else "—"
+            peaks = " / ".join(f"{p:.1f}" for p in r.peak_gib) if r.peak_gib else "—"
+            name = r.variant + (f" ({r.note})" if r.note else "")
+            lines.append(f"| {name} | {r.schedule} | {r.tokens_per_s:,.0f} | {ratio} | {_pct(r.bubble)} | {vs_ideal} | "
+                         f"{peaks} |")
+        if ideal:
+            lines.append(f"| ideal (slowest rank's own F+B, from the 1f1b run) | — | {ideal:,.0f} | "
+                         f"{ideal / base:.2f}x | 0 | 0 | — |" if base else f"| ideal | — | {ideal:,.0f} | — | 0 | 0 | — |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(path: str, text: str) -> None:
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = f"{SECTION_START}\n{text}\n{SECTION_END}"
+    if SECTION_START in old and SECTION_END in old:
+        head, rest = old.split(SECTION_START, 1)
+        _, tail = rest.split(SECTION_END, 1)
+        new = head + block + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(args: argparse.Namespace) -> None:
+    rows = run_all(args)
+    rank = torch.distributed.get_rank()
+    cfg = _gpt_config(args.tiny)
+    for r in rows:  # ideal tokens/s from the interleaf 1f1b run's slowest-rank compute time
+        if r.variant == "1f1b" and r.busy_max_s:
+            r.extra["ideal_tokens_per_s"] = cfg.seq * r.microbatches / r.busy_max_s
+    if rank == 0:
+        import deepspeed
+
+        device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
+        world = torch.distributed.get_world_size()
+        head = (
+            f"## Pipeline schedules under DeepSpeed (benchmarks/pipeline.py)\n\n"
+            f"{datetime.date.today().isoformat()}, {world}x {device_name}, torch {torch.__version__}, "
+            f"deepspeed {deepspeed.__version__}. GPT {cfg.layers}L h{cfg.hidden} {cfg.heads} heads seq {cfg.seq} "
+            f"vocab {cfg.vocab}, micro-batch 1, pp={world}, "
+            f"{'bf16' if torch.cuda.is_available() else 'fp32'}, SGD; {args.warmup} warm-up + {args.steps} timed "
+            "iterations per variant, all in one process group. DeepSpeed and interleaf rows include DeepSpeed's "
+            "optimizer step (BF16_Optimizer on GPU); torch rows a plain SGD step on the same-dtype weights. "
+            "Measured bubble: idle share of the "
+            "schedule on each rank (mean over ranks); bubble vs ideal: 1 - tokens/s / ideal.\n"
+        )
+        text = head + "\n" + table(rows)
+        print(text, flush=True)
+        out = args.out or (os.path.join(ROOT, "BENCHMARKS.md") if torch.cuda.is_available() else None)
+        if out:
+            write_section(out, text)
+            print(f"updated {out}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([r.__dict__ for r in rows], f, indent=1)
+    torch.distributed.barrier()
+
+
+def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    main(args)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/interleaf_torch_extensions"))
+    if arguments.procs:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free_port = s.getsockname()[1]
+        mp.spawn(_spawned, args=(arguments.procs, free_port, arguments), nprocs=arguments.procs, join=True)
+    else:
+        main(arguments)
