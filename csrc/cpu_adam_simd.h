@@ -138,17 +138,19 @@ struct Simd {
   static Reg load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  static void store_bf16(uint16_t* p, Reg x) {
+  using Half = __m256i;  // kWidth 16-bit values
+  static constexpr uintptr_t kHalfAlign = 32;
+  static Half to_bf16(Reg x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
     const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     rounded = _mm512_mask_blend_epi32(is_nan, rounded, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+    return _mm512_cvtepi32_epi16(rounded);
   }
-  static void store_f16(uint16_t* p, Reg x) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-  }
+  static Half to_f16(Reg x) { return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT); }
+  static void store_half(uint16_t* p, Half h) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h); }
+  static void stream_half(uint16_t* p, Half h) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
   static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
@@ -170,18 +172,19 @@ struct Simd {
   static Reg load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static void store_bf16(uint16_t* p, Reg x) {
+  using Half = __m128i;  // kWidth 16-bit values
+  static constexpr uintptr_t kHalfAlign = 16;
+  static Half to_bf16(Reg x) {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
     const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
     rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
   }
-  static void store_f16(uint16_t* p, Reg x) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-  }
+  static Half to_f16(Reg x) { return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT); }
+  static void store_half(uint16_t* p, Half h) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h); }
+  static void stream_half(uint16_t* p, Half h) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), h); }
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
   static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
@@ -214,6 +217,10 @@ void adam_range(const AdamCoeffs& c, float* param, const void* grad, float* exp_
   const Simd::Reg bias_correction2_sqrt = Simd::set1(c.bias_correction2_sqrt);
   const Simd::Reg eps = Simd::set1(c.eps);
   const Simd::Reg neg_step_size = Simd::set1(c.neg_step_size);
+  // The low-precision copy is written once and read only by the host-to-device copy later: stream it past the
+  // caches (no read-for-ownership, ~2 of ~32 bytes per element) when the buffer is aligned for it.
+  const bool stream_lowp =
+      L != LowpType::kNone && reinterpret_cast<uintptr_t>(lowp) % Simd::kHalfAlign == 0;
   int64_t i = 0;
   for (; i + Simd::kWidth <= n; i += Simd::kWidth) {
     Simd::Reg g = load_grad_simd<G>(grad, i);
@@ -228,12 +235,17 @@ void adam_range(const AdamCoeffs& c, float* param, const void* grad, float* exp_
     Simd::store(param + i, p);
     Simd::store(exp_avg + i, m);
     Simd::store(exp_avg_sq + i, v);
-    if constexpr (L == LowpType::kBFloat16) {
-      Simd::store_bf16(static_cast<uint16_t*>(lowp) + i, p);
-    } else if constexpr (L == LowpType::kFloat16) {
-      Simd::store_f16(static_cast<uint16_t*>(lowp) + i, p);
+    if constexpr (L != LowpType::kNone) {
+      const Simd::Half h = L == LowpType::kBFloat16 ? Simd::to_bf16(p) : Simd::to_f16(p);
+      uint16_t* out = static_cast<uint16_t*>(lowp) + i;
+      if (stream_lowp) {
+        Simd::stream_half(out, h);
+      } else {
+        Simd::store_half(out, h);
+      }
     }
   }
+  if (stream_lowp) _mm_sfence();  // order the streaming stores before the caller reads or copies lowp
   adam_scalar_range<G, L>(c, param, grad, exp_avg, exp_avg_sq, lowp, i, n);
 }
 #else

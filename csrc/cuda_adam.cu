@@ -3,9 +3,9 @@
 // schema; this file registers the CUDA kernel for it.
 //
 // Launch scheme: tensors are cut into fixed chunks; one thread block updates one chunk. A launch carries, as a
-// kernel argument (< 4 KiB), the pointers of up to kMaxTensors tensors and the (tensor, chunk) pair of up to
-// kMaxBlocks blocks; when either table fills, it launches and starts a new table (a tensor cut by a full block
-// table continues in the next launch). Tensors are grouped by (grad dtype, lowp dtype) so each kernel is
+// kernel argument (< 4 KiB), the pointers of up to kMaxTensors tensors and the first block of each; a block finds
+// its tensor by binary search over those prefix offsets, so a launch covers its tensors whole, however large (no
+// block table, no tensor split across launches). Tensors are grouped by (grad dtype, lowp dtype) so each kernel is
 // specialised. The arithmetic uses the *_rn intrinsics (never contracted into FMAs) in the same order as the CPU
 // kernel (csrc/cpu_adam_simd.h), so CPU and CUDA give identical bits.
 #include <ATen/core/Tensor.h>
@@ -23,8 +23,7 @@
 namespace interleaf {
 namespace {
 
-constexpr int kMaxTensors = 36;
-constexpr int kMaxBlocks = 320;
+constexpr int kMaxTensors = 64;
 constexpr int kThreads = 512;
 constexpr int kIlp = 4;
 constexpr int64_t kChunkElements = 65536;
@@ -36,8 +35,8 @@ struct LaunchTable {
   float* exp_avg_sq[kMaxTensors];
   void* lowp[kMaxTensors];
   int64_t numel[kMaxTensors];
-  unsigned char block_tensor[kMaxBlocks];
-  int block_chunk[kMaxBlocks];
+  int first_block[kMaxTensors];  // tensor t owns blocks [first_block[t], first_block[t + 1]) (or up to gridDim.x)
+  int tensors;
 };
 static_assert(sizeof(LaunchTable) + sizeof(AdamCoeffs) < 4000, "kernel arguments must stay under 4 KiB");
 
@@ -71,8 +70,17 @@ __device__ __forceinline__ void store_lowp(void* lowp, int64_t i, float value) {
 template <GradType G, LowpType L>
 __global__ void __launch_bounds__(kThreads)
     adam_multi_tensor_kernel(const __grid_constant__ LaunchTable table, const AdamCoeffs c) {
-  const int tensor = table.block_tensor[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunkElements;
+  int tensor = 0;  // the last tensor whose first block is <= blockIdx.x (uniform across the block)
+  for (int lo = 0, hi = table.tensors - 1; lo <= hi;) {
+    const int mid = (lo + hi) / 2;
+    if (table.first_block[mid] <= static_cast<int>(blockIdx.x)) {
+      tensor = mid;
+      lo = mid + 1;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - table.first_block[tensor]) * kChunkElements;
   const int64_t end = min(table.numel[tensor], begin + kChunkElements);
   float* __restrict__ param = table.param[tensor];
   const void* __restrict__ grad = table.grad[tensor];
@@ -119,45 +127,30 @@ void launch_group(const std::vector<size_t>& members, at::TensorList params, at:
                   const AdamCoeffs& coeffs, cudaStream_t stream) {
   LaunchTable table;
   int tensors = 0;
-  int blocks = 0;
+  int64_t blocks = 0;
   auto launch = [&]() {
-    adam_multi_tensor_kernel<G, L><<<blocks, kThreads, 0, stream>>>(table, coeffs);
+    table.tensors = tensors;
+    TORCH_CHECK(blocks <= 0x7FFFFFFF, "interleaf::adamw_step_: too many blocks in one launch");
+    adam_multi_tensor_kernel<G, L><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table, coeffs);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tensors = 0;
+    blocks = 0;
   };
   for (const size_t i : members) {
     const int64_t numel = params[i].numel();
-    if (numel == 0) continue;
+    if (numel == 0) continue;  // every listed tensor owns at least one block
     table.param[tensors] = params[i].data_ptr<float>();
     table.grad[tensors] = grads[i].const_data_ptr();
     table.exp_avg[tensors] = exp_avgs[i].data_ptr<float>();
     table.exp_avg_sq[tensors] = exp_avg_sqs[i].data_ptr<float>();
     table.lowp[tensors] = lowp_out.empty() ? nullptr : lowp_out[i].data_ptr();
     table.numel[tensors] = numel;
+    table.first_block[tensors] = static_cast<int>(blocks);
     ++tensors;
-    const int64_t chunks = (numel + kChunkElements - 1) / kChunkElements;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      table.block_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
-      table.block_chunk[blocks] = static_cast<int>(chunk);
-      ++blocks;
-      const bool last_chunk = chunk == chunks - 1;
-      if (blocks == kMaxBlocks || (tensors == kMaxTensors && last_chunk)) {
-        launch();
-        blocks = 0;
-        if (last_chunk) {
-          tensors = 0;
-        } else {  // the current tensor continues in the next launch, as its slot 0
-          table.param[0] = table.param[tensors - 1];
-          table.grad[0] = table.grad[tensors - 1];
-          table.exp_avg[0] = table.exp_avg[tensors - 1];
-          table.exp_avg_sq[0] = table.exp_avg_sq[tensors - 1];
-          table.lowp[0] = table.lowp[tensors - 1];
-          table.numel[0] = table.numel[tensors - 1];
-          tensors = 1;
-        }
-      }
-    }
+    blocks += (numel + kChunkElements - 1) / kChunkElements;
+    if (tensors == kMaxTensors) launch();
   }
-  if (blocks > 0) launch();
+  if (tensors > 0) launch();
 }
 
 template <GradType G>

@@ -33,15 +33,18 @@ def test_backend_is_native():
     assert ops.backend("cuda") == "cuda"
 
 
-# 36 tensors per launch, 320 blocks of 64K elements: 40 tensors overflow the tensor table, the 22M tensor
-# overflows the block table mid-tensor.
-SIZES = [1, 7, 1025, 65_536, 65_537, 1_000_003] * 6 + [3, 5, 22_000_001, 9]
+# 64 tensors per launch, one block per 64K elements. The first 72 tensors form one (fp32 grad, bf16 lowp) group
+# that needs two launches; the rest cover the other dtype pairs; the 22M tensor has 336 blocks in one launch.
+SIZES = [1, 7, 1025, 65_536, 65_537, 1_000_003] * 12 + [3, 5, 22_000_001, 9, 11, 13, 4097, 100_003]
+SAME_GROUP = 72
 
 
 @pytest.mark.parametrize("adamw_mode", [True, False])
 def test_cuda_equals_cpu_kernel_bitwise(adamw_mode):
-    grad_dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(SIZES))]
-    lowp_dtypes = [(torch.bfloat16, torch.float16)[i % 2] for i in range(len(SIZES))]
+    grad_dtypes = [torch.float32 if i < SAME_GROUP else (torch.float32, torch.bfloat16, torch.float16)[i % 3]
+                   for i in range(len(SIZES))]
+    lowp_dtypes = [torch.bfloat16 if i < SAME_GROUP else (torch.bfloat16, torch.float16)[i % 2]
+                   for i in range(len(SIZES))]
     cpu = _inputs(SIZES, grad_dtypes, lowp_dtypes, seed=1, device="cpu")
     gpu = _inputs(SIZES, grad_dtypes, lowp_dtypes, seed=1, device="cuda")
     for (params, grads, exp_avgs, exp_avg_sqs, lowp) in (cpu, gpu):

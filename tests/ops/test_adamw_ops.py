@@ -104,6 +104,7 @@ def _multi_tensor_inputs(seed: int):
     exp_avgs = [torch.randn(n, generator=gen) * 0.1 for n in sizes]
     exp_avg_sqs = [torch.rand(n, generator=gen) * 0.01 for n in sizes]
     lowp = [torch.empty(n, dtype=d) for n, d in zip(sizes, lowp_dtypes)]
+    lowp[4] = torch.empty(sizes[4] + 1, dtype=lowp_dtypes[4])[1:]  # contiguous but not vector-aligned
     return params, grads, exp_avgs, exp_avg_sqs, lowp
 
 
