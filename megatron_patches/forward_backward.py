@@ -92,9 +92,7 @@ class _MegatronStage(torch.nn.Module):
             is_last_stage=self._is_last,
         )
         ctx.total_num_tokens += num_tokens.to(ctx.total_num_tokens.device)
-        if self._is_last and not ctx.forward_only and not ctx.collect_non_loss_data:
-            # The executor sees the (already 1/num_microbatches-scaled) loss as this stage's output.
-            return output
+        # On the last stage this is the loss megatron already divided by num_microbatches (its backward root).
         return output
 
 
@@ -108,13 +106,108 @@ def _last_stage_loss(config) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     return loss_fn
 
 
-class _Runner:
-    """One executor for one (model chunks, schedule) pair, reused across steps."""
+AUTO_WARMUP_STEPS = 3
+"""Training steps ``auto`` runs with a seed schedule (timed per action) before it picks its schedule from the
+measured F/I/W times and activation memory of every stage."""
+_AUTO_SEED = {"v": "zb-v", "loop-1": "zb-h1", "loop-n": "interleaved-1f1b"}
 
-    def __init__(self, schedule, executor, context: _StepContext) -> None:
+
+class _Runner:
+    """The executor for one (model chunks, micro-batches) pair, reused across steps.
+
+    For ``auto`` the first :data:`AUTO_WARMUP_STEPS` training steps run a seed schedule of the chunks' placement
+    with per-action timing; then the timings are gathered from all pipeline ranks, turned into a cost model
+    (:func:`ds_plugins.runtime.measured_costs`) and ``auto`` is built from it.
+    """
+
+    def __init__(self, *, schedule_config, build_schedule, chunks, config, pp_group, pp_rank, pp, placement,
+                 num_microbatches, seq_length, micro_batch_size) -> None:
+        self.schedule_config = schedule_config
+        self.build_schedule = build_schedule
+        self.chunks, self.config = chunks, config
+        self.pp_group, self.pp_rank, self.pp, self.placement = pp_group, pp_rank, pp, placement
+        self.num_microbatches, self.seq_length, self.micro_batch_size = num_microbatches, seq_length, micro_batch_size
+        self.context = _StepContext()
+        self.device = next(chunks[0].parameters()).device
+        self.last_result = None
+        self.auto_samples: List[Any] = []
+        if schedule_config.schedule == "auto":
+            seed = _AUTO_SEED["v" if placement == "v" else ("loop-1" if len(chunks) == 1 else "loop-n")]
+            self._install(build_schedule(seed, pp=pp, microbatches=num_microbatches, vp=len(chunks)), timing="action")
+            self.measuring = True
+        else:
+            schedule = build_schedule(
+                schedule_config.schedule, pp=pp, microbatches=num_microbatches, vp=len(chunks),
+                memory_limit=_estimated_memory_limit(schedule_config, config, seq_length, micro_batch_size, pp),
+            )
+            self._install(schedule, timing="none")
+            self.measuring = False
+
+    def _install(self, schedule, *, timing: str) -> None:
+        from ds_plugins.runtime import P2PCommunicator, PipelineExecutor
+
+        if schedule.shape.placement != self.placement:
+            raise ValueError(
+                f"schedule {schedule.name} runs in {schedule.shape.placement!r} placement but the model chunks are "
+                f"in {self.placement!r} placement; "
+                + ("build them with megatron_patches.build_model_chunks" if schedule.shape.placement == "v"
+                   else "build them with megatron's usual looped vp_stage loop")
+            )
+        stages = _chunk_stages(self.chunks, self.pp_rank, self.pp, self.placement)
+        expected = list(schedule.shape.stages_of(self.pp_rank))
+        if sorted(stages) != sorted(expected):
+            raise ValueError(f"pipeline rank {self.pp_rank}: chunks hold stages {stages}, schedule expects {expected}")
+        last_stage = schedule.shape.num_stages - 1
+        vp_arg = self.config.virtual_pipeline_model_parallel_size
+        stage_modules = {
+            stage: _MegatronStage(self.context, self.chunks[c], c, stage, last_stage=last_stage, vp=vp_arg,
+                                  config=self.config)
+            for c, stage in enumerate(stages)
+        }
+        ranks = dist.get_process_group_ranks(self.pp_group)
+        p2p = P2PCommunicator.for_shape(schedule.shape, ranks, group=self.pp_group, device=self.device)
         self.schedule = schedule
-        self.executor = executor
-        self.context = context
+        self.executor = PipelineExecutor(
+            schedule, self.pp_rank, stage_modules, p2p=p2p, loss_fn=_last_stage_loss(self.config),
+            device=self.device, timing=timing,
+        )
+        logger.info("interleaf: %s schedule, pp=%d vp=%d m=%d, %s placement", schedule.name, self.pp,
+                    len(self.chunks), self.num_microbatches, self.placement)
+
+    def after_step(self, result, forward_only: bool) -> None:
+        self.last_result = result
+        if not self.measuring or forward_only:
+            return
+        self.auto_samples.append((result.mean_seconds(), result.mean_memory_bytes()))
+        if len(self.auto_samples) < AUTO_WARMUP_STEPS:
+            return
+        from ds_plugins.runtime import measured_costs
+
+        timed = self.auto_samples[1:]  # the first step pays one-off costs (allocations, p2p metadata)
+        mine = ([t for t, _ in timed], [mem for _, mem in timed])
+        everyone: List[Any] = [None] * self.pp
+        dist.all_gather_object(everyone, mine, group=self.pp_group)
+        times = [t for rank_times, _ in everyone for t in rank_times]
+        memory = [m for _, rank_mem in everyone for m in rank_mem]
+        have_memory = any(memory)
+        costs = measured_costs(times, self.schedule.shape, memory=memory if have_memory else None)
+        limit = None
+        if self.schedule_config.memory_limit_gib is not None:
+            limit = (self.schedule_config.memory_limit_gib * 2**30 if have_memory else _estimated_memory_limit(
+                self.schedule_config, self.config, self.seq_length, self.micro_batch_size, self.pp))
+        schedule = self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches,
+                                       vp=len(self.chunks), costs=costs, memory_limit=limit)
+        if schedule.shape.placement != self.placement:
+            # auto searched both placements and liked the other one better; the model is already built.
+            logger.warning(
+                "interleaf auto: the best schedule for the measured costs uses %r placement but the model chunks "
+                "are in %r placement; keeping the seed schedule %s", schedule.shape.placement, self.placement,
+                self.schedule.name)
+            self._install(self.schedule, timing="none")
+        else:
+            self._install(schedule, timing="none")
+        self.measuring = False
+        self.auto_samples = []
 
 
 def _placement_of(model: List[torch.nn.Module]) -> str:
@@ -260,9 +353,10 @@ def make_forward_backward_func(
         key = (tuple(id(c) for c in chunks), num_microbatches, id(pp_group))
         runner = runners.get(key)
         if runner is None:
-            runner = _make_runner(
-                schedule_config, build_schedule, chunks, config, pp_group, pp_rank, pp, placement,
-                num_microbatches, seq_length, micro_batch_size,
+            runner = _Runner(
+                schedule_config=schedule_config, build_schedule=build_schedule, chunks=chunks, config=config,
+                pp_group=pp_group, pp_rank=pp_rank, pp=pp, placement=placement, num_microbatches=num_microbatches,
+                seq_length=seq_length, micro_batch_size=micro_batch_size,
             )
             runners.clear()  # one live model at a time; drop stale executors (and their p2p state)
             runners[key] = runner
@@ -277,7 +371,7 @@ def make_forward_backward_func(
         ctx.first_val_step = first_val_step
         ctx.forward_only = forward_only
         ctx.cp_size = pgc.cp.size() if pgc.cp is not None else 1
-        device = runner.executor.device
+        device = runner.device
         ctx.total_num_tokens = torch.zeros([], dtype=torch.int, device=device)
         ctx.forwards_done = {}
 
@@ -306,7 +400,7 @@ def make_forward_backward_func(
             )
             if not forward_only:
                 _sum_tied_embedding_grads(chunks)
-        runner.last_result = result
+        runner.after_step(result, forward_only)
 
         if not forward_only:
             for c, chunk in enumerate(chunks):
@@ -351,51 +445,9 @@ def _sum_tied_embedding_grads(chunks: List[torch.nn.Module]) -> None:
             raise RuntimeError(f"tied embedding: only one copy has .{attr}; wrap both chunks the same way")
 
 
-def _make_runner(schedule_config, build_schedule, chunks, config, pp_group, pp_rank, pp, placement,
-                 num_microbatches, seq_length, micro_batch_size) -> _Runner:
-    from ds_plugins.runtime import P2PCommunicator, PipelineExecutor
-
-    vp = len(chunks)
-    schedule = build_schedule(
-        schedule_config.schedule,
-        pp=pp,
-        microbatches=num_microbatches,
-        vp=vp,
-        memory_limit=_memory_limit_units(schedule_config, config, seq_length, micro_batch_size, pp, vp),
-    )
-    if schedule.shape.placement != placement:
-        raise ValueError(
-            f"--pipeline-schedule {schedule_config.schedule} chose {schedule.shape.placement!r} placement but the "
-            f"model chunks are in {placement!r} placement; "
-            + ("build them with megatron_patches.build_model_chunks" if schedule.shape.placement == "v"
-               else "build them with megatron's usual looped vp_stage loop")
-        )
-    stages = _chunk_stages(chunks, pp_rank, pp, placement)
-    expected = list(schedule.shape.stages_of(pp_rank))
-    if sorted(stages) != sorted(expected):
-        raise ValueError(f"pipeline rank {pp_rank}: model chunks hold stages {stages}, schedule expects {expected}")
-    device = next(chunks[0].parameters()).device
-    context = _StepContext()
-    last_stage = schedule.shape.num_stages - 1
-    vp_arg = config.virtual_pipeline_model_parallel_size
-    stage_modules = {
-        stage: _MegatronStage(context, chunks[c], c, stage, last_stage=last_stage, vp=vp_arg, config=config)
-        for c, stage in enumerate(stages)
-    }
-    ranks = dist.get_process_group_ranks(pp_group)
-    p2p = P2PCommunicator.for_shape(schedule.shape, ranks, group=pp_group, device=device)
-    executor = PipelineExecutor(
-        schedule, pp_rank, stage_modules, p2p=p2p, loss_fn=_last_stage_loss(config), device=device,
-        timing="none",
-    )
-    logger.info("interleaf: %s schedule for pp=%d vp=%d m=%d (%s placement)", schedule.name, pp, vp,
-                num_microbatches, placement)
-    return _Runner(schedule, executor, context)
-
-
-def _memory_limit_units(schedule_config, config, seq_length, micro_batch_size, pp, vp) -> Optional[float]:
-    """``--pipeline-memory-limit-gib`` in the cost model's units (one rank's activations for one micro-batch,
-    the unit of ``CostModel.uniform``), from megatron's activation estimate (Korthikanti et al. 2022, sec. 4.1:
+def _estimated_memory_limit(schedule_config, config, seq_length, micro_batch_size, pp) -> Optional[float]:
+    """``--pipeline-memory-limit-gib`` in the units of ``CostModel.uniform`` (one rank's activations for one
+    micro-batch) when no measured memory is available, from megatron's activation estimate (Korthikanti et al. 2022, sec. 4.1:
     ``s*b*h*(34 + 5*a*s/h)`` bytes per layer without recomputation, divided by tp)."""
     if schedule_config.memory_limit_gib is None:
         return None

@@ -106,6 +106,13 @@ def _megatron_own(pp_size=None, vp_size=None):
     return getattr(f, "interleaf_original", f)(pp_size, vp_size)
 
 
+def _steps_for(name):
+    """``auto`` picks its schedule from timings of its first steps: check the step after that."""
+    from megatron_patches.forward_backward import AUTO_WARMUP_STEPS
+
+    return AUTO_WARMUP_STEPS + 1 if name == "auto" else 1
+
+
 # --------------------------------------------------------------------------------------------- toy model
 def _toy_config(pp, vp, h, tp=1, sp=False):
     from megatron.core.transformer import TransformerConfig
@@ -251,7 +258,10 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False):
             try:
                 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-                out["runs"][(placement, vp, name)] = run(get_forward_backward_func())
+                func = get_forward_backward_func()
+                for _ in range(_steps_for(name) - 1):
+                    run(func)
+                out["runs"][(placement, vp, name)] = run(func)
             finally:
                 megatron_patches.remove()
         if tp == 1 and vp not in out["reference"]:
@@ -408,7 +418,10 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
             try:
                 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-                out[(placement, vp, name)] = run(get_forward_backward_func())
+                func = get_forward_backward_func()
+                for _ in range(_steps_for(name) - 1):
+                    run(func)
+                out[(placement, vp, name)] = run(func)
             finally:
                 megatron_patches.remove()
         cfg.no_sync_func = cfg.grad_sync_func = cfg.finalize_model_grads_func = None
