@@ -77,9 +77,15 @@ def _adam_flavour(optimizer: torch.optim.Optimizer) -> tuple[bool, bool]:
 class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
     """ZeRO-1/2 with host-offloaded optimizer state, updated partly on the GPU and partly on the host, overlapped.
 
-    Exact by construction: nothing is updated before the global gradient norm and the overflow flag (which span
-    both halves) are known, so a skipped step touches neither half and clipping uses the true global norm.
+    Exact by construction, never by rollback: when DeepSpeed could skip the step (overflow / non-finite norm) or
+    rescale it (clipping, loss scale), nothing is updated before the global norm and the overflow flag (which
+    span both halves) are known. Only when the step can be neither skipped nor rescaled (bf16 with
+    ``check_grad_overflow: false`` and ``gradient_clipping: 0``) do host updates start during backward, as soon
+    as a subgroup's gradients are all on their way to the host.
     """
+
+    early_host_start: bool = True
+    """Allow host updates during backward when that is exact (set False on an instance to measure without)."""
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if _PENDING_CONFIG.get() is None:
@@ -100,6 +106,9 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 'remove the "interleaf.offload" block for this model'
             )
         self._device_overflow: torch.Tensor | None = None
+        self._grads_per_subgroup: dict[int, int] = {}
+        self._grads_missing: dict[int, int] = {}
+        self._early_hyper: list[AdamHyper] | None = None
         self._executor: HybridAdamExecutor | None = None
         self._param_subgroup: dict[int, int] = {}
         self._module: torch.nn.Module | None = None
@@ -158,6 +167,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         pieces.sort(key=key)
         subgroups = [sub for _, sub, _ in pieces]
         self._param_subgroup = {m: index for index, (_, _, members) in enumerate(pieces) for m in members}
+        self._grads_per_subgroup = {index: len(members) for index, (_, _, members) in enumerate(pieces)}
+        self._reset_grad_tracking()
         for i in range(len(self.bit16_groups)):
             self._ensure_state(i)
         self._executor = HybridAdamExecutor(
@@ -224,20 +235,22 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         margin = max(2**30, 0.05 * total)
         return max(0.0, total - others_peak - margin)
 
-    def _maybe_plan(self) -> None:
-        """Plan at the first step, re-plan at the second (first measured window) and every replan_interval."""
+    def _replan_due(self) -> bool:
+        """After step 2 (the first measured iteration window), then every replan_interval steps; ``auto`` only."""
+        cfg = self.interleaf_config
+        return (cfg.gpu_fraction == "auto" and cfg.mode == "interleaved"
+                and (self._steps_done == 2 or self._steps_done - self._last_plan_step >= cfg.replan_interval))
+
+    def _plan(self, carry_grads: bool) -> None:
+        """Plan from the latest measurements. ``carry_grads``: this step's gradients move with their subgroup
+        (first plan, before the update); otherwise the plan applies from the next backward on."""
         cfg = self.interleaf_config
         ex = self._executor
-        due = self._steps_done == 0 or (
-            cfg.gpu_fraction == "auto" and cfg.mode == "interleaved"
-            and (self._steps_done == 1 or self._steps_done - self._last_plan_step >= cfg.replan_interval)
-        )
-        if not due:
-            return
+        measured = ex.last_timings
         if self._rates is None:
             self._rates = measure_rates(ex.device, pin=self.cpu_offload_pin_memory)
-        elif ex.timings.cpu_numel and ex.timings.cpu_busy_s > 0:
-            measured_cpu = ex.timings.cpu_numel / ex.timings.cpu_busy_s
+        elif measured.cpu_numel and measured.cpu_busy_s > 0:
+            measured_cpu = measured.cpu_numel / measured.cpu_busy_s
             self._rates = HardwareRates(
                 cpu_update_params_per_s=measured_cpu, gpu_update_params_per_s=self._rates.gpu_update_params_per_s,
                 h2d_bytes_per_s=self._rates.h2d_bytes_per_s, d2h_bytes_per_s=self._rates.d2h_bytes_per_s,
@@ -251,8 +264,12 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             for s in ex.subgroups
         ]
         fraction = 0.0 if cfg.mode == "cpu" else cfg.gpu_fraction
-        plan = plan_offload(timings, self._rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes())
-        self._apply_plan_keeping_grads(plan)
+        plan = plan_offload(timings, self._rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes(),
+                            early_host_start=self._early_start_allowed())
+        if carry_grads:
+            self._apply_plan_keeping_grads(plan)
+        else:
+            ex.apply_plan(plan)
         self._last_plan_step = self._steps_done
         self.last_plan = plan
         logger.info(
@@ -278,9 +295,41 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 ex.device_grad(index).copy_(ex._host_view(index, "host_grad"))
 
     # ------------------------------------------------------------------ gradients
+    def _early_start_allowed(self) -> bool:
+        """Host updates may start during backward only when DeepSpeed can neither skip nor rescale this step:
+        no clipping, no loss scaling, bf16 without the overflow check (fp32 and fp16 skip on a non-finite norm)."""
+        return (self.early_host_start and self.clip_grad == 0.0 and self.dtype == torch.bfloat16
+                and not self.check_grad_overflow and self.loss_scale == 1.0 and self.torch_autocast_gradscaler is None)
+
+    def _next_step_hyper(self, grad_scale: float) -> list[AdamHyper]:
+        hyper = []
+        for i, group in enumerate(self.optimizer.param_groups):
+            state = self._ensure_state(i)
+            beta1, beta2 = group["betas"]
+            hyper.append(AdamHyper(
+                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), step=int(state["step"]) + 1, adamw_mode=self._adamw_mode,
+                bias_correction=bool(group.get("bias_correction", self._bias_correction)), grad_scale=grad_scale,
+            ))
+        return hyper
+
+    def _route_grad(self, param_id: int, dest_offset: int, num_elements: int, source: torch.Tensor) -> None:
+        """Send one parameter's gradient slice where its subgroup is updated; start the subgroup's host update
+        as soon as its last gradient is on the way, when that is exact (see _early_start_allowed)."""
+        ex = self._executor
+        ex.begin_iteration()
+        ex.copy_grad(self._grad_destination(param_id, dest_offset, num_elements), source)
+        index = self._param_subgroup[param_id]
+        self._grads_missing[index] -= 1
+        if self._grads_missing[index] == 0 and not ex.is_on_gpu(index) and self.is_gradient_accumulation_boundary():
+            if self._early_hyper is None and self._early_start_allowed():
+                self._early_hyper = self._next_step_hyper(grad_scale=1.0)
+            if self._early_hyper is not None:
+                ex.submit_early(index, self._early_hyper)
+
     def copy_grads_in_partition(self, param, group_idx=None):
-        if self._executor is not None and self._executor.has_pending():
-            self._executor.wait_all()  # the host update of the last step still reads the gradient buffer
+        if self._executor is not None:
+            self._executor.begin_iteration()  # the last step's host update still reads the gradient buffer
         if self._executor is None or not self._use_compact_grad_partition_buffer(
             group_idx if group_idx is not None else self._get_param_group_idx(param)
         ):
@@ -298,8 +347,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             source = self._get_compact_grad_partition_slice(group_idx, partition_id, param_id, num_elements)
             self.norm_for_param_grads[param_id] = source.data.to(get_norm_dtype()).norm(2)
             self.update_offload_overflow_tracker(source)
-            self._executor.copy_grad(self._grad_destination(param_id, dest_offset, num_elements),
-                                     source.to(torch.float32, copy=True))
+            self._route_grad(param_id, dest_offset, num_elements, source.to(torch.float32, copy=True))
             self.clear_grad_attribute(param)
 
     def _grad_destination(self, param_id: int, dest_offset: int, num_elements: int) -> torch.Tensor:
@@ -318,8 +366,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         grad_accum = self.get_param_gradient_attribute(param)
         source = grad_accum.view(-1).narrow(0, source_offset, num_elements)
         # a private fp32 copy on the compute stream: the reduction bucket can be reused at once
-        self._executor.copy_grad(self._grad_destination(param_id, dest_offset, num_elements),
-                                 source.to(torch.float32, copy=True))
+        self._route_grad(param_id, dest_offset, num_elements, source.to(torch.float32, copy=True))
         self.clear_grad_attribute(param)
 
     # ------------------------------------------------------------------ overflow flag and norm without per-tensor syncs
@@ -380,8 +427,10 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
     def step(self, closure=None):
         start = time.perf_counter()
         if self._last_step_end is not None:
-            waited = self._executor.timings.forward_wait_s if self._executor is not None else 0.0
+            waited = self._executor.forward_wait_s if self._executor is not None else 0.0
             self._window_s = max(0.0, start - self._last_step_end - waited)
+            if self._executor is not None:
+                self._executor.forward_wait_s = 0.0
         self.micro_step_id = INITIAL_MICRO_STEP_ID
         self._wait_for_offload_copies()
         if self._executor is not None:
@@ -407,6 +456,10 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             self.zero_grad(set_to_none=True)
             self._release_preflattened_grad_buffers()
             self.reset_cpu_buffers()
+            if self._early_hyper is not None:
+                raise RuntimeError("interleaf: a step that started early host updates was skipped; this cannot "
+                                   "happen with bf16, check_grad_overflow false and gradient_clipping 0")
+            self._reset_grad_tracking()
             for timer in OPTIMIZER_TIMERS:
                 self.timers(timer).start()
                 self.timers(timer).stop()
@@ -419,18 +472,14 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
 
         if self._executor is None:
             self._build_executor()
-        self._maybe_plan()
-        hyper = []
-        for i, group in enumerate(self.optimizer.param_groups):
-            state = self._ensure_state(i)
-            state["step"] += 1
-            beta1, beta2 = group["betas"]
-            hyper.append(AdamHyper(
-                lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]), step=int(state["step"]), adamw_mode=self._adamw_mode,
-                bias_correction=bool(group.get("bias_correction", self._bias_correction)), grad_scale=grad_scale,
-            ))
+            self._plan(carry_grads=True)
+        hyper = self._next_step_hyper(grad_scale)
+        if self._early_hyper is not None and [h.step for h in hyper] != [h.step for h in self._early_hyper]:
+            raise RuntimeError("interleaf: early host updates used a different step count")  # cannot happen
+        for i in range(len(self.optimizer.param_groups)):
+            self._ensure_state(i)["step"] += 1
         self._executor.step(hyper)
+        self._reset_grad_tracking()
         for i in range(len(self.bit16_groups)):  # as DeepSpeed's offload step: drop this step's grad partitions
             self._release_preflattened_grad_buffers(i)
             self.averaged_gradients[i] = None
@@ -446,7 +495,13 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                                  allgather_bucket_size=self.allgather_bucket_size)
         for i in range(len(self.bit16_groups)):
             self._update_model_bit16_weights(i)
+        if self._replan_due():  # applies from the next backward on; waits for this step's host half
+            self._plan(carry_grads=False)
         self._last_step_end = time.perf_counter()
+
+    def _reset_grad_tracking(self) -> None:
+        self._grads_missing = dict(self._grads_per_subgroup)
+        self._early_hyper = None
 
     def wait_for_updates(self) -> None:
         """Block until every weight of the last step is in place (the forward hooks do this per layer)."""

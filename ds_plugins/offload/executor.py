@@ -107,9 +107,10 @@ class StepTimings:
 
     cpu_numel: int = 0
     cpu_busy_s: float = 0.0
+    early_numel: int = 0
+    """Parameters whose host update started during backward (before ``step``)."""
     gpu_numel: int = 0
     gpu_step_s: float = 0.0
-    forward_wait_s: float = 0.0
 
 
 class _DeviceEvents:
@@ -183,6 +184,12 @@ class HybridAdamExecutor:
         self._jobs: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self.timings = StepTimings()
+        self.last_timings = StepTimings()
+        """Timings of the last completed iteration."""
+        self.forward_wait_s = 0.0
+        """Host time the forward pre-hooks spent waiting for host updates (the caller resets it)."""
+        self._iteration_open = False
+        self._early: set[int] = set()
         self._gpu_timer: tuple[object, object] | None = None
 
     # ------------------------------------------------------------------ placement
@@ -268,31 +275,56 @@ class HybridAdamExecutor:
             self._grad_copy_event = None
 
     # ------------------------------------------------------------------ the step
+    def begin_iteration(self) -> None:
+        """Called at the first gradient of an iteration (and by :meth:`step`): the previous step's host work must
+        be finished, since this iteration's gradients overwrite the buffers it reads. No-op once open."""
+        if self._iteration_open:
+            return
+        self.wait_all()
+        for event in self._previous_uploads:  # the low-precision staging buffer is rewritten this iteration
+            event.synchronize()
+        self._previous_uploads = []
+        self.last_timings = self.timings
+        self.timings = StepTimings()
+        self._iteration_open = True
+
+    def submit_early(self, index: int, hyper: Sequence[AdamHyper]) -> None:
+        """Start the host update of CPU subgroup ``index`` now, during backward: its gradients are all issued and
+        the caller guarantees the step can neither be skipped nor rescaled (so no rollback is ever needed)."""
+        self.begin_iteration()
+        if self.placements[index] is not Placement.CPU or index in self._early:
+            return
+        done = threading.Event()
+        self._pending[index] = done
+        self._early.add(index)
+        self.timings.early_numel += self.numel(index)
+        self._ensure_worker()
+        self._jobs.put(([index], list(hyper), {index: done}, self._grad_copy_event))
+
     def step(self, hyper: Sequence[AdamHyper]) -> None:
         """Update every subgroup with the hyper-parameters of its flat partition (``hyper[group]``).
 
-        GPU subgroups are enqueued on the current stream before this returns; CPU subgroups run on the worker
-        thread. Call :meth:`wait_for` / :meth:`wait_all` before reading their weights.
+        GPU subgroups are enqueued on the current stream before this returns; CPU subgroups not started early
+        run on the worker thread. Call :meth:`wait_for` / :meth:`wait_all` before reading their weights.
         """
         if len(hyper) != len(self.groups):
             raise ValueError(f"{len(hyper)} hyper-parameter sets for {len(self.groups)} flat partitions")
-        self.wait_all()
+        self.begin_iteration()
         self.wait_grad_copies()
-        for event in self._previous_uploads:  # the staging buffer is rewritten below
-            event.synchronize()
-        self._previous_uploads = []
         cpu_order = [i for i, p in enumerate(self.placements) if p is Placement.CPU]
         if self.plan is not None:
             cpu_order = [i for i in self.plan.cpu_update_order if self.placements[i] is Placement.CPU] + [
                 i for i in cpu_order if i not in set(self.plan.cpu_update_order)
             ]
-        self.timings = StepTimings()
+        cpu_order = [i for i in cpu_order if i not in self._early]
         if cpu_order:
             done = {index: threading.Event() for index in cpu_order}
             self._pending.update(done)
             self._ensure_worker()
-            self._jobs.put((cpu_order, list(hyper), done))
+            self._jobs.put((cpu_order, list(hyper), done, None))
         self._gpu_step(hyper)
+        self._early = set()
+        self._iteration_open = False
 
     def _gpu_step(self, hyper: Sequence[AdamHyper]) -> None:
         adamw_step_ = _adamw_step_()
@@ -366,8 +398,10 @@ class HybridAdamExecutor:
             job = self._jobs.get()
             if job is None:
                 return
-            order, hyper, done = job
+            order, hyper, done, ready = job
             try:
+                if ready is not None:  # the gradient copies this update reads have landed
+                    ready.synchronize()
                 self._host_step(order, hyper, done)
             except BaseException as exc:  # surfaced on the main thread by wait_for/wait_all
                 self._worker_error = exc
@@ -399,8 +433,8 @@ class HybridAdamExecutor:
                 self._previous_uploads.append(uploaded)
             numel += sub.numel
             done[index].set()
-        self.timings.cpu_numel = numel
-        self.timings.cpu_busy_s = time.perf_counter() - start
+        self.timings.cpu_numel += numel
+        self.timings.cpu_busy_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ waiting
     def _raise_worker_error(self) -> None:
@@ -425,7 +459,7 @@ class HybridAdamExecutor:
                 done.wait()
             self._events.wait(self._upload_events.pop(index, None))
         if start is not None:
-            self.timings.forward_wait_s += time.perf_counter() - start
+            self.forward_wait_s += time.perf_counter() - start
         self._raise_worker_error()
 
     def wait_all(self) -> None:

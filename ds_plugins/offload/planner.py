@@ -4,7 +4,9 @@ Time line of one iteration as the executor runs it (``ds_plugins.offload.executo
 
 1. **Backward** produces gradients last layer first. Gradients of host-updated (CPU) subgroups stream to pinned
    host memory on a side stream while backward continues (``grad_bytes`` per parameter, device to host).
-2. **Step**, once the global gradient norm and the overflow flag are known (exact: nothing is updated before):
+2. **Step**, once the global gradient norm and the overflow flag are known (exact: nothing is updated before;
+   when the step can be neither skipped nor rescaled, host updates instead start during backward, subgroup by
+   subgroup as gradients land, see ``early_host_start``):
    - the GPU stream updates the GPU subgroups: *resident* ones keep fp32 master, m and v in GPU memory; *streamed*
      ones bring their 12 B/param of state up and take it back down (PCIe-bound);
    - at the same time a host thread updates the CPU subgroups in forward order (host-memory-bound kernel) and
@@ -164,8 +166,14 @@ def estimate(
     subgroups: Sequence[SubgroupTiming],
     rates: HardwareRates,
     byte_model: ByteModel = ByteModel(),
+    *,
+    early_host_start: bool = False,
 ) -> PlanEstimate:
-    """Simulate one iteration's optimizer-related time line for a placement (see the module docstring)."""
+    """Simulate one iteration's optimizer-related time line for a placement (see the module docstring).
+
+    Times count from the start of backward. ``early_host_start``: host updates start as soon as a subgroup's
+    gradients have landed (in arrival order, last layers first) instead of after backward in forward order.
+    """
     if len(placements) != len(subgroups):
         raise ValueError(f"{len(placements)} placements for {len(subgroups)} subgroups")
     bm = byte_model
@@ -173,11 +181,15 @@ def estimate(
     total_backward = sum(s.backward_s for s in subgroups)
     produced = 0.0
     d2h_done = 0.0
-    for sub, where in zip(reversed(subgroups), reversed(placements)):
+    landed: dict[int, float] = {}
+    for index in reversed(range(len(subgroups))):
+        sub, where = subgroups[index], placements[index]
         produced += sub.backward_s
         if where is Placement.CPU:
             d2h_done = max(d2h_done, produced) + _safe_div(sub.numel * bm.grad_bytes, rates.d2h_bytes_per_s)
-    backward_tail = max(0.0, d2h_done - total_backward)
+            landed[index] = d2h_done
+    step_start = max(total_backward, d2h_done)
+    backward_tail = step_start - total_backward
 
     # 2. step: GPU stream (resident, then streamed state in/out), host thread in parallel.
     gpu_step = 0.0
@@ -202,22 +214,27 @@ def estimate(
         first = next(s.numel for s, w in zip(subgroups, placements) if w is Placement.GPU_STREAMED)
         gpu_step += _safe_div(first * bm.state_bytes, rates.h2d_bytes_per_s)
 
-    cpu_done = 0.0
+    cpu_order = sorted(landed, reverse=True) if early_host_start else sorted(landed)
+    cpu_free = 0.0 if early_host_start else step_start
+    cpu_busy = 0.0
     upload_done = 0.0
     upload_ready: dict[int, float] = {}
-    for index, (sub, where) in enumerate(zip(subgroups, placements)):
-        if where is Placement.CPU:
-            cpu_done += _safe_div(sub.numel, rates.cpu_update_params_per_s)
-            upload_done = max(upload_done, cpu_done) + _safe_div(sub.numel * bm.lowp_bytes, rates.h2d_bytes_per_s)
-            upload_ready[index] = upload_done
+    for index in cpu_order:
+        sub = subgroups[index]
+        work = _safe_div(sub.numel, rates.cpu_update_params_per_s)
+        cpu_free = max(cpu_free, landed[index] if early_host_start else step_start) + work
+        cpu_busy += work
+        upload_done = max(upload_done, cpu_free) + _safe_div(sub.numel * bm.lowp_bytes, rates.h2d_bytes_per_s)
+        upload_ready[index] = upload_done
 
     # 3. next forward: starts when the GPU stream finished its step; CPU layers wait for their upload.
-    clock = gpu_step
+    forward_start = step_start + gpu_step
+    clock = forward_start
     for index, sub in enumerate(subgroups):
         if index in upload_ready:
             clock = max(clock, upload_ready[index])
         clock += sub.forward_s
-    forward_stall = clock - gpu_step - sum(s.forward_s for s in subgroups)
+    forward_stall = clock - forward_start - sum(s.forward_s for s in subgroups)
 
     gpu_bytes = (
         resident_numel * (bm.state_bytes + bm.gpu_grad_bytes)
@@ -227,7 +244,7 @@ def estimate(
     return PlanEstimate(
         backward_tail_s=backward_tail,
         gpu_step_s=gpu_step,
-        cpu_busy_s=cpu_done,
+        cpu_busy_s=cpu_busy,
         forward_stall_s=max(0.0, forward_stall),
         gpu_state_bytes=int(gpu_bytes),
     )
@@ -272,6 +289,7 @@ def plan_offload(
     gpu_memory_budget_bytes: float = math.inf,
     byte_model: ByteModel = ByteModel(),
     tolerance: float = 0.02,
+    early_host_start: bool = False,
 ) -> OffloadPlan:
     """Choose GPU/CPU placement per subgroup (``subgroups`` in forward order).
 
@@ -279,6 +297,7 @@ def plan_offload(
     the smaller share), resident within ``gpu_memory_budget_bytes`` and streamed beyond it; if even streaming does
     not fit, the largest prefix that fits. ``"auto"``: the smallest prefix whose predicted overhead is within
     ``tolerance`` (relative to forward + backward time, at least 0.1 ms) of the best prefix that fits.
+    ``early_host_start``: the executor may start host updates during backward (see :func:`estimate`).
     """
     if not subgroups:
         raise ValueError("plan_offload needs at least one subgroup")
@@ -297,7 +316,8 @@ def plan_offload(
         placements = _prefix_placements(subgroups, count, gpu_memory_budget_bytes, byte_model)
         if placements is None:
             continue
-        candidates.append((count, placements, estimate(placements, subgroups, rates, byte_model)))
+        candidates.append((count, placements, estimate(placements, subgroups, rates, byte_model,
+                                                       early_host_start=early_host_start)))
     # count 0 (everything on the host) always fits.
 
     if gpu_fraction != "auto":

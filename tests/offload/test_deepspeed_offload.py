@@ -25,12 +25,29 @@ def _plan_info(engine) -> dict:
         "subgroups": len(ex.subgroups),
         "step": [int(opt.optimizer.state[p]["step"]) for p in opt.single_partition_of_fp32_groups],
         "hooks": len(opt._hook_handles),
+        "early_numel": ex.timings.early_numel,
     }
 
 
 def _record_plan(tag, engine, result):
     if tag == "end" and type(engine.optimizer).__name__ == "InterleafZeroOptimizer":
         result["plan"] = _plan_info(engine)
+
+
+def _record_masters(tag, engine, result):
+    """fp32 master partitions (what bf16 training really updates) and, for interleaf, the plan."""
+    if tag != "end":
+        return
+    _record_plan(tag, engine, result)
+    if hasattr(engine.optimizer, "sync_optimizer_state"):
+        engine.optimizer.sync_optimizer_state()
+    result["masters"] = [t.detach().double().numpy().copy() for t in engine.optimizer.single_partition_of_fp32_groups]
+
+
+def _masters_rel_diff(a, b) -> float:
+    import numpy as np
+
+    return max(float(np.linalg.norm(x - y) / np.linalg.norm(y)) for x, y in zip(a["masters"], b["masters"]))
 
 
 # ---------------------------------------------------------------------------------------------- fp32 parity
@@ -54,6 +71,14 @@ def _fp32_scenarios(rank, world):
     out["il_streamed"] = H.train_engine(
         H.ds_config(interleaf={"gpu_fraction": 0.7, "gpu_memory_budget_gib": 2500 * 16 / 2**30}), STEPS,
         engine_hook=_record_plan)
+    # bf16: host updates start during backward when the step cannot be skipped or rescaled
+    bf16 = {"bf16": {"enabled": True, "check_grad_overflow": False}}
+    for clip in (0.0, 0.05):
+        out[f"ds_bf16_{clip}"] = H.train_engine(H.ds_config(offload=False, clip=clip, **bf16), STEPS,
+                                                dtype=torch.bfloat16, engine_hook=_record_masters)
+        out[f"il_bf16_{clip}"] = H.train_engine(H.ds_config(clip=clip, interleaf={"gpu_fraction": 0.5}, **bf16),
+                                                STEPS, dtype=torch.bfloat16, engine_hook=_record_masters,
+                                                wait_each_step=False)
     # gradient accumulation 2 (DeepSpeed's accumulate-through-host path) with clipping
     ga = dict(gradient_accumulation_steps=2, train_batch_size=2 * H.BATCH)
     data = H.batches(2 * STEPS)
@@ -99,6 +124,19 @@ def test_next_forward_waits_per_layer(fp32_runs):
     run, ref = fp32_runs["il_nowait"], fp32_runs["ds"]
     assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6)
     assert H.max_rel_diff(run["params"][-1], ref["params"][-1]) <= TOL
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_bf16_host_updates_during_backward_only_when_exact(fp32_runs, clip):
+    run, ref = fp32_runs[f"il_bf16_{clip}"], fp32_runs[f"ds_bf16_{clip}"]
+    assert _masters_rel_diff(run, ref) <= TOL
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    if clip == 0.0:  # nothing can skip or rescale the step: the host half starts during backward
+        assert run["plan"]["early_numel"] == run["plan"]["cpu_numel"] > 0
+    else:  # clipping needs the global norm first
+        assert run["plan"]["early_numel"] == 0 and run["plan"]["cpu_numel"] > 0
+    assert fp32_runs["il_0.5"]["plan"]["early_numel"] == 0  # fp32 skips on a non-finite norm: no early start
 
 
 @pytest.mark.timeout(300)

@@ -154,3 +154,27 @@ def test_planner_is_torch_free():
     code = ("import sys, ds_plugins.offload.planner, ds_plugins.offload.settings; "
             "assert 'torch' not in sys.modules, 'planner imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_early_host_start_hides_more():
+    # gradients of the last layers land early in backward: starting the host there can only help
+    subs = uniform(n=24, numel=30 * M, forward=0.003, backward=0.006)
+    r = rates(cpu=3e9)
+    late = plan_offload(subs, r, gpu_fraction=0.5)
+    early = plan_offload(subs, r, gpu_fraction=0.5, early_host_start=True)
+    assert early.estimate.overhead_s < late.estimate.overhead_s
+    assert early.estimate.cpu_busy_s == pytest.approx(late.estimate.cpu_busy_s)
+    assert plan_offload(subs, r, early_host_start=True).gpu_fraction <= plan_offload(subs, r).gpu_fraction
+
+
+def test_early_estimate_by_hand():
+    # one host subgroup at the end: gradient lands at 0.02 + 0.004, host busy 0.01 -> done 0.034, upload 0.036;
+    # backward ends at 0.04, forward of layer 0 (GPU) 0.04..0.05, layer 1 needs the upload (done): no stall
+    subs = [SubgroupTiming(numel=10 * M, forward_s=0.01, backward_s=0.02) for _ in range(2)]
+    r = rates(cpu=1e9, gpu=1e12, h2d=1e10, d2h=1e10, duplex=2e10)
+    est = estimate([Placement.GPU_RESIDENT, Placement.CPU], subs, r, early_host_start=True)
+    assert est.backward_tail_s == 0.0
+    assert est.forward_stall_s == pytest.approx(0.0, abs=1e-12)
+    late = estimate([Placement.GPU_RESIDENT, Placement.CPU], subs, r)
+    # late: host starts at 0.04, done 0.05, upload 0.052; layer 1 would start at 0.04+1e-5+0.01: stall ~0.002
+    assert late.forward_stall_s == pytest.approx(0.052 - (0.04 + 1e-5 + 0.01))
