@@ -394,6 +394,8 @@ class HybridAdamExecutor:
 
     def _worker_loop(self) -> None:
         torch.set_num_threads(self._host_threads)
+        if self._events.cuda:
+            torch.cuda.set_device(self.device)
         while True:
             job = self._jobs.get()
             if job is None:

@@ -314,6 +314,19 @@ def _bad_config_scenarios(rank, world):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                       optimizer=H.make_optimizer(model.parameters()), config=H.ds_config())
     errors["plain_class"] = type(engine.optimizer).__module__ + "." + type(engine.optimizer).__name__
+    # uninstall: DeepSpeed's class and engine method come back; the block is then ignored
+    import deepspeed.runtime.engine as ds_engine
+    import ds_plugins
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    ds_plugins.uninstall()
+    errors["restored"] = ds_engine.DeepSpeedZeroOptimizer is DeepSpeedZeroOptimizer and \
+        ds_engine.DeepSpeedEngine._configure_optimizer.__module__ == "deepspeed.runtime.engine"
+    model = H.make_model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      optimizer=H.make_optimizer(model.parameters()),
+                                      config=H.ds_config(interleaf={"gpu_fraction": 0.5}))
+    errors["after_uninstall"] = type(engine.optimizer).__name__
     return errors
 
 
@@ -325,6 +338,7 @@ def test_bad_config_errors_through_deepspeed(tmp_path):
     assert "gpu_fraction must be in [0, 1]" in errors["bad_fraction"]
     assert "Adam/AdamW only" in errors["sgd"]
     assert errors["plain_class"] == "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+    assert errors["restored"] and errors["after_uninstall"] == "DeepSpeedZeroOptimizer"
 
 
 # ---------------------------------------------------------------------------------------------- 2 ranks
