@@ -149,6 +149,7 @@ class P2PCommunicator:
         timeout_s: float = 300.0,
         batched: bool | None = None,
         use_tags: bool | None = None,
+        direction_groups: bool | None = None,
         blocking_cuda_waits: bool = False,
     ) -> None:
         if timeout_s <= 0:
@@ -170,10 +171,23 @@ class P2PCommunicator:
         self._sent_specs: dict[tuple[int, bool], MessageSpec] = {}  # (src stage, grad enabled) -> spec
         self._recv_specs: dict[tuple[int, bool], MessageSpec] = {}
         self._sends: list[_PendingSend] = []
-        self._batch: list[tuple[dist.P2POp, Any]] = []  # (op, owner) collected until flush()
-        if self.is_nccl:
+        self._batch: dict[tuple[int, int], list[list[Any]]] = {}  # edge -> [[P2POp, work]] until flush()
+        self._edge_groups: dict[tuple[int, int], dist.ProcessGroup | None] = {}
+        self.uses_direction_groups = self.is_nccl if direction_groups is None else bool(direction_groups)
+        if self.uses_direction_groups:
+            self._edge_groups = _direction_groups(self._pipeline_edges(), self.backend, self.device)
+        elif self.is_nccl:
             # anchors.md: the first batched p2p on a group must involve all its ranks.
             dist.barrier(group=group)
+
+    def _pipeline_edges(self) -> list[tuple[int, int]]:
+        """Directed (sender, receiver) global-rank pairs that carry messages in this pipeline."""
+        edges = set()
+        for s in range(len(self.stage_to_rank) - 1):
+            a, b = self.stage_to_rank[s], self.stage_to_rank[s + 1]
+            if a != b:
+                edges.update({(a, b), (b, a)})
+        return sorted(edges)
 
     @classmethod
     def for_shape(
@@ -218,15 +232,17 @@ class P2PCommunicator:
     # ------------------------------------------------------------------ posting
     def _post(self, op: Any, tensor: torch.Tensor, peer: int, tag: int) -> Any:
         """Post one send/recv now (gloo) or add it to the current batch (NCCL); returns the work or None."""
+        edge = (self.rank, peer) if op is dist.isend else (peer, self.rank)
+        group = self._edge_groups[edge] if self.uses_direction_groups else self.group
         if self.batched:
-            p2p_op = dist.P2POp(op, tensor, peer, group=self.group, tag=tag)
+            p2p_op = dist.P2POp(op, tensor, peer, group=group, tag=tag)
             entry: list[Any] = [p2p_op, None]
-            self._batch.append(entry)  # type: ignore[arg-type]
+            self._batch.setdefault(edge, []).append(entry)
             return entry
         try:
             if op is dist.isend:
-                return dist.isend(tensor, peer, group=self.group, tag=tag)
-            return dist.irecv(tensor, peer, group=self.group, tag=tag)
+                return dist.isend(tensor, peer, group=group, tag=tag)
+            return dist.irecv(tensor, peer, group=group, tag=tag)
         except Exception as exc:  # e.g. the connection to a dead peer is gone
             what = "send to" if op is dist.isend else "receive from"
             raise RuntimeError(
@@ -235,25 +251,30 @@ class P2PCommunicator:
             ) from exc
 
     def flush(self) -> None:
-        """Issue the operations collected since the last flush as one ``batch_isend_irecv`` (batched mode)."""
+        """Issue the operations collected since the last flush: one ``batch_isend_irecv`` per group (batched
+        mode; with direction groups, one per directed rank pair)."""
         if not self._batch:
             return
-        try:
-            works = dist.batch_isend_irecv([entry[0] for entry in self._batch])
-        except Exception as exc:
-            peers = sorted({entry[0].peer for entry in self._batch})
-            raise RuntimeError(
-                f"pipeline p2p: rank {self.rank} could not post a batch of sends/receives with peer ranks {peers} "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
-        if len(works) == len(self._batch):
-            for entry, work in zip(self._batch, works):
-                entry[1] = work
-        else:  # NCCL coalescing returns one work for the whole batch: every op waits on all of them
-            shared = tuple(works)
-            for entry in self._batch:
-                entry[1] = shared
-        self._batch = []
+        batches = self._batch
+        self._batch = {}
+        if not self.uses_direction_groups:  # one group: one batch
+            batches = {(-1, -1): [e for entries in batches.values() for e in entries]}
+        for entries in batches.values():
+            try:
+                works = dist.batch_isend_irecv([entry[0] for entry in entries])
+            except Exception as exc:
+                peers = sorted({entry[0].peer for entry in entries})
+                raise RuntimeError(
+                    f"pipeline p2p: rank {self.rank} could not post a batch of sends/receives with peer ranks "
+                    f"{peers} ({type(exc).__name__}: {exc})"
+                ) from exc
+            if len(works) == len(entries):
+                for entry, work in zip(entries, works):
+                    entry[1] = work
+            else:  # NCCL coalescing returns one work for the whole batch: every op waits on all of them
+                shared = tuple(works)
+                for entry in entries:
+                    entry[1] = shared
 
     def send(self, key: MessageKey, value: Any) -> None:
         """Send ``value`` (a stage output for ``"F"``, a tuple of gradients for ``"B"``); returns at once."""
@@ -395,7 +416,43 @@ class P2PCommunicator:
     def abort(self) -> None:
         """Forget all pending operations (after an error; the process group is unusable for this step)."""
         self._sends = []
-        self._batch = []
+        self._batch = {}
+
+
+_DIRECTION_GROUPS: dict[tuple, dict[tuple[int, int], dist.ProcessGroup]] = {}
+
+
+def _direction_groups(
+    my_edges: list[tuple[int, int]], backend: str, device: torch.device
+) -> dict[tuple[int, int], dist.ProcessGroup]:
+    """One process group per directed (sender, receiver) pair of every pipeline in the world; returns this rank's.
+
+    A collective over the default group: every rank calls it (``all_gather_object`` of the pipelines' edges,
+    then ``new_group`` for each edge in one global order). With one group per direction, each NCCL stream
+    carries one sender's messages to one receiver in order, so a send waits only for its own receive: no
+    cycle of sends across ranks or across the two directions of a pair can block the streams (on a single
+    communicator, interleaved 1F1B's gradient sends wait on each other in a ring; see
+    tests/runtime/test_runtime_nccl_discipline.py). Created once per process for a given set of edges.
+    """
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, my_edges)
+    all_edges = tuple(sorted({tuple(e) for edges in gathered for e in edges}))
+    cache_key = (all_edges, backend)
+    cached = _DIRECTION_GROUPS.get(cache_key)
+    if cached is None:
+        cached = {}
+        mine = set(my_edges)
+        for edge in all_edges:
+            group = dist.new_group(list(edge), backend=backend)  # every rank, same order
+            if edge in mine:
+                cached[edge] = group
+        # the first batched p2p on an NCCL group must involve all its ranks (anchors.md): initialise each group
+        # with a barrier, in the global edge order (acyclic: the smallest unfinished edge always has both ends)
+        if "nccl" in backend:
+            for edge in sorted(cached):
+                dist.barrier(group=cached[edge], device_ids=[device.index] if device.index is not None else None)
+        _DIRECTION_GROUPS[cache_key] = cached
+    return cached
 
 
 def _spec_to_plain(spec: MessageSpec) -> tuple:

@@ -144,10 +144,11 @@ def data_parallel_pipelines(rank: int, world: int, microbatches: int) -> dict:
     dp_index, pipe_rank = divmod(rank, pp)
     ranks = [dp_index * pp + r for r in range(pp)]
     out = {}
+    nccl_like = {"batched": True, "use_tags": False, "direction_groups": True}  # edges of both pipelines
     for name in ("zb-v", "interleaved-1f1b", "zb-h2"):
         out[name] = _check_schedule(
-            name, pipe_rank, pp, microbatches, p2p_kwargs={}, pipeline_ranks=ranks, group=groups[dp_index],
-            data_seed=10 + dp_index,
+            name, pipe_rank, pp, microbatches, p2p_kwargs=nccl_like if name == "zb-v" else {},
+            pipeline_ranks=ranks, group=groups[dp_index], data_seed=10 + dp_index,
         )
         dist.barrier()
     return out

@@ -14,9 +14,11 @@ from runtime_workers import all_schedules, dead_peer
 TOL = 1e-12
 
 # p2p modes: tagged gloo (default); untagged = every tag 0, so messages match in posting order only, like NCCL:
-# correct results prove the executor posts receives in each peer's send order; batched = batch_isend_irecv.
-MODES_PP2 = {"tagged": {}, "untagged": {"use_tags": False}, "batched": {"batched": True, "use_tags": False}}
-MODES_PP4 = {"tagged": {}, "untagged": {"use_tags": False}}
+# correct results prove the executor posts receives in each peer's send order.
+# "nccl-like" = what NCCL gets: untagged, batched, one process group per direction between two ranks.
+NCCL_LIKE = {"batched": True, "use_tags": False, "direction_groups": True}
+MODES_PP2 = {"tagged": {}, "untagged": {"use_tags": False}, "nccl-like": NCCL_LIKE}
+MODES_PP4 = {"tagged": {}, "nccl-like": NCCL_LIKE}
 
 
 @pytest.fixture(scope="module")
