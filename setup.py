@@ -3,7 +3,8 @@
 The csrc ops (docs/ops.md): the CPU AdamW op is always built (one TU per ISA, the ISA picked at run time; never
 -march=native); the CUDA op is built when torch has CUDA (`torch.version.cuda`) and a toolkit is found
 (`CUDA_HOME`). No GPU is probed: without TORCH_CUDA_ARCH_LIST set, a fixed list of architectures is used.
-INTERLEAF_BUILD_OPS=0 installs without extensions (ds_plugins.ops then JIT-builds them on first use).
+INTERLEAF_BUILD_OPS: "auto" (default) builds them and, if a build fails, warns and installs without it
+(ds_plugins.ops then tries a JIT build, else its torch twin); "1" makes a failed build fatal; "0" skips them.
 """
 import os
 
@@ -19,13 +20,29 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
 
 def _extensions():
     """The extension modules to build, and the build_ext command class (empty when torch is missing)."""
-    if os.environ.get("INTERLEAF_BUILD_OPS", "1") == "0":
+    mode = os.environ.get("INTERLEAF_BUILD_OPS", "auto")
+    if mode not in ("auto", "1", "0"):
+        raise ValueError(f"INTERLEAF_BUILD_OPS must be auto, 1 or 0; got {mode!r}")
+    if mode == "0":
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:  # pure-Python install; ds_plugins.ops JIT-builds or falls back to torch
         return [], {}
+
+    class BuildExtensionOrWarn(cpp_extension.BuildExtension):
+        """torch's BuildExtension; in "auto" mode a failed extension is reported and skipped, not fatal."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001 - compiler/ninja errors come as several types
+                if mode == "1":
+                    raise
+                self.warn(f"building {ext.name} failed ({error}); installing without it: ds_plugins.ops will "
+                          "try a JIT build, then its pure-torch twin. Set INTERLEAF_BUILD_OPS=1 to make this fatal.")
+
     modules = [
         cpp_extension.CppExtension(
             "ds_plugins.ops._interleaf_cpu",
@@ -43,7 +60,7 @@ def _extensions():
                 extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS},
             )
         )
-    return modules, {"build_ext": cpp_extension.BuildExtension}
+    return modules, {"build_ext": BuildExtensionOrWarn}
 
 
 ext_modules, cmdclass = _extensions()

@@ -99,9 +99,11 @@ def _load_locked(kind: str) -> bool:
 def _warn_once(kind: str, error: BaseException) -> None:
     global _warned
     if not _warned:
+        reason = str(error).strip()
+        reason = reason if len(reason) <= 400 else reason[:400] + " ..."
         logger.warning(
             "interleaf native %s ops unavailable (%s: %s); using the pure-torch twin (same math, slower). "
-            "Set %s=torch to silence this.", kind, type(error).__name__, error, OPS_MODE_ENV)
+            "Set %s=torch to silence this.", kind, type(error).__name__, reason, OPS_MODE_ENV)
         _warned = True
 
 
