@@ -1,0 +1,363 @@
+"""megatron-core's own pipeline schedules vs interleaf's, on megatron's GPTModel, in ONE process group.
+
+Model: the GPT of ../shared/docs/anchors.md in megatron's ``GPTModel`` with the local layer spec (no Transformer
+Engine on the image: unfused attention): 32 layers, hidden 2048, 16 heads, seq 2048, vocab 32000, tied embedding /
+LM head, dropout 0, micro-batch 1, bf16 via ``Float16Module`` + megatron DDP (fp32 ``main_grad``), pp = 4
+(= world size), dp = tp = 1. Weights come from a generator seeded by each parameter's model-global name, so every
+variant trains the same model (their first-step losses are printed as a check).
+
+For m = 8 and m = 16 micro-batches:
+
+- ``megatron-1f1b``: ``forward_backward_pipelining_without_interleaving`` (vp = 1);
+- ``megatron-interleaved``: ``forward_backward_pipelining_with_interleaving``, vp = 2 (the baseline);
+- ``zb-h2`` (vp = 1), ``zb-v`` and ``auto`` (V placement, ``megatron_patches.build_model_chunks``):
+  megatron's ``get_forward_backward_func()`` after ``megatron_patches.apply(name)``; ``auto`` re-plans from
+  measured timings after its warm-up steps (excluded from timing).
+
+One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
+for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
+peak allocated memory per rank (GiB, timed steps), first-step loss.
+
+GPU (writes its section of BENCHMARKS.md)::
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 4 benchmarks/megatron.py
+
+CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
+
+    OMP_NUM_THREADS=1 python benchmarks/megatron.py --tiny --procs 4
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import socket
+import sys
+import time
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# Run as a script, this file's directory comes first on sys.path and "megatron" would name this file, not
+# megatron-core: keep benchmarks/ off the path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
+             "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v"}
+DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "auto")
+BASELINE = "megatron-interleaved"
+SECTION_START = "<!-- benchmarks/megatron.py:start -->"
+SECTION_END = "<!-- benchmarks/megatron.py:end -->"
+ANCHOR = dict(layers=32, hidden=2048, heads=16, seq=2048, vocab=32000)
+TINY = dict(layers=8, hidden=64, heads=4, seq=64, vocab=256)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny GPT, fp32 (CPU smoke test)")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help=f"subset of {sorted(LAYOUT_OF)}")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (auto: + its re-plan steps)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
+    p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
+    p.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants if v not in LAYOUT_OF]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ model
+def _config(shape, *, pp, vp, gpu):
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if gpu else torch.float32
+    return TransformerConfig(
+        num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=gpu, params_dtype=dtype, pipeline_dtype=dtype,
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp, use_cpu_initialization=not gpu,
+        perform_initialization=False, deallocate_pipeline_outputs=True, batch_p2p_comm=gpu,
+    )
+
+
+def _provider(config, shape):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    def model_provider(pre_process=True, post_process=True, vp_stage=None):
+        return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
+                        vocab_size=shape["vocab"], max_sequence_length=shape["seq"], pre_process=pre_process,
+                        post_process=post_process, share_embeddings_and_output_weights=True, vp_stage=vp_stage)
+
+    return model_provider
+
+
+@torch.no_grad()
+def _init_by_global_name(model) -> None:
+    """Seed each parameter from its model-global name (decoder layers by global layer number): the same weights
+    whatever the chunk layout. The tied LM-head copy takes the embedding's values."""
+    layers = model.decoder.layers
+    for name, p in model.named_parameters():
+        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+        if m:
+            name = f"decoder.layers.{layers[int(m.group(1))].layer_number}.{m.group(2)}"
+        if name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"
+        g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
+        if name.endswith("layernorm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * 0.02)
+
+
+def _build(layout, shape, *, pp, gpu):
+    """Chunks of this rank for ``layout`` ("loop1", "loop2", "v"), in Float16Module (GPU) + megatron DDP."""
+    import megatron_patches
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    vp = None if layout == "loop1" else 2
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, pp, vp)
+    config = _config(shape, pp=pp, vp=vp, gpu=gpu)
+    provider = _provider(config, shape)
+    if layout == "v":
+        chunks = megatron_patches.build_model_chunks(provider)
+    else:
+        chunks = []
+        for c in range(vp or 1):
+            vps = c if vp else None
+            chunks.append(provider(pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vps),
+                                   post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vps),
+                                   vp_stage=vps))
+    wrapped = []
+    for chunk in chunks:
+        if gpu:
+            chunk.cuda(torch.cuda.current_device())
+        _init_by_global_name(chunk)
+        module = Float16Module(config, chunk) if gpu else chunk
+        ddp = DistributedDataParallel(
+            config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                  use_distributed_optimizer=False), module)
+        wrapped.append(ddp)
+    config.no_sync_func = [w.no_sync for w in wrapped] if vp else wrapped[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped, config
+
+
+def _forward_step_factory(shape, device):
+    s = shape["seq"]
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), diagonal=1)
+    position_ids = torch.arange(s, device=device).unsqueeze(0)
+
+    def forward_step(data_iterator, model):
+        tokens, labels = next(data_iterator)
+        output = model(tokens, position_ids, mask, labels=labels)
+
+        def loss_func(output_tensor):
+            loss = output_tensor.float().mean()
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(variant, wrapped, config, shape, m, args, device):
+    import megatron_patches
+    from megatron.core.pipeline_parallel import schedules
+
+    g = torch.Generator().manual_seed(7)
+    data = [(torch.randint(0, shape["vocab"], (1, shape["seq"]), generator=g).to(device),
+             torch.randint(0, shape["vocab"], (1, shape["seq"]), generator=g).to(device)) for _ in range(m)]
+    forward_step = _forward_step_factory(shape, device)
+    vp = len(wrapped)
+    if variant.startswith("megatron-"):
+        megatron_patches.remove()
+        func = schedules.get_forward_backward_func()
+        warmup = args.warmup
+    else:
+        from megatron_patches.forward_backward import AUTO_WARMUP_STEPS
+
+        megatron_patches.apply(variant)
+        func = schedules.get_forward_backward_func()
+        warmup = args.warmup + (AUTO_WARMUP_STEPS if variant == "auto" else 0)
+
+    def step():
+        for w in wrapped:
+            w.zero_grad_buffer()
+        iters = [iter(data) for _ in wrapped]
+        return func(forward_step_func=forward_step, data_iterator=iters if vp > 1 else iters[0],
+                    model=wrapped if vp > 1 else wrapped[0], num_microbatches=m, seq_length=shape["seq"],
+                    micro_batch_size=1)
+
+    store = step()
+    first_loss = float(torch.stack([d["lm loss"] for d in store]).mean()) if store else None
+    for _ in range(warmup - 1):
+        step()
+    _sync(device)
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        _sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    megatron_patches.remove()
+    # One figure per step: the slowest rank's time.
+    t = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak)
+    losses = [None] * dist.get_world_size()
+    dist.all_gather_object(losses, first_loss)
+    loss = next((x for x in losses if x is not None), None)
+    mean_s = float(t.mean())
+    return {"variant": variant, "microbatches": m, "step_s": mean_s,
+            "tokens_per_s": m * shape["seq"] / mean_s, "peak_gib": peaks, "first_loss": loss}
+
+
+def run_all(args):
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    shape = TINY if args.tiny else ANCHOR
+    pp = dist.get_world_size()
+    rows = []
+    for layout in ("loop1", "loop2", "v"):
+        variants = [v for v in args.variants if LAYOUT_OF[v] == layout]
+        if not variants:
+            continue
+        wrapped, config = _build(layout, shape, pp=pp, gpu=gpu)
+        for m in args.microbatches:
+            for variant in variants:
+                row = _measure(variant, wrapped, config, shape, m, args, device)
+                rows.append(row)
+                if dist.get_rank() == 0:
+                    print(f"{variant:22s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
+                          f"{row['step_s'] * 1e3:8.1f} ms, first loss {row['first_loss']:.5f}, peak GiB "
+                          f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])}", flush=True)
+        del wrapped, config
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows, microbatches):
+    lines = []
+    for m in microbatches:
+        sel = [r for r in rows if r["microbatches"] == m]
+        base = next((r["tokens_per_s"] for r in sel if r["variant"] == BASELINE), None)
+        base_peak = next((max(r["peak_gib"]) for r in sel if r["variant"] == BASELINE), None)
+        lines += [f"**m = {m}**", "",
+                  "| variant | tokens/s | vs megatron interleaved | peak GiB per rank | max peak vs interleaved | "
+                  "first-step loss |",
+                  "|---|---|---|---|---|---|"]
+        for r in sel:
+            ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "—"
+            peak_ratio = f"{max(r['peak_gib']) / base_peak:.2f}x" if base_peak else "—"
+            peaks = " / ".join(f"{p:.1f}" for p in r["peak_gib"])
+            loss = f"{r['first_loss']:.5f}" if r["first_loss"] is not None else "—"
+            lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {ratio} | {peaks} | {peak_ratio} | {loss} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(path: str, text: str) -> None:
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = f"{SECTION_START}\n{text}\n{SECTION_END}"
+    if SECTION_START in old and SECTION_END in old:
+        head, rest = old.split(SECTION_START, 1)
+        _, tail = rest.split(SECTION_END, 1)
+        new = head + block + tail
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(args: argparse.Namespace) -> None:
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        sys.path.insert(0, os.path.join(ROOT, "tests", "megatron"))
+        import cpu_shim  # test-only CUDA->CPU mapping for megatron-core; never used on GPU
+
+        cpu_shim.install()
+    dist.init_process_group("nccl" if gpu else "gloo")
+    rows = run_all(args)
+    if dist.get_rank() == 0:
+        import megatron.core
+
+        shape = TINY if args.tiny else ANCHOR
+        device_name = torch.cuda.get_device_name(0) if gpu else "CPU (gloo)"
+        world = dist.get_world_size()
+        head = (
+            "## Pipeline schedules under megatron-core (benchmarks/megatron.py)\n\n"
+            f"{datetime.date.today().isoformat()}, {world}x {device_name}, torch {torch.__version__}, megatron-core "
+            f"{megatron.core.__version__}, Python {sys.version.split()[0]}. megatron GPTModel (local spec, unfused "
+            f"attention) {shape['layers']}L h{shape['hidden']} {shape['heads']} heads seq {shape['seq']} vocab "
+            f"{shape['vocab']}, tied embedding, micro-batch 1, pp={world}, {'bf16 (Float16Module)' if gpu else 'fp32'}, "
+            f"megatron DDP; {args.warmup} warm-up (+3 for auto's re-plan) + {args.steps} timed steps per variant, "
+            "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
+            "optimizer step. Peak memory: max allocated during the timed steps.\n"
+        )
+        text = head + "\n" + table(rows, args.microbatches)
+        print(text, flush=True)
+        out = args.out or (os.path.join(ROOT, "BENCHMARKS.md") if gpu else None)
+        if out:
+            write_section(out, text)
+            print(f"updated {out}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    main(args)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if arguments.procs:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free_port = s.getsockname()[1]
+        mp.spawn(_spawned, args=(arguments.procs, free_port, arguments), nprocs=arguments.procs, join=True)
+    else:
+        main(arguments)
