@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _SEND_F, _RECV_F, _SEND_B, _RECV_B = ActionKind.SEND_F, ActionKind.RECV_F, ActionKind.SEND_B, ActionKind.RECV_B
 
+_DIRECTED_LOOKAHEAD = 4
+"""Default receive lookahead (compute actions) on NCCL with direction groups: early enough that a receive is
+usually posted before its sender sends (the transfer overlaps compute), few enough buffers held early."""
+
 Timing = Literal["none", "action", "sync"]
 """How the executor times compute: ``"none"`` (wall time only), ``"action"`` (every compute action; CUDA events
 resolved only when a timing is read, so no sync in the hot path) or ``"sync"`` (synchronize the device around
@@ -251,8 +255,9 @@ class PipelineExecutor:
         weight_grad_queue: the queue deferred weight gradients go to (default: a new one); pass the adapter's
             queue to choose how weight gradients are accumulated (``main_grad``, bf16 buffers).
         timing: see :data:`Timing`.
-        recv_lookahead: how many compute actions ahead receives are posted (None: gloo = all whose shapes are
-            known, NCCL = 0, i.e. batched with the previous compute action's sends).
+        recv_lookahead: how many compute actions ahead receives are posted once their shapes are known (None:
+            tagged gloo = all; NCCL with direction groups = 4; one untagged group = 0, i.e. only right before
+            the consumer, batched with the previous compute action's sends).
         log_every: log wall/busy/bubble (and tokens/s) every this many steps (0: never).
         backward_context: called before every I, W and B action; the context manager it returns is entered
             around that action (DeepSpeed's ``_running_engine_backward`` flag, profiler ranges, ...).
@@ -302,7 +307,12 @@ class PipelineExecutor:
         self.last_stage = shape.num_stages - 1
         ordered = p2p is not None and p2p.ordered
         if recv_lookahead is None:
-            recv_lookahead = 0 if ordered else 1 << 30
+            if not ordered:
+                recv_lookahead = 1 << 30  # tagged (gloo): any order is safe
+            elif getattr(p2p, "uses_direction_groups", False):
+                recv_lookahead = _DIRECTED_LOOKAHEAD  # a receive only holds back later receives from that peer
+            else:
+                recv_lookahead = 0  # one stream: an early receive would hold back this rank's sends
         self.recv_lookahead = recv_lookahead
         self._ordered_recvs = ordered
         self._train_plan = self._make_plan(forward_only=False)

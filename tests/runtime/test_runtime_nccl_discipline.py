@@ -28,7 +28,8 @@ class RecordingP2P:
     batched = True
     ordered = True
 
-    def __init__(self) -> None:
+    def __init__(self, uses_direction_groups: bool = True) -> None:
+        self.uses_direction_groups = uses_direction_groups
         self.batches: list[list[tuple[str, object]]] = [[]]
 
     def has_spec(self, key) -> bool:
@@ -60,15 +61,18 @@ class RecordingP2P:
         pass
 
 
-def _record(name: str, pp: int, microbatches: int) -> tuple[object, list[list[list[tuple[str, object]]]]]:
+def _record(
+    name: str, pp: int, microbatches: int, *, direction_groups: bool = True, lookahead: int | None = None
+) -> tuple[object, list[list[list[tuple[str, object]]]]]:
     schedule = build_schedule(name, pp=pp, microbatches=microbatches)
     shape = schedule.shape
     per_rank = []
     for rank in range(pp):
         layers = mlp_layers(shape.num_stages + 1)  # first stage has the input projection + 1 block
         modules = build_stage_modules(layers, shape, rank)
-        p2p = RecordingP2P()
-        ex = PipelineExecutor(schedule, rank, modules, p2p=p2p, loss_fn=mse, device="cpu", timing="none")
+        p2p = RecordingP2P(direction_groups)
+        ex = PipelineExecutor(schedule, rank, modules, p2p=p2p, loss_fn=mse, device="cpu", timing="none",
+                              recv_lookahead=lookahead)
         inputs, targets = mlp_batches(microbatches)
         ex.run(inputs if 0 in modules else None, targets if shape.num_stages - 1 in modules else None)
         per_rank.append([b for b in p2p.batches if b])
@@ -144,8 +148,19 @@ def _replay(shape, per_rank, streams: str = "direction") -> None:
 @pytest.mark.parametrize("pp,microbatches", [(2, 4), (4, 8), (4, 4)])
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_batched_untagged_posting_matches_and_never_deadlocks(name, pp, microbatches):
-    shape, per_rank = _record(name, pp, microbatches)
+    shape, per_rank = _record(name, pp, microbatches)  # default NCCL setting: direction groups, lookahead 4
     _replay(shape, per_rank)
+    shape, per_rank = _record(name, pp, microbatches, lookahead=0)
+    _replay(shape, per_rank)
+    shape, per_rank = _record(name, pp, microbatches, lookahead=1 << 30)  # every receive at step start
+    _replay(shape, per_rank)
+
+
+@pytest.mark.parametrize("name", [n for n in SCHEDULE_NAMES if n != "interleaved-1f1b"])
+def test_single_group_posting_without_lookahead_also_completes(name):
+    """direction_groups=False (one NCCL group) keeps lookahead 0; all but interleaved 1F1B complete there."""
+    shape, per_rank = _record(name, 4, 8, direction_groups=False)
+    _replay(shape, per_rank, streams="rank")
 
 
 def test_replay_catches_a_wrong_order():
@@ -162,6 +177,6 @@ def test_replay_catches_a_wrong_order():
 def test_one_stream_per_rank_would_deadlock_interleaved():
     """Why the communicator uses one group per direction on NCCL: with one stream per rank, interleaved 1F1B's
     gradient sends wait in a cycle (each rank's head batch is a send whose receive the peer posts later)."""
-    shape, per_rank = _record("interleaved-1f1b", 4, 8)
+    shape, per_rank = _record("interleaved-1f1b", 4, 8, direction_groups=False)
     with pytest.raises(AssertionError, match="deadlock"):
         _replay(shape, per_rank, streams="rank")
