@@ -249,3 +249,21 @@ def test_load_failure_warns_once_and_uses_twin(monkeypatch, caplog):
     monkeypatch.setattr(_extension, "_loaded", {})
     with pytest.raises(RuntimeError, match="INTERLEAF_OPS=native"):
         ops.backend()
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_every_16bit_grad_decodes_like_torch(monkeypatch, grad_dtype):
+    """All 65536 bit patterns (NaN excluded) as grads: m and v after one step equal the twin's bit for bit on
+    every ISA, so each path widens bf16/fp16 (subnormals, infinities) exactly as torch does."""
+    grad = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(grad_dtype)
+    grad = grad[~torch.isnan(grad)].contiguous()
+    n = grad.numel()
+    hyper = dict(lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.0, step=1)
+    want_m, want_v = torch.full((n,), 0.25), torch.full((n,), 0.5)
+    ops.adamw_step_torch_([torch.ones(n)], [grad], [want_m], [want_v], **hyper)
+    for isa in AVAILABLE_ISAS:
+        monkeypatch.setenv("INTERLEAF_CPU_ISA", isa)
+        m, v = torch.full((n,), 0.25), torch.full((n,), 0.5)
+        ops.adamw_step_([torch.ones(n)], [grad], [m], [v], **hyper)
+        assert torch.equal(m, want_m), isa
+        assert torch.equal(v, want_v), isa
