@@ -271,14 +271,30 @@ def main() -> int:
     print(f"# interleaf ops backend: cpu={ops.backend('cpu')} device={ops.backend(device)}", flush=True)
     batches = synthetic_batches(cfg, args.micro_batch, args.warmup + args.steps)
     results = []
+    failed = {}
     for run in args.runs:
         start = time.perf_counter()
-        result = one_run(run, args, base_model, batches, device)
+        try:
+            result = one_run(run, args, base_model, batches, device)
+        except Exception as exc:  # one broken baseline must not cost the other measurements
+            import traceback
+
+            traceback.print_exc()
+            failed[run] = f"{type(exc).__name__}: {exc}"[:300]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         results.append(result)
         print(f"# {run}: {result['s_per_iter']:.3f} s/iter (init {result['init_s']:.0f} s, total "
               f"{time.perf_counter() - start:.0f} s) losses {[round(x, 4) for x in result['losses']]}", flush=True)
+    if not results:
+        print(f"every run failed: {failed}", file=sys.stderr)
+        return 1
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (DeepSpeed CPU accelerator)"
     section = render(results, args, device_name, torch.__version__, deepspeed.__version__, shape)
+    if failed:
+        section += "\nFailed runs: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) + "\n"
     print(section)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
@@ -286,8 +302,8 @@ def main() -> int:
         write_section(Path(args.output), section)
     ref = results[0]["losses"]
     bad = [r["run"] for r in results if max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)) > LOSS_RTOL]
-    if bad:
-        print(f"LOSS MISMATCH beyond {LOSS_RTOL}: {bad}", file=sys.stderr)
+    if bad or failed:
+        print(f"LOSS MISMATCH beyond {LOSS_RTOL}: {bad}; failed runs: {sorted(failed)}", file=sys.stderr)
         return 1
     print(f"# total {time.perf_counter() - clock:.0f} s")
     return 0

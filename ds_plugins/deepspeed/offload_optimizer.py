@@ -347,7 +347,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             source = self._get_compact_grad_partition_slice(group_idx, partition_id, param_id, num_elements)
             self.norm_for_param_grads[param_id] = source.data.to(get_norm_dtype()).norm(2)
             self.update_offload_overflow_tracker(source)
-            self._route_grad(param_id, dest_offset, num_elements, source.to(torch.float32, copy=True))
+            self._route_grad(param_id, dest_offset, num_elements, source)
             self.clear_grad_attribute(param)
 
     def _grad_destination(self, param_id: int, dest_offset: int, num_elements: int) -> torch.Tensor:
@@ -365,8 +365,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         [_, source_offset, dest_offset, num_elements] = self.grad_position[param_id]
         grad_accum = self.get_param_gradient_attribute(param)
         source = grad_accum.view(-1).narrow(0, source_offset, num_elements)
-        # a private fp32 copy on the compute stream: the reduction bucket can be reused at once
-        self._route_grad(param_id, dest_offset, num_elements, source.to(torch.float32, copy=True))
+        self._route_grad(param_id, dest_offset, num_elements, source)
         self.clear_grad_attribute(param)
 
     # ------------------------------------------------------------------ overflow flag and norm without per-tensor syncs

@@ -171,8 +171,9 @@ class HybridAdamExecutor:
         self._device_grad: dict[int, torch.Tensor] = {}
         self._device_state: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._staging: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._upload_stream = self._events.stream()
-        self._download_stream = self._events.stream()
+        self._upload_stream = self._events.stream()  # bf16 weights of host-updated subgroups
+        self._state_load_stream = self._events.stream()  # streamed subgroups' state, host to device
+        self._download_stream = self._events.stream()  # streamed subgroups' state, device to host
         self._grad_stream = self._events.stream()
         self._grad_copy_event = None
         # host work of the step in flight
@@ -190,7 +191,6 @@ class HybridAdamExecutor:
         """Host time the forward pre-hooks spent waiting for host updates (the caller resets it)."""
         self._iteration_open = False
         self._early: set[int] = set()
-        self._gpu_timer: tuple[object, object] | None = None
 
     # ------------------------------------------------------------------ placement
     def numel(self, index: int) -> int:
@@ -256,17 +256,19 @@ class HybridAdamExecutor:
 
     # ------------------------------------------------------------------ gradients in backward
     def copy_grad(self, destination: torch.Tensor, source: torch.Tensor) -> None:
-        """Copy (and cast) a gradient slice off the compute stream: to the host for CPU subgroups, to the
-        device buffer for GPU ones. The copy runs on a side stream after the producer; ``source`` is kept alive."""
+        """Copy (and cast) a gradient slice: into the device buffer of a GPU subgroup on the current stream, or to
+        the host for a CPU subgroup off the compute stream (cast to a private fp32 copy on the device first, so
+        ``source``'s buffer can be reused at once; the copy to the host runs on a side stream)."""
         stream = self._grad_stream
         if stream is not None and destination.device.type == "cpu":
+            staged = source.to(destination.dtype, copy=True)
             stream.wait_stream(self._events.current())
             with self._events.use(stream):
-                destination.copy_(source, non_blocking=True)
-            source.record_stream(stream)
+                destination.copy_(staged, non_blocking=True)
+            staged.record_stream(stream)
             self._grad_copy_event = self._events.record(stream)
         else:
-            destination.copy_(source, non_blocking=destination.device.type == "cpu")
+            destination.copy_(source)
 
     def wait_grad_copies(self) -> None:
         """Host waits until every gradient copy issued so far has landed."""
@@ -332,7 +334,6 @@ class HybridAdamExecutor:
         if not gpu:
             return
         start = time.perf_counter()
-        start_event = self._events.record()
         for index in gpu:
             if self.placements[index] is Placement.GPU_RESIDENT:
                 sub = self.subgroups[index]
@@ -348,7 +349,6 @@ class HybridAdamExecutor:
             order = [i for i in self.plan.stream_order if i in set(streamed)]
             streamed = order + [i for i in streamed if i not in set(order)]
         self._streamed_step(streamed, hyper, adamw_step_)
-        self._gpu_timer = (start_event, self._events.record())
         self.timings.gpu_numel = sum(self.numel(i) for i in gpu)
         if not self._events.cuda:
             self.timings.gpu_step_s = time.perf_counter() - start
@@ -358,7 +358,7 @@ class HybridAdamExecutor:
         two staging sets so subgroup k+1 loads while k updates."""
         ev = self._events
         for event in self._stream_stored:  # last step's stores to the host land before this step's loads
-            ev.wait(event, self._upload_stream)
+            ev.wait(event, self._state_load_stream)
         stored = [None, None]
         for k, index in enumerate(streamed):
             slot = k % 2
@@ -366,11 +366,11 @@ class HybridAdamExecutor:
             h = hyper[sub.group]
             staged = [t.narrow(0, 0, sub.numel) for t in self._staging[slot]]
             host = [self._host_view(index, name) for name in ("master", "exp_avg", "exp_avg_sq")]
-            with ev.use(self._upload_stream):
-                ev.wait(stored[slot], self._upload_stream)
+            with ev.use(self._state_load_stream):
+                ev.wait(stored[slot], self._state_load_stream)
                 for dst, src in zip(staged, host):
                     dst.copy_(src, non_blocking=True)
-                loaded = ev.record(self._upload_stream)
+                loaded = ev.record(self._state_load_stream)
             ev.wait(loaded)
             grad = self._device_grad[index]
             if h.grad_scale != 1.0:
@@ -488,14 +488,6 @@ class HybridAdamExecutor:
                 dst.copy_(self._host_view(index, name))
         if self._events.cuda:
             torch.cuda.synchronize(self.device)
-
-    def measured_gpu_step_s(self) -> float:
-        """GPU time of the last step's GPU-side updates (reads CUDA events; call after they completed)."""
-        if self._events.cuda and self._gpu_timer is not None:
-            start, end = self._gpu_timer
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        return self.timings.gpu_step_s
 
     def close(self) -> None:
         self.wait_all()
