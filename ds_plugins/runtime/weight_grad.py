@@ -153,10 +153,17 @@ class _SplitLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # what F.linear does under autocast, made explicit so backward sees the same (cast) operands
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.layer = layer
-        return torch.nn.functional.linear(x, weight, bias)
+        with torch.autocast(device_type, enabled=False):
+            return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

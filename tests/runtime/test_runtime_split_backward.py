@@ -150,3 +150,25 @@ def test_nested_deferral_restores_previous_target():
         with q1.deferring(0, 0):
             raise KeyError("boom")
     assert active_deferral() is None
+
+
+def test_autocast_bf16_matches_plain_linear_under_autocast():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))
+    split = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))
+    split.load_state_dict(ref.state_dict())
+    enable_weight_grad_split(split)
+    x = torch.randn(5, 6)
+    queue = WeightGradQueue()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref = ref(x)
+        with queue.deferring(0, 0):
+            out = split(x)
+    assert out.dtype == out_ref.dtype == torch.bfloat16 and torch.equal(out, out_ref)
+    out_ref.float().sum().backward()
+    with queue.deferring(0, 0):
+        out.float().sum().backward()
+    queue.run(0, 0)
+    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
+        assert p.grad.dtype == torch.float32
+        assert torch.equal(p.grad, q.grad), name  # same bf16 GEMMs, same casts
