@@ -45,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-gpu", action="store_true")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--merge-from", default=None,
+                        help="run nothing: copy this script's section from another BENCHMARKS.md (e.g. one written "
+                             "on the device with --output $OUT/BENCHMARKS.md) into --output")
     return parser.parse_args()
 
 
@@ -263,19 +266,30 @@ def render(cpu_rows, bandwidths, pinned_note, gpu_rows, args) -> str:
     return "\n".join(lines)
 
 
+def read_section(path: Path) -> str:
+    text = path.read_text()
+    start = text.index(SECTION)
+    nxt = text.find("\n## ", start + len(SECTION))
+    return text[start:nxt + 1] if nxt >= 0 else text[start:]
+
+
 def write_section(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = section.rstrip("\n") + "\n\n"
     start = text.find(SECTION)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         nxt = text.find("\n## ", start + len(SECTION))
         text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main() -> None:
     args = parse_args()
+    if args.merge_from:
+        write_section(Path(args.output), read_section(Path(args.merge_from)))
+        return
     torch.set_num_threads(args.threads)
     if not ops.is_native_available("cpu"):
         print("warning: the native CPU op is not available; timing the torch twin", file=sys.stderr)
