@@ -416,14 +416,9 @@ class ScheduleRunner:
             "parts": list(self.layout.parts),
         }
 
-    def same_layout_as(self, ckpt_dir: str) -> bool:
-        path = os.path.join(ckpt_dir, _LAYOUT_JSON)
-        if not os.path.isfile(path):
-            return False  # written by DeepSpeed's own engine: layer files only are layout-free
-        with open(path) as f:
-            saved = json.load(f)
-        mine = self.layout_record()
-        return all(saved.get(k) == mine[k] for k in ("pp", "vp", "placement", "parts"))
+    def has_layer_optimizer_states(self, ckpt_dir: str) -> bool:
+        """Whether ``ckpt_dir`` was written by the interleaf engine (layer-indexed optimizer state)."""
+        return os.path.isfile(os.path.join(ckpt_dir, _LAYOUT_JSON))
 
     def _plain_optimizer(self) -> torch.optim.Optimizer | None:
         opt = self.engine.optimizer
@@ -449,58 +444,149 @@ class ScheduleRunner:
                     out.setdefault(key_idx, {})[name] = p
         return out
 
+    def _inner_state_keys(self) -> list[str]:
+        """Optimizer-state keys of a DeepSpeed-wrapped optimizer (the same on every rank), 'step' excluded."""
+        inner = getattr(self.engine.optimizer, "optimizer", None)
+        keys: set[str] = set()
+        if isinstance(inner, torch.optim.Optimizer):
+            for state in inner.state.values():
+                keys.update(k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0)
+        return sorted(keys)
+
+    def _flat_master_partitions(self) -> list[torch.Tensor]:
+        opt = self.engine.optimizer
+        flat = getattr(opt, "fp32_groups_flat_partition", None)  # BF16_Optimizer
+        if flat is None:
+            flat = getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+        return list(flat or [])
+
+    def _inner_step_value(self) -> Any:
+        inner = getattr(self.engine.optimizer, "optimizer", None)
+        for t in self._flat_master_partitions():
+            step = inner.state.get(t, {}).get("step") if inner is not None else None
+            if step is not None:
+                return step.detach().cpu().clone() if torch.is_tensor(step) else step
+        return None
+
+    @torch.no_grad()
+    def _materialize_optimizer_state(self) -> bool:
+        """Create a DeepSpeed-wrapped optimizer's moment buffers before its first step (one zero-gradient step of
+        the inner optimizer at lr 0: parameters unchanged) and link them to the parameters, so saved moments can
+        be written into them. Returns False when that is not possible."""
+        opt = self.engine.optimizer
+        inner = getattr(opt, "optimizer", None)
+        flat = self._flat_master_partitions()
+        if not isinstance(inner, torch.optim.Optimizer) or not flat or not hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            return False
+        if not inner.state:
+            lrs = [g["lr"] for g in inner.param_groups]
+            for g in inner.param_groups:
+                g["lr"] = 0.0
+            for t in flat:
+                t.grad = torch.zeros_like(t)
+            inner.step()
+            for t in flat:
+                t.grad = None
+            for g, lr in zip(inner.param_groups, lrs):
+                g["lr"] = lr
+        opt._lazy_init_hp_params_optimizer_state()
+        return True
+
     def save_layer_optimizer_states(self, ckpt_dir: str) -> None:
-        """Next to DeepSpeed's files: the layout, and (plain torch optimizers) per-layer optimizer state."""
+        """Next to DeepSpeed's files: the layout, and per layer the optimizer state of its parameters (plain torch
+        optimizers: their state; BF16_Optimizer / ZeRO-1: fp32 master weights and moments), so a checkpoint loads
+        under any schedule. Collective over the data-parallel group (ZeRO partitions are gathered)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
         eng = self.engine
         if eng.global_rank == 0:
             os.makedirs(ckpt_dir, exist_ok=True)
             with open(os.path.join(ckpt_dir, _LAYOUT_JSON), "w") as f:
                 json.dump(self.layout_record(), f)
         opt = self._plain_optimizer()
-        if opt is None or self.grid.data_parallel_id != 0:
-            return
-        group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
+        writer = self.grid.data_parallel_id == 0
+        if writer:
+            os.makedirs(ckpt_dir, exist_ok=True)
+        keys = self._inner_state_keys() if opt is None else []
+        group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]} if opt else {}
         for idx, params in self._owned_layer_params().items():
             if any(getattr(p, "ds_pipe_replicated", False) for p in params.values()):
                 continue  # the owning rank writes a tied module's state
             entry = {}
             for name, p in params.items():
-                state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in opt.state.get(p, {}).items()}
-                gi = group_of.get(id(p))
-                hyper = {k: v for k, v in opt.param_groups[gi].items() if k != "params"} if gi is not None else {}
-                entry[name] = {"state": state, "group": hyper}
-            torch.save(entry, os.path.join(ckpt_dir, f"layer_{idx:02d}-{_OPTIM_SUFFIX}"))
+                if opt is not None:
+                    state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                             for k, v in opt.state.get(p, {}).items()}
+                    gi = group_of.get(id(p))
+                    hyper = {k: v for k, v in opt.param_groups[gi].items() if k != "params"} if gi is not None else {}
+                    entry[name] = {"state": state, "group": hyper}
+                else:
+                    fp32 = safe_get_full_fp32_param(p)
+                    state = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+                    entry[name] = {
+                        "fp32": None if fp32 is None else fp32.detach().cpu(),
+                        "state": {k: v.detach().cpu() for k, v in state.items() if v is not None},
+                    }
+            if writer:
+                if opt is None:
+                    entry["__inner_step__"] = self._inner_step_value()
+                torch.save(entry, os.path.join(ckpt_dir, f"layer_{idx:02d}-{_OPTIM_SUFFIX}"))
 
     def load_layer_optimizer_states(self, ckpt_dir: str) -> None:
+        """Inverse of :meth:`save_layer_optimizer_states` for this rank's (possibly different) layers."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
         opt = self._plain_optimizer()
-        if opt is None:
-            logger.warning(
-                "interleaf: this checkpoint was written with another pipeline layout; with %s the optimizer "
-                "state (fp32 master weights, moments) is not carried across layouts: weights are loaded, "
-                "moments restart", type(self.engine.optimizer).__name__,
-            )
-            return
-        group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
-        missing = []
+        group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]} if opt else {}
+        missing, moments_skipped = [], False
+        materialized = opt is None and self._materialize_optimizer_state()
+        inner_step = None
         for idx, params in self._owned_layer_params().items():
             path = os.path.join(ckpt_dir, f"layer_{idx:02d}-{_OPTIM_SUFFIX}")
             if not os.path.isfile(path):
                 missing.append(idx)
                 continue
             entry = torch.load(path, map_location="cpu", weights_only=False)
+            if entry.get("__inner_step__") is not None:
+                inner_step = entry["__inner_step__"]
             for name, p in params.items():
                 saved = entry.get(name)
                 if saved is None:
                     raise ValueError(f"{path} has no optimizer state for parameter {name!r} of layer {idx}")
-                opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else
-                                    (v.to(p.device) if torch.is_tensor(v) else v)) for k, v in saved["state"].items()}
-                gi = group_of.get(id(p))
-                if gi is not None:
-                    opt.param_groups[gi].update(saved["group"])
+                if opt is not None:
+                    opt.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in saved["state"].items()}
+                    gi = group_of.get(id(p))
+                    if gi is not None:
+                        opt.param_groups[gi].update(saved["group"])
+                    continue
+                if "fp32" not in saved:
+                    raise ValueError(f"{path} was written for a plain torch optimizer; this run uses "
+                                     f"{type(self.engine.optimizer).__name__}: load with load_optimizer_states=False")
+                mapping = getattr(p, "_hp_mapping", None)
+                if saved["fp32"] is not None:
+                    safe_set_full_fp32_param(p, saved["fp32"].to(p.device))
+                for key, value in saved["state"].items():
+                    if mapping is not None and key in getattr(mapping, "optim_fragment", {}):
+                        safe_set_full_optimizer_state(p, value.to(p.device), key)
+                    elif mapping is not None:
+                        moments_skipped = True
+        if materialized and inner_step is not None:
+            inner = self.engine.optimizer.optimizer
+            for t in self._flat_master_partitions():
+                if "step" in inner.state.get(t, {}):
+                    old = inner.state[t]["step"]
+                    inner.state[t]["step"] = inner_step.to(old.device) if torch.is_tensor(old) else inner_step
         if missing:
+            if opt is None and hasattr(self.engine.optimizer, "refresh_fp32_params"):
+                self.engine.optimizer.refresh_fp32_params()
             raise ValueError(
                 f"checkpoint {ckpt_dir} has no interleaf optimizer state for layers {missing}: it was not written by "
                 "the interleaf engine; load it with load_optimizer_states=False"
+            )
+        if moments_skipped:
+            logger.warning(
+                "interleaf: %s has not stepped yet, so its moment buffers do not exist to be filled: fp32 master "
+                "weights were restored, moments restart from zero", type(self.engine.optimizer).__name__,
             )
 
 

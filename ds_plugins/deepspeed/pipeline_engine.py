@@ -307,13 +307,18 @@ def _make_engine_class() -> type:
                     with open(latest) as f:
                         tag = f.read().strip()
             ckpt_dir = os.path.join(load_dir, str(tag))
-            same_layout = runner.same_layout_as(ckpt_dir)
+            # Written by interleaf: optimizer state is layer-indexed (any schedule). Otherwise (DeepSpeed's own
+            # engine wrote it) DeepSpeed loads it, which works when the rank layout is the same (1f1b).
+            layer_indexed = runner.has_layer_optimizer_states(ckpt_dir)
             result = super().load_checkpoint(load_dir, tag, load_module_strict,
-                                             load_optimizer_states=load_optimizer_states and same_layout,
+                                             load_optimizer_states=load_optimizer_states and not layer_indexed,
                                              load_lr_scheduler_states=load_lr_scheduler_states,
                                              load_module_only=load_module_only, custom_load_fn=custom_load_fn)
-            if result[0] is not None and load_optimizer_states and not load_module_only and not same_layout:
-                runner.load_layer_optimizer_states(ckpt_dir)
+            if result[0] is not None and not load_module_only:
+                if load_optimizer_states and layer_indexed:
+                    runner.load_layer_optimizer_states(ckpt_dir)
+                elif not load_optimizer_states and hasattr(self.optimizer, "refresh_fp32_params"):
+                    self.optimizer.refresh_fp32_params()  # fp32 masters from the loaded weights
             return result
 
         @property

@@ -37,6 +37,14 @@ TWO_RANK = [
     Scenario(name="ckpt-load-interleaved", schedule="interleaved-1f1b", steps=2, data_offset=1, load_from="ckpt"),
     Scenario(name="ckpt-load-1f1b", schedule="1f1b", steps=2, data_offset=1, load_from="ckpt"),
     Scenario(name="ckpt-load-zb-v", schedule="zb-v", steps=2, data_offset=1, load_from="ckpt"),
+    # the same with DeepSpeed's BF16_Optimizer (fp32 masters + momentum) and ZeRO-1 (partitioned state)
+    Scenario(name="bf16-ckpt-continuous", schedule="zb-v", steps=4, bf16=True, lr=0.1, memorize=True),
+    Scenario(name="bf16-ckpt-save", schedule="zb-v", steps=2, bf16=True, lr=0.1, memorize=True, save_to="bf16ckpt"),
+    Scenario(name="bf16-ckpt-load-1f1b", schedule="1f1b", steps=2, data_offset=2, bf16=True, lr=0.1, memorize=True,
+             load_from="bf16ckpt"),
+    Scenario(name="zero1-ckpt-save", schedule="zb-v", steps=2, zero_stage=1, save_to="z1ckpt"),
+    Scenario(name="zero1-ckpt-load-interleaved", schedule="interleaved-1f1b", steps=2, data_offset=2, zero_stage=1,
+             load_from="z1ckpt"),
     # bf16: DeepSpeed's BF16_Optimizer, ours vs DeepSpeed's 1F1B
     Scenario(name="deepspeed-bf16", schedule=None, bf16=True, steps=6, lr=0.1, memorize=True),
     Scenario(name="zb-v-bf16", schedule="zb-v", bf16=True, steps=6, lr=0.1, memorize=True),
@@ -189,6 +197,27 @@ def test_checkpoint_round_trip_across_schedules(two_rank, name):
         d, where = max_abs_diff(r["params"][s], ref["params"][s + 1])
         assert d <= TOL, f"{sc.name}: parameter after resumed step {s + 1} differs by {d} at {where}"
     assert r["losses"] == pytest.approx(reference_losses(full)[1:], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_bf16_optimizer_across_schedules(two_rank):
+    """BF16_Optimizer: fp32 master weights and momentum come back exactly under another schedule."""
+    resumed = _ok(two_rank, "bf16-ckpt-load-1f1b")
+    full = _ok(two_rank, "bf16-ckpt-continuous")
+    assert resumed["losses"] == full["losses"][2:]
+    for s in range(2):
+        d, where = max_abs_diff(resumed["params"][s], full["params"][s + 2])
+        assert d == 0.0, f"bf16 resumed step {s + 1} differs by {d} at {where}"
+
+
+@pytest.mark.slow
+def test_checkpoint_round_trip_zero1_across_schedules(two_rank):
+    r = _ok(two_rank, "zero1-ckpt-load-interleaved")
+    full = Scenario(name="full", schedule="zb-v", steps=4)
+    ref = reference_run(full)
+    for s in range(2):
+        d, where = max_abs_diff(r["params"][s], ref["params"][s + 2])
+        assert d <= TOL, f"ZeRO-1 resumed step {s + 1} differs by {d} at {where}"
 
 
 @pytest.mark.slow
