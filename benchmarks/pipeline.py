@@ -277,6 +277,7 @@ def run_all(args: argparse.Namespace) -> list[Row]:
     for m in args.microbatches:
         for variant in args.variants:
             _cleanup(device)
+            resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
             t0 = time.perf_counter()
             try:
                 if variant.startswith("torch-"):
@@ -293,7 +294,7 @@ def run_all(args: argparse.Namespace) -> list[Row]:
             if rank == 0:
                 print(f"[pipeline bench] m={m:2d} {variant:>16}: {row.tokens_per_s:10.0f} tokens/s  "
                       f"bubble {_pct(row.bubble):>6}  peak GiB {'/'.join(f'{p:.1f}' for p in row.peak_gib)}  "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                      f"({time.perf_counter() - t0:.0f} s; {resident:.2f} GiB still allocated before it)", flush=True)
     return rows
 
 
