@@ -99,3 +99,17 @@ def test_opcheck_cuda():
                   bias_correction=True)
     torch.library.opcheck(torch.ops.interleaf.adamw_step_.default,
                           (params, grads[0], exp_avgs, exp_avg_sqs, lowp), kwargs)
+
+
+def test_cpu_update_writes_pinned_lowp_then_h2d():
+    """The offload path: CPU master params, bf16 copy into a pinned buffer, then an async copy to the GPU."""
+    n = 1_000_003
+    gen = torch.Generator().manual_seed(5)
+    param, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen).to(torch.bfloat16)
+    m, v = torch.zeros(n), torch.zeros(n)
+    pinned = torch.empty(n, dtype=torch.bfloat16, pin_memory=True)
+    ops.adamw_step_([param], [grad], [m], [v], lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=WD, step=1,
+                    lowp_out=[pinned])
+    on_gpu = pinned.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), param.to(torch.bfloat16))
