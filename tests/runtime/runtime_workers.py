@@ -125,19 +125,19 @@ def all_schedules(
         dist.barrier()
     # measured timings of a split schedule -> a cost model -> the auto scheduler
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, out[("tagged", "zb-h1")]["mean_seconds"])
+    dist.all_gather_object(gathered, out[(next(iter(modes)), "zb-h1")]["mean_seconds"])
     schedule = _schedule("zb-h1", world, microbatches)
     costs = measured_costs(gathered, schedule.shape)
     auto = build_schedule("auto", pp=world, microbatches=microbatches, vp=1, costs=costs)
     out[("measured", "auto")] = {"stages": costs.num_stages, "auto_ranks": len(auto.actions),
                                   "forward": costs.forward, "backward_weight": costs.backward_weight}
     if world == 4:
-        for name, r in data_parallel_pipelines(rank, world, 4).items():
+        for name, r in data_parallel_pipelines(rank, world, 4, device).items():
             out[("dp2xpp2", name)] = r
     return out
 
 
-def data_parallel_pipelines(rank: int, world: int, microbatches: int) -> dict:
+def data_parallel_pipelines(rank: int, world: int, microbatches: int, device: str = "cpu") -> dict:
     """dp=2 x pp=2 on 4 ranks: pipeline groups {0,1} and {2,3}, each with its own data."""
     pp = 2
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -148,7 +148,7 @@ def data_parallel_pipelines(rank: int, world: int, microbatches: int) -> dict:
     for name in ("zb-v", "interleaved-1f1b", "zb-h2"):
         out[name] = _check_schedule(
             name, pipe_rank, pp, microbatches, p2p_kwargs=nccl_like if name == "zb-v" else {},
-            pipeline_ranks=ranks, group=groups[dp_index], data_seed=10 + dp_index,
+            pipeline_ranks=ranks, group=groups[dp_index], data_seed=10 + dp_index, device=device,
         )
         dist.barrier()
     return out
