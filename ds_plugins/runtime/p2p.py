@@ -13,6 +13,9 @@ output of ``src_stage`` to ``src_stage + 1``; ``"B"`` carries the input gradient
   or looped placement). NCCL ignores tags; there the executor posts receives from each peer in exactly the
   order that peer posts its sends (see :mod:`ds_plugins.runtime.executor`), and ``batch_isend_irecv`` groups
   the operations of one posting point.
+- **Direction groups** (NCCL default): one 2-rank process group per directed (sender, receiver) pair, so each
+  NCCL stream carries one sender's messages to one receiver and a send never waits behind an unrelated one
+  (see :func:`_direction_groups`).
 - **Bounded waits.** On gloo (CPU) every wait has ``timeout_s``; a wait that runs out, or a peer that dies,
   raises ``RuntimeError`` naming the peer's global rank and the message. On NCCL, waits are stream waits (no
   host sync); a dead peer is caught by the process group's own timeout/watchdog, or set
@@ -136,8 +139,14 @@ class P2PCommunicator:
 
     ``stage_to_rank`` maps every stage to the **global** rank that holds it (use :meth:`for_shape`), so several
     pipeline groups (dp > 1) each get their own communicator. ``group`` is the process group those ranks share
-    (default: the world group). On NCCL the constructor runs a barrier on ``group`` so that its communicator is
-    created by all ranks before the first batched send/recv.
+    (default: the world group).
+
+    Options: ``batched`` (default: on NCCL) posts through ``batch_isend_irecv``; ``use_tags`` (default: off on
+    NCCL, which ignores tags) tags every message; ``direction_groups`` (default: on NCCL) sends over one process
+    group per directed rank pair. With direction groups the constructor is a **collective over the default
+    group** (every rank of the world constructs its communicator at the same point); otherwise, on NCCL, it
+    runs a barrier on ``group`` so its communicator exists on all ranks before the first batched p2p.
+    ``timeout_s`` bounds every host wait (gloo; NCCL only with ``blocking_cuda_waits``).
     """
 
     def __init__(
