@@ -40,6 +40,7 @@ __all__ = [
     "MegatronScheduleConfig",
     "apply",
     "build_model_chunks",
+    "config_from_args",
     "extra_args_provider",
     "is_applied",
     "remove",

@@ -218,7 +218,7 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False):
 
     s, b, h = TOY_SHAPE
     ToyStage = _toy_stage_class()
-    out = {"runs": {}, "reference": {}}
+    out = {"runs": {}, "reference": {}, "eval": {}}
     for placement, vp, schedules in cases:
         init_parallel(tp, pp, vp if vp > 1 else None)
         pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
@@ -237,7 +237,7 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False):
         for k, chunk in zip(stages, chunks):
             deterministic_init(chunk.named_parameters(), lambda name, k=k: f"stage{k}.{name}.tp{tp_rank}")
 
-        def run(func):
+        def run(func, forward_only=False):
             for chunk in chunks:
                 chunk.zero_grad(set_to_none=True)
             data = _toy_data(m, s, b, h, shard=(tp_rank, tp) if sp else None)
@@ -245,10 +245,13 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False):
             before = linear_weight_grad.deferred_count
             store = func(forward_step_func=_toy_forward_step, data_iterator=iters if vp > 1 else iters[0],
                          model=chunks if vp > 1 else chunks[0], num_microbatches=m, seq_length=s,
-                         micro_batch_size=b)
+                         micro_batch_size=b, forward_only=forward_only)
+            losses = [d["loss"] for d in store]
+            if forward_only:
+                return losses
             grads = {f"stage{k}.{n_}.tp{tp_rank}": p.grad.clone()
                      for k, c in zip(stages, chunks) for n_, p in c.named_parameters()}
-            return grads, [d["loss"] for d in store], linear_weight_grad.deferred_count - before
+            return grads, losses, linear_weight_grad.deferred_count - before
 
         for name in schedules:
             if name == "megatron":
@@ -262,6 +265,7 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False):
                 for _ in range(_steps_for(name) - 1):
                     run(func)
                 out["runs"][(placement, vp, name)] = run(func)
+                out["eval"][(placement, vp, name)] = run(func, forward_only=True)
             finally:
                 megatron_patches.remove()
         if tp == 1 and vp not in out["reference"]:

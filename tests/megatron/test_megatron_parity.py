@@ -81,6 +81,10 @@ def test_toy_every_schedule_matches_megatron_and_reference(pp):
         reference.update(out["reference"])
     # V runs have the same stages as the looped vp=2 model: compare them with megatron's interleaved schedule.
     _check_runs(merged, {1: ("loop", 1), 2: ("loop", 2)}, reference=reference)
+    # forward_only (evaluation) through interleaf logs the same losses as the training step.
+    for case, losses in (kv for out in results for kv in out["eval"].items()):
+        if losses:
+            torch.testing.assert_close(torch.stack(losses), torch.stack(reference[case[1]][1]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.timeout(300)
