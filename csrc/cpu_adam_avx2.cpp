@@ -8,17 +8,8 @@
 #pragma GCC target("avx,avx2,fma,f16c")
 #endif
 #define INTERLEAF_SIMD_AVX2 1
+#define INTERLEAF_CHUNK_ENTRY adam_chunk_avx2
 #include "cpu_adam_simd.h"
-
-namespace interleaf {
-
-void adam_chunk_avx2(const AdamCoeffs& coeffs, float* param, const void* grad, GradType grad_type,
-                     float* exp_avg, float* exp_avg_sq, void* lowp, LowpType lowp_type, int64_t n) {
-  adam_chunk_dispatch(coeffs, param, grad, grad_type, exp_avg, exp_avg_sq, lowp, lowp_type, n);
-}
-
-}  // namespace interleaf
-
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

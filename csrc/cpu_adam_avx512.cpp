@@ -10,17 +10,8 @@
 #define INTERLEAF_SIMD_AVX512 1
 // GCC 12 flags its own intrinsics headers (`__m512 __Y = __Y;` placeholders) under -Wmaybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define INTERLEAF_CHUNK_ENTRY adam_chunk_avx512
 #include "cpu_adam_simd.h"
-
-namespace interleaf {
-
-void adam_chunk_avx512(const AdamCoeffs& coeffs, float* param, const void* grad, GradType grad_type,
-                       float* exp_avg, float* exp_avg_sq, void* lowp, LowpType lowp_type, int64_t n) {
-  adam_chunk_dispatch(coeffs, param, grad, grad_type, exp_avg, exp_avg_sq, lowp, lowp_type, n);
-}
-
-}  // namespace interleaf
-
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

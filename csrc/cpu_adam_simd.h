@@ -269,7 +269,6 @@ void adam_range_for_lowp(const AdamCoeffs& c, float* param, const void* grad, fl
   }
 }
 
-// The body of each TU's adam_chunk_<isa> entry point.
 inline void adam_chunk_dispatch(const AdamCoeffs& c, float* param, const void* grad, GradType grad_type,
                                 float* exp_avg, float* exp_avg_sq, void* lowp, LowpType lowp_type, int64_t n) {
   switch (grad_type) {
@@ -283,4 +282,11 @@ inline void adam_chunk_dispatch(const AdamCoeffs& c, float* param, const void* g
 }
 
 }  // namespace
+
+// The TU's entry point (declared in cpu_adam_kernel.h), named by the including TU.
+void INTERLEAF_CHUNK_ENTRY(const AdamCoeffs& coeffs, float* param, const void* grad, GradType grad_type,
+                           float* exp_avg, float* exp_avg_sq, void* lowp, LowpType lowp_type, int64_t n) {
+  adam_chunk_dispatch(coeffs, param, grad, grad_type, exp_avg, exp_avg_sq, lowp, lowp_type, n);
+}
+
 }  // namespace interleaf
