@@ -428,7 +428,8 @@ class P2PCommunicator:
         self._batch = {}
 
 
-_DIRECTION_GROUPS: dict[tuple, dict[tuple[int, int], dist.ProcessGroup]] = {}
+_DIRECTION_GROUPS: dict[tuple, tuple[Any, dict[tuple[int, int], dist.ProcessGroup]]] = {}
+"""(edges, backend) -> (the world group they were made in, this rank's groups); rebuilt after a re-init."""
 
 
 def _direction_groups(
@@ -447,7 +448,9 @@ def _direction_groups(
     dist.all_gather_object(gathered, my_edges)
     all_edges = tuple(sorted({tuple(e) for edges in gathered for e in edges}))
     cache_key = (all_edges, backend)
-    cached = _DIRECTION_GROUPS.get(cache_key)
+    world = dist.group.WORLD
+    entry = _DIRECTION_GROUPS.get(cache_key)
+    cached = entry[1] if entry is not None and entry[0] is world else None
     if cached is None:
         cached = {}
         mine = set(my_edges)
@@ -460,7 +463,7 @@ def _direction_groups(
         if "nccl" in backend:
             for edge in sorted(cached):
                 dist.barrier(group=cached[edge], device_ids=[device.index] if device.index is not None else None)
-        _DIRECTION_GROUPS[cache_key] = cached
+        _DIRECTION_GROUPS[cache_key] = (world, cached)
     return cached
 
 
