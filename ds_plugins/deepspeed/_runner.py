@@ -212,6 +212,7 @@ class ScheduleRunner:
         if self.before_step is not None:
             self.before_step(self)
         eng._exec_optimizer_step()
+        eng._global_grad_norm = grad_norm  # DeepSpeed's optimizers store their own (stage-0-only) norm
 
         if self.holds_loss_stage:
             eng.total_loss = torch.stack([loss.float() for loss in result.losses]).sum()
@@ -288,8 +289,9 @@ class ScheduleRunner:
         ``gradient_clipping`` > 0. Non-finite norms are left to the optimizer's overflow check."""
         norm_tensors, clip_tensors, partitioned = self._grads_for_norm()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for t in norm_tensors:
-            total += t.detach().float().pow(2).sum()
+        if norm_tensors:
+            norms = torch._foreach_norm([t.detach() for t in norm_tensors], 2)
+            total = total + torch.stack([n.float() for n in norms]).pow(2).sum()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.pipe_group)
         if partitioned and self.grid.data_parallel_size > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.grid.get_data_parallel_group())

@@ -68,7 +68,11 @@ FOUR_RANK = [
     Scenario(name="pp4-zb-v", schedule="zb-v"),
     Scenario(name="pp4-interleaved", schedule="interleaved-1f1b"),
     Scenario(name="pp4-zb-h2-tied", schedule="zb-h2", tied=True),
+    Scenario(name="dp2-deepspeed-bf16", schedule=None, dp=2, bf16=True, steps=4, lr=0.1, memorize=True),
+    Scenario(name="dp2-zb-v-bf16-tied", schedule="zb-v", dp=2, bf16=True, steps=4, lr=0.1, memorize=True, tied=True),
+    Scenario(name="dp2-zb-v-bf16", schedule="zb-v", dp=2, bf16=True, steps=4, lr=0.1, memorize=True),
 ]
+FOUR_RANK_FP32 = [s.name for s in FOUR_RANK if not s.bf16]
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +247,7 @@ def test_bad_config_raises_value_error_on_every_rank(two_rank, name):
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("name", [s.name for s in FOUR_RANK])
+@pytest.mark.parametrize("name", FOUR_RANK_FP32)
 def test_four_ranks(four_rank, name):
     sc = _by_name(name, FOUR_RANK)
     r = _ok(four_rank, name)
@@ -252,3 +256,13 @@ def test_four_ranks(four_rank, name):
         ref = reference_run(sc)
         assert r["grad_norms"] == pytest.approx(ref["norms"], rel=1e-5)
         assert min(ref["norms"]) > sc.clip
+
+
+@pytest.mark.slow
+def test_four_ranks_bf16_data_parallel(four_rank):
+    theirs = _ok(four_rank, "dp2-deepspeed-bf16")["losses"]
+    for name in ("dp2-zb-v-bf16", "dp2-zb-v-bf16-tied"):
+        ours = _ok(four_rank, name)["losses"]
+        assert ours[-1] < ours[0] - 0.05, (name, ours)
+        if "tied" not in name:
+            assert ours == pytest.approx(theirs, abs=2e-2), (name, ours, theirs)
