@@ -154,12 +154,19 @@ class _SplitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module):
         device_type = x.device.type
+        ctx.compute_dtype = None
+        saved_weight = weight
         if torch.is_autocast_enabled(device_type):
-            # what F.linear does under autocast, made explicit so backward sees the same (cast) operands
+            # what F.linear does under autocast, made explicit so backward sees the same (cast) operands; the
+            # weight is saved uncast (it is a parameter: no extra memory) and cast again in backward
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        ctx.save_for_backward(x, weight)
+            if x.is_floating_point() and x.dtype != dtype:
+                x = x.to(dtype)
+            if weight.dtype != dtype:
+                ctx.compute_dtype = dtype
+                weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None and bias.dtype != dtype else bias
+        ctx.save_for_backward(x, saved_weight)
         ctx.has_bias = bias is not None
         ctx.layer = layer
         with torch.autocast(device_type, enabled=False):
@@ -168,6 +175,8 @@ class _SplitLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         x, weight = ctx.saved_tensors
+        if ctx.compute_dtype is not None:
+            weight = weight.to(ctx.compute_dtype)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(weight)
