@@ -57,10 +57,10 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def ds_config(*, stage: int = 2, offload: bool = True, interleaf: dict | None = None, clip: float = 0.0,
-              fp16: bool = False, world: int = 1, **extra: Any) -> dict:
+              fp16: bool = False, world: int = 1, pin_memory: bool = False, **extra: Any) -> dict:
     zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": 500, "allgather_bucket_size": 1000}
     if offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_accumulation_steps": 1,
@@ -88,15 +88,19 @@ def snapshot(module: torch.nn.Module) -> dict[str, Any]:
     return {name: p.detach().double().cpu().numpy().copy() for name, p in module.named_parameters()}
 
 
-def init_dist(rank: int, world: int, port: int) -> None:
+def init_dist(rank: int, world: int, port: int, accelerator: str = "cpu") -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+                      MASTER_PORT=str(port), DS_ACCELERATOR=accelerator)
+    if accelerator == "cpu":
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    else:
+        torch.cuda.set_device(rank)
     import ds_plugins  # noqa: F401  (installs the hooks)
     import deepspeed
 
     ds_plugins.install()
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else "nccl", auto_mpi_discovery=False)
 
 
 def train_engine(config: dict, steps: int, *, rank: int = 0, world: int = 1, dtype=torch.float32,
@@ -114,7 +118,7 @@ def train_engine(config: dict, steps: int, *, rank: int = 0, world: int = 1, dty
         engine_hook("init", engine, None)
     per_step, losses, norms = [], [], []
     for step, (x, y) in enumerate(data if data is not None else batches(steps, rank, world)):
-        loss = loss_fn(engine(x.to(dtype)), y)
+        loss = loss_fn(engine(x.to(engine.device, dtype)), y.to(engine.device))
         engine.backward(loss)
         if grad_hook is not None:
             grad_hook(step, engine)
@@ -149,9 +153,9 @@ def torch_reference(steps: int, *, clip: float = 0.0) -> dict[str, Any]:
     return {"params": per_step}
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_path: str) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_path: str, accelerator: str) -> None:
     try:
-        init_dist(rank, world, port)
+        init_dist(rank, world, port, accelerator)
         result = fn(rank, world, *args)
         torch.save({"ok": True, "result": result}, f"{out_path}.{rank}")
     except BaseException:
@@ -159,11 +163,13 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_path
         raise
 
 
-def run_ranks(fn: Callable, world: int, tmp_path, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes with gloo; return each rank's result."""
+def run_ranks(fn: Callable, world: int, tmp_path, *args: Any, timeout: float = 240.0,
+              accelerator: str = "cpu") -> list[Any]:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes (gloo on DeepSpeed's CPU accelerator, or
+    nccl with ``accelerator="cuda"``); return each rank's result."""
     out = str(tmp_path / f"result_{fn.__name__}")
     port = free_port()
-    ctx = mp.start_processes(_entry, args=(world, port, fn, args, out), nprocs=world, join=False,
+    ctx = mp.start_processes(_entry, args=(world, port, fn, args, out, accelerator), nprocs=world, join=False,
                              start_method="spawn")
     import time
 
