@@ -98,6 +98,14 @@ class ScheduleRunner:
         if self._bf16:
             self._prepare_bf16(opt)
         self.queue = WeightGradQueue(accumulate_grad=self._bf16_accumulate if self._bf16 else accumulate_into_grad)
+        if engine.torch_autocast_enabled():
+            if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+                raise ValueError("interleaf pipeline schedules do not support torch_autocast with fp16 gradient "
+                                 'scaling: use the "fp16" section (DeepSpeed loss scaling) or bf16 autocast')
+            from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+            for chunk in self.chunks.values():
+                chunk.forward_context = lambda eng=engine: autocast_if_enabled(eng)
         if plan.schedule.splits_backward or self._auto_pending:
             for chunk in self.chunks.values():
                 enable_weight_grad_split(chunk)

@@ -127,12 +127,18 @@ class StageChunk(nn.Module):
         self.stage = stage
         self.layers = nn.ModuleList(layers)
         self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
+        self.forward_context: Any = None
+        """Optional zero-argument callable returning a context manager entered around the forward (the adapter
+        puts DeepSpeed's ``torch_autocast`` context here)."""
 
     def forward(self, *inputs: Any) -> Any:
         owner = self._owner[0]
         owner.activate_chunk(self.chunk)
         x = inputs[0] if len(inputs) == 1 else inputs
-        return owner.forward(x)
+        if self.forward_context is None:
+            return owner.forward(x)
+        with self.forward_context():
+            return owner.forward(x)
 
     def extra_repr(self) -> str:
         return f"stage={self.stage}, chunk={self.chunk}"
