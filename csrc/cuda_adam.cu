@@ -58,13 +58,52 @@ __device__ __forceinline__ uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// One element, in the order of csrc/cpu_adam_simd.h (see there for the torch operation each line mirrors).
+__device__ __forceinline__ void adam_update(const AdamCoeffs& c, float& p, float g, float& m, float& v) {
+  if (c.apply_l2) g = __fmaf_rn(p, c.l2_weight_decay, g);
+  if (c.apply_decoupled_decay) p = __fmul_rn(p, c.decoupled_decay);
+  m = __fmaf_rn(c.lerp_coeff, __fsub_rn(g, m), c.lerp_base_is_grad ? g : m);
+  v = __fmaf_rn(__fmul_rn(c.one_minus_beta2, g), g, __fmul_rn(v, c.beta2));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), c.bias_correction2_sqrt), c.eps);
+  p = __fadd_rn(p, __fdiv_rn(__fmul_rn(c.neg_step_size, m), denom));
+}
+
+__device__ __forceinline__ bool aligned_to(const void* ptr, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// Four grads starting at element i (i a multiple of 4, the pointer aligned for a 16/8-byte load).
+template <GradType G>
+__device__ __forceinline__ void load_grad4(const void* grad, int64_t i, float (&g)[4]) {
+  if constexpr (G == GradType::kFloat32) {
+    const float4 x = *reinterpret_cast<const float4*>(static_cast<const float*>(grad) + i);
+    g[0] = x.x, g[1] = x.y, g[2] = x.z, g[3] = x.w;
+  } else {
+    const uint2 raw = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(grad) + i);
+    const uint32_t halves[4] = {raw.x & 0xFFFFu, raw.x >> 16, raw.y & 0xFFFFu, raw.y >> 16};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (G == GradType::kBFloat16) {
+        g[j] = __uint_as_float(halves[j] << 16);
+      } else {
+        g[j] = __half2float(__ushort_as_half(static_cast<unsigned short>(halves[j])));
+      }
+    }
+  }
+}
+
+template <LowpType L>
+__device__ __forceinline__ uint32_t lowp_bits(float value) {
+  if constexpr (L == LowpType::kBFloat16) {
+    return float_to_bf16(value);
+  } else {
+    return __half_as_ushort(__float2half_rn(value));
+  }
+}
+
 template <LowpType L>
 __device__ __forceinline__ void store_lowp(void* lowp, int64_t i, float value) {
-  if constexpr (L == LowpType::kBFloat16) {
-    static_cast<uint16_t*>(lowp)[i] = float_to_bf16(value);
-  } else if constexpr (L == LowpType::kFloat16) {
-    static_cast<__half*>(lowp)[i] = __float2half_rn(value);
-  }
+  if constexpr (L != LowpType::kNone) static_cast<uint16_t*>(lowp)[i] = static_cast<uint16_t>(lowp_bits<L>(value));
 }
 
 template <GradType G, LowpType L>
@@ -88,7 +127,38 @@ __global__ void __launch_bounds__(kThreads)
   float* __restrict__ exp_avg_sq = table.exp_avg_sq[tensor];
   void* __restrict__ lowp = table.lowp[tensor];
 
-  for (int64_t base = begin + threadIdx.x; base < end; base += static_cast<int64_t>(kThreads) * kIlp) {
+  // Vector part: 16-byte loads/stores of p, m, v (8 or 16 bytes of grads, 8 of lowp) when every pointer allows it
+  // (chunk starts are multiples of 64K elements, so the base pointers decide).
+  int64_t scalar_begin = begin;
+  const bool vectorize = aligned_to(param, 16) && aligned_to(exp_avg, 16) && aligned_to(exp_avg_sq, 16) &&
+                         aligned_to(grad, G == GradType::kFloat32 ? 16 : 8) &&
+                         (L == LowpType::kNone || aligned_to(lowp, 8));
+  if (vectorize) {
+    const int64_t vector_end = begin + (end - begin) / 4 * 4;
+    for (int64_t i = begin + 4 * static_cast<int64_t>(threadIdx.x); i < vector_end; i += 4 * kThreads) {
+      float4 p4 = *reinterpret_cast<const float4*>(param + i);
+      float4 m4 = *reinterpret_cast<const float4*>(exp_avg + i);
+      float4 v4 = *reinterpret_cast<const float4*>(exp_avg_sq + i);
+      float g[4];
+      load_grad4<G>(grad, i, g);
+      adam_update(c, p4.x, g[0], m4.x, v4.x);
+      adam_update(c, p4.y, g[1], m4.y, v4.y);
+      adam_update(c, p4.z, g[2], m4.z, v4.z);
+      adam_update(c, p4.w, g[3], m4.w, v4.w);
+      *reinterpret_cast<float4*>(param + i) = p4;
+      *reinterpret_cast<float4*>(exp_avg + i) = m4;
+      *reinterpret_cast<float4*>(exp_avg_sq + i) = v4;
+      if constexpr (L != LowpType::kNone) {
+        const uint2 packed = make_uint2(lowp_bits<L>(p4.x) | (lowp_bits<L>(p4.y) << 16),
+                                        lowp_bits<L>(p4.z) | (lowp_bits<L>(p4.w) << 16));
+        *reinterpret_cast<uint2*>(static_cast<uint16_t*>(lowp) + i) = packed;
+      }
+    }
+    scalar_begin = vector_end;
+  }
+
+  // Scalar part: everything when unaligned, else the tensor's last < 4 elements.
+  for (int64_t base = scalar_begin + threadIdx.x; base < end; base += static_cast<int64_t>(kThreads) * kIlp) {
     float p[kIlp], g[kIlp], m[kIlp], v[kIlp];
 #pragma unroll
     for (int j = 0; j < kIlp; ++j) {
@@ -104,18 +174,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kIlp; ++j) {
       const int64_t i = base + static_cast<int64_t>(j) * kThreads;
       if (i < end) {
-        float gj = g[j];
-        float pj = p[j];
-        if (c.apply_l2) gj = __fmaf_rn(pj, c.l2_weight_decay, gj);
-        if (c.apply_decoupled_decay) pj = __fmul_rn(pj, c.decoupled_decay);
-        const float mj = __fmaf_rn(c.lerp_coeff, __fsub_rn(gj, m[j]), c.lerp_base_is_grad ? gj : m[j]);
-        const float vj = __fmaf_rn(__fmul_rn(c.one_minus_beta2, gj), gj, __fmul_rn(v[j], c.beta2));
-        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vj), c.bias_correction2_sqrt), c.eps);
-        pj = __fadd_rn(pj, __fdiv_rn(__fmul_rn(c.neg_step_size, mj), denom));
-        param[i] = pj;
-        exp_avg[i] = mj;
-        exp_avg_sq[i] = vj;
-        store_lowp<L>(lowp, i, pj);
+        adam_update(c, p[j], g[j], m[j], v[j]);
+        param[i] = p[j];
+        exp_avg[i] = m[j];
+        exp_avg_sq[i] = v[j];
+        store_lowp<L>(lowp, i, p[j]);
       }
     }
   }
