@@ -94,7 +94,8 @@ def _ds_config(m: int, schedule: str | None, bf16: bool) -> dict:
     if bf16:
         cfg["bf16"] = {"enabled": True}
     if schedule is not None:
-        cfg["interleaf"] = {"pipeline": {"schedule": schedule, "auto_warmup_iterations": 3}}
+        # a stuck p2p fails the variant within 2 minutes instead of hanging the whole run
+        cfg["interleaf"] = {"pipeline": {"schedule": schedule, "auto_warmup_iterations": 3, "timeout_s": 120.0}}
     return cfg
 
 
@@ -267,34 +268,37 @@ def run_all(args: argparse.Namespace) -> list[Row]:
     import ds_plugins  # noqa: F401  (registers interleaf's DeepSpeed engine)
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend=backend)
     rank = torch.distributed.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     cfg = _gpt_config(args.tiny)
     rows: list[Row] = []
-    for m in args.microbatches:
-        for variant in args.variants:
-            _cleanup(device)
-            resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-            t0 = time.perf_counter()
-            try:
-                if variant.startswith("torch-"):
-                    row = run_torch(variant, m, cfg, args, device)
-                else:
-                    row = run_deepspeed(variant, m, cfg, args, device)
-            except Exception as err:  # keep the other variants' numbers; report the failure in the table
-                if rank == 0:
-                    print(f"[pipeline bench] {variant} m={m} FAILED: {type(err).__name__}: {err}", flush=True)
-                row = Row(variant, m, 0.0, None, [], note=f"failed: {type(err).__name__}: {str(err)[:120]}")
-                if device.type == "cuda" or "gloo" not in backend:
-                    raise
-            rows.append(row)
-            if rank == 0:
-                print(f"[pipeline bench] m={m:2d} {variant:>16}: {row.tokens_per_s:10.0f} tokens/s  "
-                      f"bubble {_pct(row.bubble):>6}  peak GiB {'/'.join(f'{p:.1f}' for p in row.peak_gib)}  "
-                      f"({time.perf_counter() - t0:.0f} s; {resident:.2f} GiB still allocated before it)", flush=True)
+    # DeepSpeed and interleaf first (both m), torch.distributed.pipelining last: if a torch variant breaks the
+    # process group, every other number has already been printed.
+    order = [(m, v) for m in args.microbatches for v in args.variants if not v.startswith("torch-")]
+    order += [(m, v) for m in args.microbatches for v in args.variants if v.startswith("torch-")]
+    for m, variant in order:
+        _cleanup(device)
+        resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        t0 = time.perf_counter()
+        try:
+            if variant.startswith("torch-"):
+                row = run_torch(variant, m, cfg, args, device)
+            else:
+                row = run_deepspeed(variant, m, cfg, args, device)
+        except Exception as err:  # keep the other variants' numbers; report the failure in the table
+            print(f"[pipeline bench] rank {rank}: {variant} m={m} FAILED: {type(err).__name__}: {err}", flush=True)
+            row = Row(variant, m, 0.0, None, [], note=f"failed: {type(err).__name__}: {str(err)[:120]}")
+        rows.append(row)
+        if rank == 0:
+            print(f"[pipeline bench] m={m:2d} {variant:>16}: {row.tokens_per_s:10.0f} tokens/s  "
+                  f"bubble {_pct(row.bubble):>6}  peak GiB {'/'.join(f'{p:.1f}' for p in row.peak_gib)}  "
+                  f"({time.perf_counter() - t0:.0f} s; {resident:.2f} GiB still allocated before it)", flush=True)
+    rows.sort(key=lambda r: (r.microbatches, args.variants.index(r.variant)))
     return rows
 
 
