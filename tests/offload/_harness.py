@@ -42,6 +42,33 @@ def make_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return model.to(dtype)
 
 
+class SeededLinear(torch.nn.Linear):
+    """A Linear that initialises itself from its own seed: same weights however a pipeline builds its layers."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, seed: int = 0) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.weight.copy_(torch.randn(self.weight.shape, generator=g) / in_features**0.5)
+            if self.bias is not None:
+                self.bias.copy_(torch.randn(self.bias.shape, generator=g) * 0.1)
+
+
+def pipeline_layer_specs():
+    """The layers of :func:`make_model` as DeepSpeed LayerSpecs with self-seeded weights."""
+    from deepspeed.pipe import LayerSpec
+
+    return [
+        LayerSpec(SeededLinear, IN, HIDDEN, True, 1),
+        LayerSpec(torch.nn.GELU),
+        LayerSpec(SeededLinear, HIDDEN, HIDDEN, True, 2),
+        LayerSpec(torch.nn.LayerNorm, HIDDEN),
+        LayerSpec(SeededLinear, HIDDEN, HIDDEN, False, 3),
+        LayerSpec(torch.nn.Tanh),
+        LayerSpec(SeededLinear, HIDDEN, OUT, True, 4),
+    ]
+
+
 def batches(steps: int, rank: int = 0, world: int = 1, scale: float = 1.0):
     g = torch.Generator().manual_seed(1234)
     out = []

@@ -367,52 +367,31 @@ def test_zero2_two_ranks(tmp_path):
 
 def _pipeline_scenarios(rank, world):
     import deepspeed
-    from deepspeed.pipe import LayerSpec, PipelineModule
-
-    torch.manual_seed(0)
-    reference = H.make_model()
-    layers = list(reference)
-
-    def build():
-        specs = [LayerSpec(type(layer), *_ctor_args(layer)) for layer in layers]
-        module = PipelineModule(layers=specs, num_stages=world, loss_fn=H.loss_fn, partition_method="uniform")
-        with torch.no_grad():  # same weights as the reference model, whatever the stage owns
-            mine = dict(module.named_parameters())
-            for name, p in reference.named_parameters():
-                index, rest = name.split(".", 1)
-                key = f"{int(index)}.{rest}"
-                if key in mine:
-                    mine[key].copy_(p)
-        return module
+    from deepspeed.pipe import PipelineModule
 
     def run(cfg):
-        module = build()
+        module = PipelineModule(layers=H.pipeline_layer_specs(), num_stages=world, loss_fn=H.loss_fn,
+                                partition_method="uniform")
         engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                           optimizer=H.make_optimizer(module.parameters()), config=cfg)
         data = H.batches(2 * STEPS)
-        params = []
+        params, losses = [], []
         for step in range(STEPS):
-            pair = iter([data[2 * step], data[2 * step + 1]])
-            engine.train_batch(pair)
+            losses.append(float(engine.train_batch(iter([data[2 * step], data[2 * step + 1]]))))
             if hasattr(engine.optimizer, "wait_for_updates"):
                 engine.optimizer.wait_for_updates()
             params.append(H.snapshot(engine.module))
-        return {"params": params, "optimizer": type(engine.optimizer).__name__,
-                "hooks": len(getattr(engine.optimizer, "_hook_handles", []))}
+        return {"params": params, "losses": losses, "optimizer": type(engine.optimizer).__name__,
+                "engine": type(engine).__name__, "hooks": len(getattr(engine.optimizer, "_hook_handles", []))}
 
     pipe = dict(gradient_accumulation_steps=2, train_batch_size=2 * H.BATCH, pipeline={"activation_checkpoint_interval": 0})
+    both = H.ds_config(stage=1, interleaf={"gpu_fraction": 0.5}, **pipe)
+    both["interleaf"]["pipeline"] = {"schedule": "zb-h1"}
     return {
         "ds": run(H.ds_config(stage=1, offload=False, **pipe)),
         "il": run(H.ds_config(stage=1, interleaf={"gpu_fraction": 0.5}, **pipe)),
+        "il_zb": run(both),  # interleaf's pipeline engine (zb-h1) and interleaf's offload together
     }
-
-
-def _ctor_args(layer: torch.nn.Module) -> tuple:
-    if isinstance(layer, torch.nn.Linear):
-        return (layer.in_features, layer.out_features, layer.bias is not None)
-    if isinstance(layer, torch.nn.LayerNorm):
-        return (layer.normalized_shape,)
-    return ()
 
 
 @pytest.mark.slow
@@ -420,7 +399,11 @@ def _ctor_args(layer: torch.nn.Module) -> tuple:
 def test_pipeline_engine_zero1(tmp_path):
     runs = H.run_ranks(_pipeline_scenarios, 2, tmp_path)
     for rank_runs in runs:
-        assert rank_runs["il"]["optimizer"] == "InterleafZeroOptimizer"
-        assert rank_runs["il"]["hooks"] > 0
-        for step in range(STEPS):
-            assert H.max_rel_diff(rank_runs["il"]["params"][step], rank_runs["ds"]["params"][step]) <= TOL, step
+        ref = rank_runs["ds"]
+        for name in ("il", "il_zb"):
+            run = rank_runs[name]
+            assert run["optimizer"] == "InterleafZeroOptimizer" and run["hooks"] > 0, name
+            assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6), name
+            for step in range(STEPS):
+                assert H.max_rel_diff(run["params"][step], ref["params"][step]) <= TOL, (name, step)
+        assert rank_runs["il_zb"]["engine"] == "InterleafPipelineEngine"
