@@ -159,7 +159,9 @@ def dead_peer(rank: int, world: int, mode: str, timeout_s: float) -> dict:
     schedule = _schedule("1f1b", 2, 2)
     layers = mlp_layers(4)
     stage_modules = build_stage_modules(layers, schedule.shape, rank)
-    p2p = P2PCommunicator.for_shape(schedule.shape, [0, 1], timeout_s=timeout_s)
+    # "exit" runs with NCCL's settings (batched, untagged, direction groups), "silent" with tagged gloo
+    kwargs = {"batched": True, "use_tags": False, "direction_groups": True} if mode == "exit" else {}
+    p2p = P2PCommunicator.for_shape(schedule.shape, [0, 1], timeout_s=timeout_s, **kwargs)
     executor = PipelineExecutor(schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device="cpu")
     inputs, targets = mlp_batches(2)
     dist.barrier()
