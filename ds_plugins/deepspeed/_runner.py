@@ -263,10 +263,14 @@ class ScheduleRunner:
         )
         self.history.append(it)
         if eng.global_rank == 0:
-            logger.info(
-                "interleaf %s step %d: loss %.4f, %.0f tokens/s, bubble %.1f%% (max %.1f%%), iteration %.3f s",
-                it.schedule, it.step, it.loss, it.tokens_per_s, 100 * it.bubble, 100 * it.bubble_max, it.wall_s,
-            )
+            args = (it.schedule, it.step, it.loss, it.tokens_per_s, 100 * it.bubble, 100 * it.bubble_max, it.wall_s)
+            message = "interleaf %s step %d: loss %.4f, %.0f tokens/s, bubble %.1f%% (max %.1f%%), iteration %.3f s"
+            logger.info(message, *args)
+            every = eng.steps_per_print()
+            if every and it.step % every == 0:  # also at DeepSpeed's own print cadence, through its logger
+                from deepspeed.utils import logger as deepspeed_logger
+
+                deepspeed_logger.info(message, *args)
 
     # ------------------------------------------------------------------ clipping
     def _grads_for_norm(self) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
