@@ -175,7 +175,8 @@ def _build(args, shape, rank, device, dtype):
     for stage in shape.stages_of(rank):
         for i in bounds[stage]:
             torch.manual_seed(1000 + i)  # the same weights whatever the partition
-            layers[i] = Layer(args.hidden, args.heads, args.vocab, args.seq, i == 0, i == n - 1).to(device, dtype)
+            with torch.device(device):  # initialise on the GPU (fast)
+                layers[i] = Layer(args.hidden, args.heads, args.vocab, args.seq, i == 0, i == n - 1).to(dtype)
     return build_stage_modules(layers, shape, rank)  # type: ignore[arg-type]
 
 
