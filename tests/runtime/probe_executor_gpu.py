@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 
 import torch
@@ -21,8 +22,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ds_plugins.runtime import P2PCommunicator, PipelineExecutor, build_stage_modules, measured_costs
-from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
+
+from ds_plugins.runtime import P2PCommunicator  # noqa: E402, PipelineExecutor, build_stage_modules, measured_costs
+from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule  # noqa: E402
 
 
 class Block(nn.Module):
