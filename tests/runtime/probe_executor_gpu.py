@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 
-from ds_plugins.runtime import P2PCommunicator  # noqa: E402, PipelineExecutor, build_stage_modules, measured_costs
+from ds_plugins.runtime import P2PCommunicator, PipelineExecutor, build_stage_modules, measured_costs  # noqa: E402
 from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule  # noqa: E402
 
 
