@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ds_plugins.runtime import PipelineExecutor, build_stage_modules, measured_costs, partition_layers
-from ds_plugins.schedule.ir import Action, ActionKind, PipelineShape, Schedule
+from ds_plugins.schedule.ir import Action, PipelineShape, Schedule
 from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
 
 from runtime_harness import (
