@@ -224,7 +224,7 @@ def _make_engine_class() -> type:
 
             # ---- process-group work starts here
             device = get_accelerator().device_name(module.local_rank)
-            old_params = {id(p): (n, p) for n, p in module.named_parameters()}
+            old_params = {id(p) for p in module.parameters()}  # ids only: the old layers must be freed
             old_param_layer = _param_layer_keys(module)
             chunks = repartition(module, layout, device)
             kwargs["model_parameters"] = _remap_parameters(kwargs.get("model_parameters"), module, old_params,
@@ -412,7 +412,7 @@ def _remap_parameters(model_parameters, module, old_params, old_param_layer):
             out.append(g2)
         return out
     ids = {id(p) for p in items}
-    if ids and not ids & set(old_params) and not ids - {id(p) for p in module.parameters()}:
+    if ids and not ids & old_params and not ids - {id(p) for p in module.parameters()}:
         return items  # already the new parameters (a lazy generator)
     return [p for p in module.parameters() if p.requires_grad]
 
