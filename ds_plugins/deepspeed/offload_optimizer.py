@@ -473,8 +473,11 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             self._build_executor()
             self._plan(carry_grads=True)
         hyper = self._next_step_hyper(grad_scale)
-        if self._early_hyper is not None and [h.step for h in hyper] != [h.step for h in self._early_hyper]:
-            raise RuntimeError("interleaf: early host updates used a different step count")  # cannot happen
+        if self._early_hyper is not None and self._early_hyper != hyper:
+            logger.error(
+                "interleaf: hyper-parameters changed between backward and step() (%s -> %s); host subgroups "
+                "updated during backward used the old ones. Change the learning rate before backward, or set "
+                "engine.optimizer.early_host_start = False", self._early_hyper, hyper)
         for i in range(len(self.optimizer.param_groups)):
             self._ensure_state(i)["step"] += 1
         self._executor.step(hyper)
