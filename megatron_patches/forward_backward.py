@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ds_plugins.schedule.ir import ActionKind
+
 from .arguments import MegatronScheduleConfig
 from .placement import chunk_stage, tied_embedding_weights
 
@@ -91,7 +93,7 @@ class _MegatronStage(torch.nn.Module):
             vp_stage=self._chunk_index if self._vp is not None else None,
             is_last_stage=self._is_last,
         )
-        ctx.total_num_tokens += num_tokens.to(ctx.total_num_tokens.device)
+        ctx.total_num_tokens += num_tokens  # as megatron: a 0-dim CPU count adds onto a device tensor
         # On the last stage this is the loss megatron already divided by num_microbatches (its backward root).
         return output
 
@@ -157,6 +159,13 @@ class _Runner:
         expected = list(schedule.shape.stages_of(self.pp_rank))
         if sorted(stages) != sorted(expected):
             raise ValueError(f"pipeline rank {self.pp_rank}: chunks hold stages {stages}, schedule expects {expected}")
+        for stage in stages:
+            # megatron's data iterators hand out micro-batches in call order: each stage must run F in order.
+            order = [a.microbatch for a in schedule.compute_actions(self.pp_rank)
+                     if a.stage == stage and a.kind is ActionKind.FORWARD]
+            if order != sorted(order):
+                raise ValueError(f"schedule {schedule.name} runs stage {stage}'s forwards out of micro-batch order "
+                                 f"{order}; megatron's data iterators need them in order")
         last_stage = schedule.shape.num_stages - 1
         vp_arg = self.config.virtual_pipeline_model_parallel_size
         stage_modules = {
