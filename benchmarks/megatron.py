@@ -16,7 +16,8 @@ For m = 8 and m = 16 micro-batches:
 
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
-peak allocated memory per rank (GiB, timed steps), first-step loss.
+peak allocated memory per rank (GiB, timed steps), first-step loss and gradient norm (the same model and data
+for every variant: these must agree to rounding).
 
 GPU (writes its section of BENCHMARKS.md)::
 
@@ -213,6 +214,14 @@ def _measure(variant, wrapped, config, shape, m, args, device):
 
     store = step()
     first_loss = float(torch.stack([d["lm loss"] for d in store]).mean()) if store else None
+    # Gradient check: every variant trains the same model on the same data, so the first step's gradient norm
+    # (over all main_grads of all ranks; tied embedding copies count twice in every layout) must agree.
+    sq = torch.zeros([], dtype=torch.float64, device=device)
+    for w in wrapped:
+        for p in w.parameters():
+            sq += p.main_grad.double().pow(2).sum()
+    dist.all_reduce(sq)
+    first_grad_norm = float(sq.sqrt())
     for _ in range(warmup - 1):
         step()
     _sync(device)
@@ -239,7 +248,8 @@ def _measure(variant, wrapped, config, shape, m, args, device):
     loss = next((x for x in losses if x is not None), None)
     mean_s = float(t.mean())
     return {"variant": variant, "microbatches": m, "step_s": mean_s,
-            "tokens_per_s": m * shape["seq"] / mean_s, "peak_gib": peaks, "first_loss": loss}
+            "tokens_per_s": m * shape["seq"] / mean_s, "peak_gib": peaks, "first_loss": loss,
+            "first_grad_norm": first_grad_norm}
 
 
 def run_all(args):
@@ -259,7 +269,8 @@ def run_all(args):
                 rows.append(row)
                 if dist.get_rank() == 0:
                     print(f"{variant:22s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
-                          f"{row['step_s'] * 1e3:8.1f} ms, first loss {row['first_loss']:.5f}, peak GiB "
+                          f"{row['step_s'] * 1e3:8.1f} ms, first loss {row['first_loss']:.5f}, grad norm "
+                          f"{row['first_grad_norm']:.6g}, peak GiB "
                           f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])}", flush=True)
         del wrapped, config
         gc.collect()
@@ -276,14 +287,15 @@ def table(rows, microbatches):
         base_peak = next((max(r["peak_gib"]) for r in sel if r["variant"] == BASELINE), None)
         lines += [f"**m = {m}**", "",
                   "| variant | tokens/s | vs megatron interleaved | peak GiB per rank | max peak vs interleaved | "
-                  "first-step loss |",
-                  "|---|---|---|---|---|---|"]
+                  "first-step loss | first-step grad norm |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sel:
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "—"
             peak_ratio = f"{max(r['peak_gib']) / base_peak:.2f}x" if base_peak else "—"
             peaks = " / ".join(f"{p:.1f}" for p in r["peak_gib"])
             loss = f"{r['first_loss']:.5f}" if r["first_loss"] is not None else "—"
-            lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {ratio} | {peaks} | {peak_ratio} | {loss} |")
+            lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {ratio} | {peaks} | {peak_ratio} | {loss} | "
+                         f"{r['first_grad_norm']:.6g} |")
         lines.append("")
     return "\n".join(lines)
 
