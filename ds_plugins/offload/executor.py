@@ -19,6 +19,7 @@ Update math: :func:`ds_plugins.ops.adamw_step_` (fused CPU/CUDA kernels with pur
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import queue
@@ -182,7 +183,10 @@ class HybridAdamExecutor:
         self._previous_uploads: list = []
         self._stream_stored: list = []
         self._worker_error: BaseException | None = None
-        self._jobs: queue.Queue = queue.Queue()
+        # host jobs, one per subgroup, most urgent first: the lowest forward index among those whose gradients
+        # are in (the next forward needs it first); items (forward index, sequence, job)
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._job_sequence = itertools.count()
         self._worker: threading.Thread | None = None
         self.timings = StepTimings()
         self.last_timings = StepTimings()
@@ -301,7 +305,7 @@ class HybridAdamExecutor:
         self._early.add(index)
         self.timings.early_numel += self.numel(index)
         self._ensure_worker()
-        self._jobs.put(([index], list(hyper), {index: done}, self._grad_copy_event))
+        self._put_job(index, (index, list(hyper), done, self._grad_copy_event))
 
     def step(self, hyper: Sequence[AdamHyper]) -> None:
         """Update every subgroup with the hyper-parameters of its flat partition (``hyper[group]``).
@@ -320,10 +324,11 @@ class HybridAdamExecutor:
             ]
         cpu_order = [i for i in cpu_order if i not in self._early]
         if cpu_order:
-            done = {index: threading.Event() for index in cpu_order}
-            self._pending.update(done)
             self._ensure_worker()
-            self._jobs.put((cpu_order, list(hyper), done, None))
+            for index in cpu_order:
+                done = threading.Event()
+                self._pending[index] = done
+                self._put_job(index, (index, list(hyper), done, None))
         self._gpu_step(hyper)
         self._early = set()
         self._iteration_open = False
@@ -392,50 +397,49 @@ class HybridAdamExecutor:
         self._worker = threading.Thread(target=self._worker_loop, name="interleaf-host-adam", daemon=True)
         self._worker.start()
 
+    def _put_job(self, priority: float, job) -> None:
+        self._jobs.put((priority, next(self._job_sequence), job))
+
     def _worker_loop(self) -> None:
         torch.set_num_threads(self._host_threads)
         if self._events.cuda:
             torch.cuda.set_device(self.device)
         while True:
-            job = self._jobs.get()
+            _, _, job = self._jobs.get()
             if job is None:
                 return
-            order, hyper, done, ready = job
+            index, hyper, done, ready = job
             try:
                 if ready is not None:  # the gradient copies this update reads have landed
                     ready.synchronize()
-                self._host_step(order, hyper, done)
+                self._host_step(index, hyper)
             except BaseException as exc:  # surfaced on the main thread by wait_for/wait_all
                 self._worker_error = exc
                 logger.exception("interleaf host optimizer step failed")
             finally:
-                for event in done.values():
-                    event.set()
+                done.set()
 
-    def _host_step(self, order: list[int], hyper: list[AdamHyper], done: dict[int, threading.Event]) -> None:
+    def _host_step(self, index: int, hyper: list[AdamHyper]) -> None:
+        """Update one host subgroup, then send its low-precision weights up (upload stream + event)."""
         adamw_step_ = _adamw_step_()
         start = time.perf_counter()
-        numel = 0
-        for index in order:
-            sub = self.subgroups[index]
-            h = hyper[sub.group]
-            bufs = self.groups[sub.group]
-            grad = self._host_view(index, "host_grad")
-            if h.grad_scale != 1.0:
-                grad.mul_(h.grad_scale)
-            lowp_host = bufs.lowp_host.view(-1).narrow(0, sub.start, sub.numel)
-            _update(adamw_step_, self._host_view(index, "master"), grad, self._host_view(index, "exp_avg"),
-                    self._host_view(index, "exp_avg_sq"), h, lowp_host)
-            lowp_device = bufs.lowp_device.view(-1).narrow(0, sub.start, sub.numel)
-            with self._events.use(self._upload_stream):
-                lowp_device.copy_(lowp_host, non_blocking=self._events.cuda)
-                uploaded = self._events.record(self._upload_stream)
-            if uploaded is not None:
-                self._upload_events[index] = uploaded
-                self._previous_uploads.append(uploaded)
-            numel += sub.numel
-            done[index].set()
-        self.timings.cpu_numel += numel
+        sub = self.subgroups[index]
+        h = hyper[sub.group]
+        bufs = self.groups[sub.group]
+        grad = self._host_view(index, "host_grad")
+        if h.grad_scale != 1.0:
+            grad.mul_(h.grad_scale)
+        lowp_host = bufs.lowp_host.view(-1).narrow(0, sub.start, sub.numel)
+        _update(adamw_step_, self._host_view(index, "master"), grad, self._host_view(index, "exp_avg"),
+                self._host_view(index, "exp_avg_sq"), h, lowp_host)
+        lowp_device = bufs.lowp_device.view(-1).narrow(0, sub.start, sub.numel)
+        with self._events.use(self._upload_stream):
+            lowp_device.copy_(lowp_host, non_blocking=self._events.cuda)
+            uploaded = self._events.record(self._upload_stream)
+        if uploaded is not None:
+            self._upload_events[index] = uploaded
+            self._previous_uploads.append(uploaded)
+        self.timings.cpu_numel += sub.numel
         self.timings.cpu_busy_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ waiting
@@ -492,7 +496,7 @@ class HybridAdamExecutor:
     def close(self) -> None:
         self.wait_all()
         if self._worker is not None and self._worker.is_alive():
-            self._jobs.put(None)
+            self._put_job(math.inf, None)
             self._worker.join(timeout=60)
         self._worker = None
 

@@ -172,7 +172,8 @@ def estimate(
     """Simulate one iteration's optimizer-related time line for a placement (see the module docstring).
 
     Times count from the start of backward. ``early_host_start``: host updates start as soon as a subgroup's
-    gradients have landed (in arrival order, last layers first) instead of after backward in forward order.
+    gradients have landed instead of after backward. Either way the host thread picks, among the subgroups it may
+    start, the one the next forward needs first (the executor's priority queue).
     """
     if len(placements) != len(subgroups):
         raise ValueError(f"{len(placements)} placements for {len(subgroups)} subgroups")
@@ -214,15 +215,23 @@ def estimate(
         first = next(s.numel for s, w in zip(subgroups, placements) if w is Placement.GPU_STREAMED)
         gpu_step += _safe_div(first * bm.state_bytes, rates.h2d_bytes_per_s)
 
-    cpu_order = sorted(landed, reverse=True) if early_host_start else sorted(landed)
-    cpu_free = 0.0 if early_host_start else step_start
+    # the host thread takes, among the subgroups it may start, the one the next forward needs first
+    ready_at = dict(landed) if early_host_start else {index: step_start for index in landed}
+    cpu_free = 0.0
     cpu_busy = 0.0
     upload_done = 0.0
     upload_ready: dict[int, float] = {}
-    for index in cpu_order:
+    waiting = set(ready_at)
+    while waiting:
+        startable = [i for i in waiting if ready_at[i] <= cpu_free]
+        if not startable:
+            cpu_free = min(ready_at[i] for i in waiting)
+            continue
+        index = min(startable)
+        waiting.remove(index)
         sub = subgroups[index]
         work = _safe_div(sub.numel, rates.cpu_update_params_per_s)
-        cpu_free = max(cpu_free, landed[index] if early_host_start else step_start) + work
+        cpu_free += work
         cpu_busy += work
         upload_done = max(upload_done, cpu_free) + _safe_div(sub.numel * bm.lowp_bytes, rates.h2d_bytes_per_s)
         upload_ready[index] = upload_done

@@ -178,3 +178,17 @@ def test_early_estimate_by_hand():
     late = estimate([Placement.GPU_RESIDENT, Placement.CPU], subs, r)
     # late: host starts at 0.04, done 0.05, upload 0.052; layer 1 would start at 0.04+1e-5+0.01: stall ~0.002
     assert late.forward_stall_s == pytest.approx(0.052 - (0.04 + 1e-5 + 0.01))
+
+
+def test_host_picks_the_most_urgent_startable_subgroup():
+    # host slower than backward: a backlog builds; the lowest forward index among landed ones goes first, so
+    # the middle of the model (needed first by the next forward) is not left for last
+    subs = [SubgroupTiming(numel=10 * M, forward_s=0.001, backward_s=0.001) for _ in range(4)]
+    r = rates(cpu=1e9, gpu=1e12, h2d=math.inf, d2h=math.inf, duplex=math.inf)
+    placements = [Placement.GPU_RESIDENT, Placement.CPU, Placement.CPU, Placement.CPU]
+    est = estimate(placements, subs, r, early_host_start=True)
+    # landed: sub 3 at 0.001, sub 2 at 0.002, sub 1 at 0.003; host: 3 (0.001-0.011), then 1 (0.011-0.021),
+    # then 2 (0.021-0.031); forward starts at 0.004 + 1e-5: layer 1 waits until 0.021, layer 2 until 0.031,
+    # layer 3 runs 0.032-0.033
+    assert est.cpu_busy_s == pytest.approx(0.03)
+    assert est.forward_stall_s == pytest.approx(0.033 - (0.004 + 1e-5) - 0.004)
