@@ -57,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    p.add_argument("--merge-from", default=None,
+                   help="no run: copy this script's section from a markdown file written on the device (--out) "
+                        "into BENCHMARKS.md")
+    p.add_argument("--nccl-timeout-s", type=float, default=240.0,
+                   help="collective/p2p timeout of the process group: a hang aborts instead of eating the budget")
     return p.parse_args(argv)
 
 
@@ -273,7 +278,7 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=args.nccl_timeout_s))
     rank = torch.distributed.get_rank()
     cfg = _gpt_config(args.tiny)
     rows: list[Row] = []
@@ -388,8 +393,20 @@ def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None
     main(args)
 
 
+def merge_from(path: str) -> None:
+    text = open(path).read()
+    if SECTION_START not in text or SECTION_END not in text:
+        raise SystemExit(f"{path} has no benchmarks/pipeline.py section")
+    section = text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0].strip("\n")
+    write_section(os.path.join(ROOT, "BENCHMARKS.md"), section)
+    print(f"merged the pipeline section of {path} into {os.path.join(ROOT, 'BENCHMARKS.md')}")
+
+
 if __name__ == "__main__":
     arguments = parse_args()
+    if arguments.merge_from:
+        merge_from(arguments.merge_from)
+        raise SystemExit(0)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/interleaf_torch_extensions"))
     if arguments.procs:
