@@ -113,6 +113,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         self._param_subgroup: dict[int, int] = {}
         self._module: torch.nn.Module | None = None
         self._hook_handles: list = []
+        self._probe_handles: list = []
+        self._forward_seen: set[int] = set()
         self._rates: HardwareRates | None = None
         self._steps_done = 0
         self._last_plan_step = 0
@@ -122,8 +124,18 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
 
     # ------------------------------------------------------------------ wiring
     def attach_module(self, module: torch.nn.Module) -> None:
-        """Let the next forward wait per layer for host-updated weights (else ``step`` waits for all of them)."""
+        """Let the next forward wait per layer for host-updated weights (else ``step`` waits for all of them).
+
+        Until the first step, a probe records which modules' forwards run: parameters whose owning module never
+        runs its forward (read directly by a parent, e.g. ``F.linear(x, self.head.weight)``) are then waited
+        for at the start of the model's forward instead of per layer.
+        """
         self._module = module
+        self._forward_seen: set[int] = set()
+        for m in module.modules():
+            if next(m.parameters(recurse=False), None) is not None:
+                self._probe_handles.append(
+                    m.register_forward_pre_hook(lambda mod, _inputs: self._forward_seen.add(id(mod))))
 
     def _dp_world_size(self) -> int:
         return max(dist.get_world_size(group=g) for g in self.real_dp_process_group)
@@ -180,10 +192,17 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
 
     def _install_forward_waits(self) -> None:
         executor = self._executor
+        for handle in self._probe_handles:
+            handle.remove()
+        self._probe_handles = []
+        at_model_start: set[int] = set()  # subgroups of parameters used outside their module's forward
         for module in self._module.modules():
             ids = sorted({self._param_subgroup[self.get_param_id(p)] for p in module.parameters(recurse=False)
                           if id(p) in self.param_id and self.get_param_id(p) in self._param_subgroup})
             if not ids:
+                continue
+            if id(module) not in self._forward_seen:
+                at_model_start.update(ids)
                 continue
 
             def wait(_module, _inputs, ids=tuple(ids)):
@@ -191,6 +210,15 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                     executor.wait_for(ids)
 
             self._hook_handles.append(module.register_forward_pre_hook(wait))
+        if at_model_start:
+            logger.info("interleaf offload: %d subgroup(s) hold parameters used outside their module's forward; "
+                        "the forward waits for them at its start", len(at_model_start))
+
+            def wait_first(_module, _inputs, ids=tuple(sorted(at_model_start))):
+                if executor.has_pending():
+                    executor.wait_for(ids)
+
+            self._hook_handles.append(self._module.register_forward_pre_hook(wait_first, prepend=True))
         self._hook_handles.append(
             self._module.register_state_dict_pre_hook(lambda *args, **kwargs: executor.wait_all())
         )
@@ -542,9 +570,10 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         return result
 
     def destroy(self):
-        for handle in self._hook_handles:
+        for handle in self._hook_handles + self._probe_handles:
             handle.remove()
         self._hook_handles = []
+        self._probe_handles = []
         if self._executor is not None:
             self._executor.close()
         super().destroy()

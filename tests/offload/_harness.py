@@ -69,6 +69,19 @@ def pipeline_layer_specs():
     ]
 
 
+class FunctionalHeadModel(torch.nn.Module):
+    """A model whose forward reads a child's weights directly (the child's own forward never runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN))
+        self.head = torch.nn.Linear(HIDDEN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.tanh(self.body(x)), self.head.weight, self.head.bias)
+
+
 def batches(steps: int, rank: int = 0, world: int = 1, scale: float = 1.0):
     g = torch.Generator().manual_seed(1234)
     out = []

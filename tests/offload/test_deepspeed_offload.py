@@ -64,6 +64,9 @@ def _fp32_scenarios(rank, world):
                                                engine_hook=_record_plan)
     out["il_nowait"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": 0.5}), STEPS, wait_each_step=False,
                                       engine_hook=_record_plan)
+    out["ds_functional"] = H.train_engine(H.ds_config(offload=False), STEPS, model=H.FunctionalHeadModel())
+    out["il_functional"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": 0.0}), STEPS,
+                                          model=H.FunctionalHeadModel(), wait_each_step=False)
     out["il_clip"] = H.train_engine(H.ds_config(clip=0.05, interleaf={"gpu_fraction": 0.5}), STEPS,
                                     engine_hook=_record_plan)
     out["il_stage1"] = H.train_engine(H.ds_config(stage=1, interleaf={"gpu_fraction": 0.5}), STEPS,
@@ -139,6 +142,14 @@ def test_bf16_host_updates_during_backward_only_when_exact(fp32_runs, clip):
     else:  # clipping needs the global norm first
         assert run["plan"]["early_numel"] == 0 and run["plan"]["cpu_numel"] > 0
     assert fp32_runs["il_0.5"]["plan"]["early_numel"] == 0  # fp32 skips on a non-finite norm: no early start
+
+
+@pytest.mark.timeout(300)
+def test_weights_read_outside_their_module_are_waited_for(fp32_runs):
+    """The head's weights are used by the parent's forward (F.linear), the head's own forward never runs."""
+    run, ref = fp32_runs["il_functional"], fp32_runs["ds_functional"]
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    assert H.max_rel_diff(run["params"][-1], ref["params"][-1]) <= TOL
 
 
 @pytest.mark.timeout(300)
