@@ -88,21 +88,26 @@ def _fp32_scenarios(rank, world):
     ga = dict(gradient_accumulation_steps=2, train_batch_size=2 * H.BATCH)
     data = H.batches(2 * STEPS)
 
-    def ga_run(cfg):
+    def ga_run(cfg, dtype=torch.float32):
         import deepspeed
 
-        model = H.make_model()
+        model = H.make_model(dtype)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                           optimizer=H.make_optimizer(model.parameters()), config=cfg)
         for x, y in data:
-            engine.backward(H.loss_fn(engine(x), y))
+            engine.backward(H.loss_fn(engine(x.to(dtype)), y))
             engine.step()
         if hasattr(engine.optimizer, "wait_for_updates"):
             engine.optimizer.wait_for_updates()
-        return H.snapshot(engine.module)
+        result = {"params": H.snapshot(engine.module)}
+        _record_masters("end", engine, result)
+        return result
 
     out["ds_ga"] = ga_run(H.ds_config(offload=False, clip=0.05, **ga))
     out["il_ga"] = ga_run(H.ds_config(clip=0.05, interleaf={"gpu_fraction": 0.5}, **ga))
+    # bf16 + GA: host updates start in the backward of the last micro-batch only
+    out["ds_ga_bf16"] = ga_run(H.ds_config(offload=False, **ga, **bf16), torch.bfloat16)
+    out["il_ga_bf16"] = ga_run(H.ds_config(interleaf={"gpu_fraction": 0.5}, **ga, **bf16), torch.bfloat16)
     return out
 
 
@@ -191,7 +196,10 @@ def test_clipping_active_and_exact(fp32_runs):
 
 @pytest.mark.timeout(300)
 def test_gradient_accumulation(fp32_runs):
-    assert H.max_rel_diff(fp32_runs["il_ga"], fp32_runs["ds_ga"]) <= TOL
+    assert H.max_rel_diff(fp32_runs["il_ga"]["params"], fp32_runs["ds_ga"]["params"]) <= TOL
+    run = fp32_runs["il_ga_bf16"]
+    assert _masters_rel_diff(run, fp32_runs["ds_ga_bf16"]) <= TOL
+    assert run["plan"]["early_numel"] == run["plan"]["cpu_numel"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- fp16 overflow
