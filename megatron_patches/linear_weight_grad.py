@@ -9,7 +9,9 @@ While a :class:`~ds_plugins.runtime.WeightGradQueue` is collecting (during an I 
 computes only the input gradient (with megatron's tensor-parallel all-reduce / sequence-parallel
 reduce-scatter, unchanged) and queues the weight-gradient GEMM; bias grads and everything else (norms,
 embeddings) stay in I. When no queue is collecting (megatron's own schedules, full-B actions, forward-only),
-megatron's original backward runs untouched.
+megatron's original backward runs, except for DDP-managed weights without gradient-accumulation fusion while the
+patch is applied: their weight gradient is then written to ``main_grad`` at once (a full B may follow an I of
+the same step, after which DDP's hook would skip a gradient handed to autograd).
 
 A queued W accumulates exactly where megatron would have:
 
@@ -76,13 +78,19 @@ def _call_original(ctx, grad_output):
 
 def _backward(ctx, grad_output):
     put = _collecting() if _collecting is not None else None
-    if put is None or ctx.grad_output_buffer is not None:
-        # Not inside an I action, or megatron's own embedding-wgrad deferral owns this layer.
+    if ctx.grad_output_buffer is not None:
+        # megatron's own embedding-wgrad deferral owns this layer.
+        return _call_original(ctx, grad_output)
+    input, weight = ctx.saved_tensors
+    ddp_managed = hasattr(weight, "grad_added_to_main_grad")
+    if put is None and (not ddp_managed or ctx.gradient_accumulation_fusion):
+        # Not inside an I action: megatron's own backward. (A DDP-managed weight without fusion takes the path
+        # below even here: once an I of this step has set grad_added_to_main_grad, DDP's hook would drop a
+        # full-B weight gradient handed to autograd, so B writes main_grad directly too.)
         return _call_original(ctx, grad_output)
 
     from megatron.core.tensor_parallel import layers
 
-    input, weight = ctx.saved_tensors
     tp_group = ctx.tp_group
     main_grad = ctx.main_grad
     if ctx.gradient_accumulation_fusion:
@@ -97,11 +105,14 @@ def _backward(ctx, grad_output):
         handle = layers.dist_reduce_scatter_func(sub_grad_input, grad_input, group=tp_group, async_op=True)
         grad_input = sub_grad_input
 
-    global deferred_count
-    deferred_count += 1
-    ddp_managed = hasattr(weight, "grad_added_to_main_grad")
     to_main_grad = (ctx.gradient_accumulation_fusion and main_grad is not None) or ddp_managed
-    put(_weight_grad_closure(ctx, input, weight, grad_output, to_main_grad))
+    weight_grad = _weight_grad_closure(ctx, input, weight, grad_output, to_main_grad)
+    if put is None:
+        weight_grad()
+    else:
+        global deferred_count
+        deferred_count += 1
+        put(weight_grad)
 
     if ddp_managed:
         # Same dummy megatron's fusion path returns: DDP's hook then skips its add (W writes main_grad).
@@ -111,7 +122,7 @@ def _backward(ctx, grad_output):
         weight.grad_added_to_main_grad = True
     else:
         grad_weight = None
-    grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
+    grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(dim=0) if ctx.use_bias else None
     if handle is not None:
         handle.wait()
     return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

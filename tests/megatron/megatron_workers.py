@@ -106,6 +106,36 @@ def _megatron_own(pp_size=None, vp_size=None):
     return getattr(f, "interleaf_original", f)(pp_size, vp_size)
 
 
+def _mixed_backward_func(name):
+    """``"zb-h1+B"``: zb-h1 with the last micro-batch's I+W of every stage replaced by one full B at the I's place,
+    so a full backward follows split ones on the same weights in one step."""
+    from ds_plugins.schedule.ir import Action, ActionKind, Schedule
+    from ds_plugins.schedule.registry import build_schedule
+    from megatron.core.pipeline_parallel import schedules
+    from megatron_patches.arguments import MegatronScheduleConfig
+    from megatron_patches.forward_backward import make_forward_backward_func
+
+    base = name.split("+")[0]
+
+    def mixed(_name, **kwargs):
+        kwargs.pop("memory_limit", None)
+        schedule = build_schedule(base, **kwargs)
+        last = kwargs["microbatches"] - 1
+        programs = []
+        for prog in schedule.actions:
+            new = []
+            for a in prog:
+                if a.microbatch == last and a.kind is ActionKind.BACKWARD_INPUT:
+                    new.append(Action(a.stage, ActionKind.BACKWARD, last))
+                elif not (a.microbatch == last and a.kind is ActionKind.BACKWARD_WEIGHT):
+                    new.append(a)
+            programs.append(tuple(new))
+        return Schedule(name, schedule.shape, tuple(programs))
+
+    return make_forward_backward_func(MegatronScheduleConfig(schedule=base), build_schedule=mixed,
+                                      fallback=schedules.forward_backward_pipelining_without_interleaving)
+
+
 def _steps_for(name):
     """``auto`` picks its schedule from timings of its first steps: check the step after that."""
     from megatron_patches.forward_backward import AUTO_WARMUP_STEPS
@@ -418,11 +448,11 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
             if name == "megatron":
                 out[(placement, vp, name)] = run(_megatron_own())
                 continue
-            megatron_patches.apply(name)
+            megatron_patches.apply(name.split("+")[0])
             try:
                 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-                func = get_forward_backward_func()
+                func = get_forward_backward_func() if "+" not in name else _mixed_backward_func(name)
                 for _ in range(_steps_for(name) - 1):
                     run(func)
                 out[(placement, vp, name)] = run(func)

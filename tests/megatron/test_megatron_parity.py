@@ -20,7 +20,7 @@ from megatron_workers import gpt_worker, run_ranks, toy_worker  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SPLIT = {"zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto"}
+SPLIT = {"zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto", "zb-h1+B"}
 ATOL = 1e-6
 
 
@@ -116,8 +116,9 @@ def test_gpt_ddp_overlap_grad_reduce_fusion_tied_embeddings_pp2_dp2():
 @pytest.mark.timeout(300)
 def test_gpt_pp4_vp1_vp2_and_v_overlap_without_grad_sync_func():
     """pp=4; DDP overlap_grad_reduce without config.grad_sync_func (megatron's align_grad_reduce=False): the
-    adapter starts each chunk's grad sync itself after the last W."""
-    cases = [("loop", 1, ["megatron", "1f1b", "zb-h2"]), ("loop", 2, ["megatron", "interleaved-1f1b"]),
+    adapter starts each chunk's grad sync itself after the last W. ``zb-h1+B`` mixes full B and I/W of the same
+    DDP-managed weights in one step."""
+    cases = [("loop", 1, ["megatron", "1f1b", "zb-h2", "zb-h1+B"]), ("loop", 2, ["megatron", "interleaved-1f1b"]),
              ("v", 2, ["zb-v", "v-min"])]
     worker = functools.partial(gpt_worker, overlap=True, align_grad_reduce=False)
     _gpt_check(_merge(run_ranks(worker, 4, 1, 4, cases, 4), key=None))
