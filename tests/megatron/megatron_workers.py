@@ -213,7 +213,7 @@ def _toy_data(m, s, b, h, shard=None):
 TOY_SHAPE = (4, 2, 8)  # s, b, h
 
 
-def toy_reference(pp, vp, m):
+def toy_reference(pp, vp, m, grad_scale=1.0):
     """Single-process reference of the toy pipeline: all stages in one process, plain autograd, loss averaged
     over micro-batches. Needs an initialised megatron parallel state with tp=1."""
     s, b, h = TOY_SHAPE
@@ -230,13 +230,13 @@ def toy_reference(pp, vp, m):
             st.set_input_tensor(act)
             act = st(x)
         loss = ((act - y) ** 2).mean()
-        (loss / m).backward()
+        (loss / m * grad_scale).backward()
         losses.append(loss.detach())
     grads = {f"stage{k}.{n_}.tp0": p.grad.clone() for k, st in enumerate(stages) for n_, p in st.named_parameters()}
     return grads, losses
 
 
-def toy_worker(rank, world, tp, pp, cases, m, sp=False):
+def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None):
     """For each (placement, vp, schedules) case: run each schedule ("megatron" = megatron's own schedule for the
     chunk layout) on the same weights. Returns ``{"runs": {(placement, vp, name): ({stage.param.tp: grad},
     [logged losses], deferred W count)}, "reference": {vp: single-process (grads, losses)}}`` (reference only
@@ -253,6 +253,8 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False):
         init_parallel(tp, pp, vp if vp > 1 else None)
         pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
         cfg = _toy_config(pp, vp if vp > 1 else None, h, tp=tp, sp=sp)
+        if grad_scale is not None:  # what megatron's fp16 optimizer installs: the loss scale
+            cfg.grad_scale_func = lambda loss: loss * grad_scale
         n = pp * vp
         if placement == "v":
             def provider(pre_process, post_process, vp_stage):
@@ -299,7 +301,7 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False):
             finally:
                 megatron_patches.remove()
         if tp == 1 and vp not in out["reference"]:
-            out["reference"][vp] = toy_reference(pp, vp, m)
+            out["reference"][vp] = toy_reference(pp, vp, m, grad_scale or 1.0)
         ps.destroy_model_parallel()
     return out
 
