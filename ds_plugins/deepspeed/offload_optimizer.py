@@ -86,6 +86,9 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
 
     early_host_start: bool = True
     """Allow host updates during backward when that is exact (set False on an instance to measure without)."""
+    host_grads_16bit: bool = True
+    """bf16 models without clipping send host subgroups' gradients down as bf16 (2 B/param, read as is by the
+    kernel) instead of fp32; set False before the first step to keep fp32."""
 
     def __new__(cls, *args: Any, **kwargs: Any):
         if _PENDING_CONFIG.get() is None:
@@ -110,6 +113,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         self._grads_missing: dict[int, int] = {}
         self._early_hyper: list[AdamHyper] | None = None
         self._executor: HybridAdamExecutor | None = None
+        self._host_grads_lowp: list[torch.Tensor] | None = None
+        self._routed_this_iteration = False
         self._param_subgroup: dict[int, int] = {}
         self._module: torch.nn.Module | None = None
         self._hook_handles: list = []
@@ -183,6 +188,12 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         self._reset_grad_tracking()
         for i in range(len(self.bit16_groups)):
             self._ensure_state(i)
+        if self._lowp_host_grads_possible():
+            self._host_grads_lowp = []
+            for size in self.partition_size:
+                buffer = torch.zeros(int(size), dtype=self.dtype, device="cpu")
+                self._host_grads_lowp.append(
+                    get_accelerator().pin_memory(buffer) if self.cpu_offload_pin_memory else buffer)
         self._executor = HybridAdamExecutor(
             subgroups, self._flat_buffers(), device=torch.device(get_accelerator().current_device_name()),
             pin_memory=self.cpu_offload_pin_memory, host_threads=max(1, torch.get_num_threads() - 1),
@@ -248,6 +259,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 master=master.data, exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
                 host_grad=master.grad.data, lowp_device=self.parallel_partitioned_bit16_groups[i][partition_id].data,
                 lowp_host=self.param_buffer_of_bit16_for_cpu_offload_groups[i].data,
+                host_grad_lowp=self._host_grads_lowp[i] if self._host_grads_lowp is not None else None,
             ))
         return buffers
 
@@ -329,6 +341,12 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         return (self.early_host_start and self.clip_grad == 0.0 and self.dtype == torch.bfloat16
                 and not self.check_grad_overflow and self.loss_scale == 1.0 and self.torch_autocast_gradscaler is None)
 
+    def _lowp_host_grads_possible(self) -> bool:
+        """bf16 gradients reach the hook as bf16 and are never rescaled: send them down as they are."""
+        return (self.host_grads_16bit and self.dtype == torch.bfloat16 and self.clip_grad == 0.0
+                and not self.use_grad_accum_attribute
+                and not any(self._use_compact_grad_partition_buffer(i) for i in range(len(self.bit16_groups))))
+
     def _next_step_hyper(self, grad_scale: float) -> list[AdamHyper]:
         hyper = []
         for i, group in enumerate(self.optimizer.param_groups):
@@ -346,14 +364,19 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         as soon as its last gradient is on the way, when that is exact (see _early_start_allowed)."""
         ex = self._executor
         ex.begin_iteration()
-        ex.copy_grad(self._grad_destination(param_id, dest_offset, num_elements), source)
+        self._routed_this_iteration = True
+        destination = self._grad_destination(param_id, dest_offset, num_elements)
+        if destination.dtype != torch.float32 and source.dtype != destination.dtype:
+            raise RuntimeError(f"interleaf: a {source.dtype} gradient for a {destination.dtype} host buffer; set "
+                               "engine.optimizer.host_grads_16bit = False before the first step")
+        ex.copy_grad(destination, source)
         index = self._param_subgroup[param_id]
         self._grads_missing[index] -= 1
         if self._grads_missing[index] == 0 and not ex.is_on_gpu(index) and self.is_gradient_accumulation_boundary():
             if self._early_hyper is None and self._early_start_allowed():
                 self._early_hyper = self._next_step_hyper(grad_scale=1.0)
             if self._early_hyper is not None:
-                ex.submit_early(index, self._early_hyper)
+                ex.submit_early(index, self._early_hyper, lowp_grads=self._host_grads_lowp is not None)
 
     def copy_grads_in_partition(self, param, group_idx=None):
         if self._executor is not None:
@@ -384,6 +407,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         if ex.is_on_gpu(index):
             return ex.device_grad(index).narrow(0, dest_offset - ex.subgroups[index].start, num_elements)
         group = ex.subgroups[index].group
+        if self._host_grads_lowp is not None:
+            return self._host_grads_lowp[group].narrow(0, dest_offset, num_elements)
         return self.single_partition_of_fp32_groups[group].grad.view(-1).narrow(0, dest_offset, num_elements)
 
     def async_inplace_copy_grad_to_fp32_buffer_from_gpu(self, param):
@@ -508,7 +533,9 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 "engine.optimizer.early_host_start = False", self._early_hyper, hyper)
         for i in range(len(self.optimizer.param_groups)):
             self._ensure_state(i)["step"] += 1
-        self._executor.step(hyper)
+        # gradients routed by the executor this iteration sit in the 16-bit host buffer (when that is on); the
+        # first step's came through DeepSpeed's own fp32 path
+        self._executor.step(hyper, lowp_grads=self._host_grads_lowp is not None and self._routed_this_iteration)
         self._reset_grad_tracking()
         for i in range(len(self.bit16_groups)):  # as DeepSpeed's offload step: drop this step's grad partitions
             self._release_preflattened_grad_buffers(i)
@@ -532,6 +559,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
     def _reset_grad_tracking(self) -> None:
         self._grads_missing = dict(self._grads_per_subgroup)
         self._early_hyper = None
+        self._routed_this_iteration = False
 
     def wait_for_updates(self) -> None:
         """Block until every weight of the last step is in place (the forward hooks do this per layer)."""

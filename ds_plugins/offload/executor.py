@@ -84,6 +84,8 @@ class FlatGroupBuffers:
     """Flat low-precision model weights on the device (what forward reads)."""
     lowp_host: torch.Tensor
     """Host (pinned) staging buffer for low-precision weights of CPU subgroups."""
+    host_grad_lowp: torch.Tensor | None = None
+    """Optional host (pinned) 16-bit gradient buffer: 2 B/param down instead of 4, read as is by the kernel."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -294,7 +296,7 @@ class HybridAdamExecutor:
         self.timings = StepTimings()
         self._iteration_open = True
 
-    def submit_early(self, index: int, hyper: Sequence[AdamHyper]) -> None:
+    def submit_early(self, index: int, hyper: Sequence[AdamHyper], *, lowp_grads: bool = False) -> None:
         """Start the host update of CPU subgroup ``index`` now, during backward: its gradients are all issued and
         the caller guarantees the step can neither be skipped nor rescaled (so no rollback is ever needed)."""
         self.begin_iteration()
@@ -305,10 +307,11 @@ class HybridAdamExecutor:
         self._early.add(index)
         self.timings.early_numel += self.numel(index)
         self._ensure_worker()
-        self._put_job(index, (index, list(hyper), done, self._grad_copy_event))
+        self._put_job(index, (index, list(hyper), done, self._grad_copy_event, lowp_grads))
 
-    def step(self, hyper: Sequence[AdamHyper]) -> None:
+    def step(self, hyper: Sequence[AdamHyper], *, lowp_grads: bool = False) -> None:
         """Update every subgroup with the hyper-parameters of its flat partition (``hyper[group]``).
+        ``lowp_grads``: host subgroups' gradients are in ``host_grad_lowp`` (else in ``host_grad``).
 
         GPU subgroups are enqueued on the current stream before this returns; CPU subgroups not started early
         run on the worker thread. Call :meth:`wait_for` / :meth:`wait_all` before reading their weights.
@@ -328,7 +331,7 @@ class HybridAdamExecutor:
             for index in cpu_order:
                 done = threading.Event()
                 self._pending[index] = done
-                self._put_job(index, (index, list(hyper), done, None))
+                self._put_job(index, (index, list(hyper), done, None, lowp_grads))
         self._gpu_step(hyper)
         self._early = set()
         self._iteration_open = False
@@ -408,18 +411,18 @@ class HybridAdamExecutor:
             _, _, job = self._jobs.get()
             if job is None:
                 return
-            index, hyper, done, ready = job
+            index, hyper, done, ready, lowp_grads = job
             try:
                 if ready is not None:  # the gradient copies this update reads have landed
                     ready.synchronize()
-                self._host_step(index, hyper)
+                self._host_step(index, hyper, lowp_grads)
             except BaseException as exc:  # surfaced on the main thread by wait_for/wait_all
                 self._worker_error = exc
                 logger.exception("interleaf host optimizer step failed")
             finally:
                 done.set()
 
-    def _host_step(self, index: int, hyper: list[AdamHyper]) -> None:
+    def _host_step(self, index: int, hyper: list[AdamHyper], lowp_grads: bool) -> None:
         """Update one host subgroup, then send its low-precision weights up (upload stream + event)."""
         adamw_step_ = _adamw_step_()
         start = time.perf_counter()
@@ -427,7 +430,14 @@ class HybridAdamExecutor:
         h = hyper[sub.group]
         bufs = self.groups[sub.group]
         grad = self._host_view(index, "host_grad")
-        if h.grad_scale != 1.0:
+        if lowp_grads and bufs.host_grad_lowp is not None:
+            lowp_grad = self._host_view(index, "host_grad_lowp")
+            if h.grad_scale == 1.0:
+                grad = lowp_grad  # the kernel widens 16-bit gradients exactly
+            else:  # widen, then scale in fp32 (as DeepSpeed does)
+                grad.copy_(lowp_grad)
+                grad.mul_(h.grad_scale)
+        elif h.grad_scale != 1.0:
             grad.mul_(h.grad_scale)
         lowp_host = bufs.lowp_host.view(-1).narrow(0, sub.start, sub.numel)
         _update(adamw_step_, self._host_view(index, "master"), grad, self._host_view(index, "exp_avg"),

@@ -28,6 +28,7 @@ def _plan_info(engine) -> dict:
         "hooks": len(opt._hook_handles),
         "early_numel": ex.timings.early_numel,
         "placements": [p.value for p in ex.placements],
+        "host_grads_16bit": opt._host_grads_lowp is not None,
     }
 
 
@@ -144,8 +145,10 @@ def test_bf16_host_updates_during_backward_only_when_exact(fp32_runs, clip):
     assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6)
     if clip == 0.0:  # nothing can skip or rescale the step: the host half starts during backward
         assert run["plan"]["early_numel"] == run["plan"]["cpu_numel"] > 0
+        assert run["plan"]["host_grads_16bit"]  # and its gradients come down as bf16
     else:  # clipping needs the global norm first
         assert run["plan"]["early_numel"] == 0 and run["plan"]["cpu_numel"] > 0
+        assert not run["plan"]["host_grads_16bit"]
     assert fp32_runs["il_0.5"]["plan"]["early_numel"] == 0  # fp32 skips on a non-finite norm: no early start
 
 
