@@ -33,7 +33,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import (
 
 from ..config import OffloadConfig
 from ..offload.executor import AdamHyper, FlatGroupBuffers, HybridAdamExecutor, Subgroup, measure_rates
-from ..offload.planner import HardwareRates, SubgroupTiming, plan_offload
+from ..offload.planner import ByteModel, HardwareRates, SubgroupTiming, plan_offload
 from ..offload.settings import offload_config_from_ds_config
 
 __all__ = ["InterleafZeroOptimizer", "install", "uninstall", "SUBGROUPS_PER_RANK"]
@@ -305,7 +305,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         ]
         fraction = 0.0 if cfg.mode == "cpu" else cfg.gpu_fraction
         plan = plan_offload(timings, self._rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes(),
-                            early_host_start=self._early_start_allowed())
+                            early_host_start=self._early_start_allowed(),
+                            byte_model=ByteModel(grad_bytes=2 if self._host_grads_lowp is not None else 4))
         if carry_grads:
             self._apply_plan_keeping_grads(plan)
         else:
