@@ -18,6 +18,17 @@ NVCC_FLAGS = ["-O3", "--threads=4"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
 
 
+def _torch_openmp_link_args():
+    """Link the CPU op against the OpenMP runtime torch loaded, not a second one (ds_plugins/ops/openmp.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_interleaf_openmp", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_plugins", "ops", "openmp.py"))
+    openmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(openmp)
+    return openmp.openmp_link_args()
+
+
 def _extensions():
     """The extension modules to build, and the build_ext command class (empty when torch is missing)."""
     mode = os.environ.get("INTERLEAF_BUILD_OPS", "auto")
@@ -48,7 +59,7 @@ def _extensions():
             "ds_plugins.ops._interleaf_cpu",
             CPU_SOURCES,
             extra_compile_args=CPU_FLAGS,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=_torch_openmp_link_args(),
         )
     ]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:

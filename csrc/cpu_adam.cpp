@@ -9,7 +9,12 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstdlib>
 #include <string>
@@ -71,6 +76,10 @@ IsaChoice choose_isa() {
 // stream: large enough to amortise scheduling, small enough to balance threads.
 constexpr int64_t kChunkElements = int64_t{1} << 16;
 
+// Threads that got chunks in the most recent call (any thread's call): a diagnostic for benchmarks, read with
+// torch.ops.interleaf.cpu_threads_info().
+std::atomic<int64_t> last_call_threads{0};
+
 struct TensorWork {
   float* param;
   const char* grad;
@@ -120,7 +129,9 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   }
 
+  std::atomic<int64_t> threads_used{0};
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    threads_used.fetch_add(1, std::memory_order_relaxed);  // parallel_for calls this once per working thread
     for (int64_t c = first; c < last; ++c) {
       const Chunk& chunk = chunks[c];
       const TensorWork& w = work[chunk.tensor];
@@ -129,9 +140,21 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                    w.exp_avg_sq + b, w.lowp != nullptr ? w.lowp + b * 2 : nullptr, w.lowp_type, chunk.end - b);
     }
   });
+  last_call_threads.store(threads_used.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
 std::string cpu_isa() { return choose_isa().name; }
+
+// [omp_get_max_threads() of the OpenMP runtime this library is bound to (0 without OpenMP),
+//  at::get_num_threads(), threads that got chunks in the last adamw_step_ call (0 before any call)].
+std::vector<int64_t> cpu_threads_info() {
+#ifdef _OPENMP
+  const int64_t omp_max = omp_get_max_threads();
+#else
+  const int64_t omp_max = 0;
+#endif
+  return {omp_max, static_cast<int64_t>(at::get_num_threads()), last_call_threads.load(std::memory_order_relaxed)};
+}
 
 }  // namespace
 }  // namespace interleaf
@@ -142,6 +165,7 @@ TORCH_LIBRARY(interleaf, m) {
       "Tensor(d!)[] lowp_out, *, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
       "bool adamw_mode, bool bias_correction) -> ()");
   m.def("cpu_isa() -> str", &interleaf::cpu_isa);
+  m.def("cpu_threads_info() -> int[]", &interleaf::cpu_threads_info);
 }
 
 TORCH_LIBRARY_IMPL(interleaf, CPU, m) { m.impl("adamw_step_", &interleaf::adamw_step_cpu); }

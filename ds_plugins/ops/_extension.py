@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .openmp import openmp_link_args
+
 logger = logging.getLogger(__name__)
 
 OPS_MODE_ENV = "INTERLEAF_OPS"
@@ -60,7 +62,7 @@ def _load_jit(name: str, sources: tuple[str, ...], cuda: bool) -> None:
         sources=paths,
         extra_cflags=["-O3"] if cuda else _CPU_FLAGS,
         extra_cuda_cflags=["-O3"] if cuda else None,
-        extra_ldflags=None if cuda else ["-fopenmp"],
+        extra_ldflags=None if cuda else openmp_link_args(),
         is_python_module=False,
         verbose=False,
     )

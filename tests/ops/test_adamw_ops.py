@@ -267,3 +267,66 @@ def test_every_16bit_grad_decodes_like_torch(monkeypatch, grad_dtype):
         ops.adamw_step_([torch.ones(n)], [grad], [m], [v], **hyper)
         assert torch.equal(m, want_m), isa
         assert torch.equal(v, want_v), isa
+
+
+_OPENMP_PROBE = r"""
+import json, torch
+from ds_plugins.ops.openmp import loaded_openmp_runtimes
+before = loaded_openmp_runtimes()
+import ds_plugins.ops as ops
+assert ops.backend("cpu").startswith("cpp-"), ops.backend("cpu")
+torch.set_num_threads(2)
+n = 3 * (1 << 16)  # three chunks: both threads get work
+p, g, m, v = torch.randn(n), torch.randn(n), torch.zeros(n), torch.zeros(n)
+ops.adamw_step_([p], [g], [m], [v], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+print(json.dumps({"before": before, "after": loaded_openmp_runtimes(),
+                  "info": list(torch.ops.interleaf.cpu_threads_info())}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_op_shares_torchs_openmp_runtime():
+    """Loading and running the CPU op maps no OpenMP runtime besides torch's (a second one would double the
+    threads on the cores and miss torch.set_num_threads), and the op reports the threads it ran on. Fresh
+    process: this one may have loaded the op already."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not ops.is_native_available("cpu"):
+        pytest.skip("native CPU op not built")
+    env = dict(os.environ, INTERLEAF_OPS="native", OMP_NUM_THREADS="2")
+    env.pop("INTERLEAF_CPU_ISA", None)
+    out = subprocess.run([sys.executable, "-c", _OPENMP_PROBE], env=env, capture_output=True, text=True,
+                         timeout=100)
+    assert out.returncode == 0, out.stderr[-2000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(probe["before"]) == 1, f"torch itself maps {probe['before']}"
+    assert probe["after"] == probe["before"], f"our op mapped another OpenMP runtime: {probe['after']}"
+    omp_max_threads, torch_threads, threads_last_call = probe["info"]
+    assert omp_max_threads == torch_threads == 2  # the op's runtime sees torch.set_num_threads
+    assert threads_last_call == 2
+
+
+def test_openmp_link_args(monkeypatch, tmp_path):
+    """The extension links the one runtime torch mapped, by path; with none or several it falls back to
+    -fopenmp; INTERLEAF_OPENMP_LINK=system forces -fopenmp."""
+    from ds_plugins.ops import openmp
+
+    runtime = tmp_path / "libgomp-a34b3233.so.1"
+    runtime.write_bytes(b"")
+    maps = tmp_path / "maps"
+    maps.write_text(f"7f00-7f10 r-xp 00000000 08:01 1 {runtime}\n"
+                    "7f10-7f20 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+                    "7f20-7f30 r--p 00000000 00:00 0 [heap]\n")
+    assert openmp.loaded_openmp_runtimes(str(maps)) == [str(runtime)]
+    assert openmp.loaded_openmp_runtimes(str(tmp_path / "missing")) == []
+    monkeypatch.setattr(openmp, "loaded_openmp_runtimes", lambda: [str(runtime)])
+    monkeypatch.delenv("INTERLEAF_OPENMP_LINK", raising=False)
+    assert openmp.openmp_link_args() == [str(runtime)]
+    monkeypatch.setenv("INTERLEAF_OPENMP_LINK", "system")
+    assert openmp.openmp_link_args() == ["-fopenmp"]
+    monkeypatch.delenv("INTERLEAF_OPENMP_LINK")
+    monkeypatch.setattr(openmp, "loaded_openmp_runtimes", lambda: [str(runtime), "/usr/lib/libgomp.so.1"])
+    assert openmp.openmp_link_args() == ["-fopenmp"]
