@@ -7,10 +7,11 @@ checkpoints; this module owns where each subgroup's optimizer state lives and ru
   (the ones DeepSpeed checkpoints). GPU-*resident* subgroups keep the live copy on the device and write it back to
   the host on :meth:`HybridAdamExecutor.sync_state_to_host` (checkpoints, re-plans);
 - :meth:`HybridAdamExecutor.step` runs only after the caller knows the global gradient norm and that there is no
-  overflow, so no update is ever rolled back. GPU subgroups are updated on the current stream (streamed ones
-  via two staging buffers, loads on an upload stream and stores on a download stream); CPU subgroups on a worker
-  thread in forward order, each one's low-precision weights copied up on an upload stream followed by a CUDA
-  event;
+  overflow, so no update is ever rolled back (:meth:`HybridAdamExecutor.submit_early` starts a host subgroup
+  during backward when the caller knows the step can be neither skipped nor rescaled). GPU subgroups are
+  updated on the current stream (streamed ones via two staging buffers, loads and stores on their own streams);
+  CPU subgroups on a worker thread, most urgent first (lowest forward index among those it may start), each
+  one's low-precision weights copied up on an upload stream followed by a CUDA event;
 - :meth:`HybridAdamExecutor.wait_for` is what a layer's forward pre-hook calls: the host waits for that
   subgroup's host update only, and the current CUDA stream waits (on the GPU) for its upload event.
 
@@ -25,7 +26,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
