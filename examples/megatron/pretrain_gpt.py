@@ -83,7 +83,8 @@ def build_model(args, config, schedule):
 
     provider = model_provider(args, config)
     vp = args.virtual_pipeline_model_parallel_size
-    if schedule is not None and schedule.uses_v_placement:
+    v_placement = schedule is not None and (schedule.uses_v_placement or (schedule.schedule == "auto" and vp == 2))
+    if v_placement:
         chunks = megatron_patches.build_model_chunks(provider)  # interleaf: V placement (the one change)
     else:
         chunks = []
