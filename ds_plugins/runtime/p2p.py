@@ -463,8 +463,33 @@ def _direction_groups(
         if "nccl" in backend:
             for edge in sorted(cached):
                 dist.barrier(group=cached[edge], device_ids=[device.index] if device.index is not None else None)
+            _connect_direction_groups(cached, device)
         _DIRECTION_GROUPS[cache_key] = (world, cached)
     return cached
+
+
+def _connect_direction_groups(groups: dict[tuple[int, int], dist.ProcessGroup], device: torch.device) -> None:
+    """Open each direction group's NCCL p2p connection with one tiny exchange, in the global edge order.
+
+    NCCL connects a pair of ranks lazily, inside the first ``ncclGroupEnd`` that carries a send or receive
+    between them, and that call blocks the host until the peer joins. A barrier does not open p2p channels. In
+    the pipeline a rank may post a receive batch on one direction group while its peer is busy computing, or
+    blocked posting on another group, so that first connect would deadlock (seen on 2x H100: rank 0 stuck in
+    ``batch_isend_irecv`` of its receive batch, rank 1 waiting on the activation rank 0 had not sent yet).
+    Exchanging once per edge here, smallest edge first, cannot deadlock: the smallest unconnected edge always
+    has both of its ranks at it.
+    """
+    me = dist.get_rank()
+    for sender, receiver in sorted(groups):
+        probe = torch.zeros(1, device=device)
+        if me == sender:
+            op = dist.P2POp(dist.isend, probe, receiver, groups[(sender, receiver)])
+        else:
+            op = dist.P2POp(dist.irecv, probe, sender, groups[(sender, receiver)])
+        for work in dist.batch_isend_irecv([op]):
+            work.wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def _spec_to_plain(spec: MessageSpec) -> tuple:
