@@ -453,7 +453,8 @@ def _direction_groups(
     cached = entry[1] if entry is not None and entry[0] is world else None
     if cached is None:
         cached = {}
-        mine = set(my_edges)
+        me = dist.get_rank()
+        mine = {e for e in my_edges if me in e}  # my pipeline's edges that this rank sends or receives on
         for edge in all_edges:
             group = dist.new_group(list(edge), backend=backend)  # every rank, same order
             if edge in mine:
@@ -463,7 +464,7 @@ def _direction_groups(
         if "nccl" in backend:
             for edge in sorted(cached):
                 dist.barrier(group=cached[edge], device_ids=[device.index] if device.index is not None else None)
-            _connect_direction_groups(cached, device)
+        _connect_direction_groups(cached, device)  # needed on NCCL; on gloo it keeps the path tested in CI
         _DIRECTION_GROUPS[cache_key] = (world, cached)
     return cached
 
