@@ -1,14 +1,10 @@
 """Validator: every kind of broken schedule is caught, with the grid and the failing cell marked."""
 import pytest
 
-from ds_plugins.schedule import Action, CostModel, PipelineShape, Schedule, add_communication
+from ds_plugins.schedule import Action, CostModel, Schedule, add_communication
 from ds_plugins.schedule.validate import ScheduleError, format_grid, validate
 
-
-def sched(text: str, pp: int, m: int, vp: int = 1, placement: str = "loop", name: str = "t") -> Schedule:
-    rows = [tuple(Action.parse(t) for t in line.split()) for line in text.strip().splitlines()]
-    rows += [()] * (pp - len(rows))
-    return Schedule(name, PipelineShape(pp=pp, microbatches=m, vp=vp, placement=placement), tuple(rows))
+from schedule_text import sched
 
 
 # 1F1B, pp=2, m=3, full backward.
