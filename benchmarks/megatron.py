@@ -50,12 +50,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks.report import write_section  # noqa: E402
+
 LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
              "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v"}
 DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "auto")
 BASELINE = "megatron-interleaved"
-SECTION_START = "<!-- benchmarks/megatron.py:start -->"
-SECTION_END = "<!-- benchmarks/megatron.py:end -->"
+REPORT_SECTION = "benchmarks/megatron.py"  # its BENCHMARKS.md section (benchmarks/report.py)
 ANCHOR = dict(layers=32, hidden=2048, heads=16, seq=2048, vocab=32000)
 TINY = dict(layers=8, hidden=64, heads=4, seq=64, vocab=256)
 
@@ -300,19 +301,6 @@ def table(rows, microbatches):
     return "\n".join(lines)
 
 
-def write_section(path: str, text: str) -> None:
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = f"{SECTION_START}\n{text}\n{SECTION_END}"
-    if SECTION_START in old and SECTION_END in old:
-        head, rest = old.split(SECTION_START, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        new = head + block + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main(args: argparse.Namespace) -> None:
     gpu = torch.cuda.is_available()
     if gpu:
@@ -344,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
         print(text, flush=True)
         out = args.out or (os.path.join(ROOT, "BENCHMARKS.md") if gpu else None)
         if out:
-            write_section(out, text)
+            write_section(out, REPORT_SECTION, text)
             print(f"updated {out}", flush=True)
         if args.json:
             with open(args.json, "w") as f:

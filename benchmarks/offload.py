@@ -31,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from benchmarks.report import write_section  # noqa: E402
+
 SECTION = "## Optimizer-state offload (benchmarks/offload.py)"
+REPORT_SECTION = "benchmarks/offload.py"  # its BENCHMARKS.md section (benchmarks/report.py)
 RUNS = ("gpu", "zero-offload", "interleaf-auto", "interleaf-0.5")
 LOSS_RTOL = 2e-2  # bf16 runs with different (but exact-math) update orders; the fp32 parity is in tests/
 
@@ -227,17 +230,6 @@ def render(results: list[dict], args, device_name: str, torch_version: str, ds_v
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def main() -> int:
     args = parse_args()
     setup_process()
@@ -299,7 +291,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     if not args.no_write:
-        write_section(Path(args.output), section)
+        write_section(args.output, REPORT_SECTION, section)
     ref = results[0]["losses"]
     bad = [r["run"] for r in results if max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)) > LOSS_RTOL]
     if bad or failed:

@@ -39,7 +39,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.report import merge_from, write_section  # noqa: E402
+
 SECTION = "## Optimizer ops (fused AdamW, benchmarks/optimizer_ops.py)"
+REPORT_SECTION = "benchmarks/optimizer_ops.py"  # its BENCHMARKS.md section (benchmarks/report.py)
 LR, BETA1, BETA2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 0.01
 CPU_WORKERS = ("bandwidth", "interleaf", "deepspeed", "torch_fused")
 OPENMP_LIB = re.compile(r"/lib(gomp|iomp5|omp)[-.\w]*\.so[.\d]*$")
@@ -608,25 +613,6 @@ def render_diagnose(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def read_section(path: Path) -> str:
-    text = path.read_text()
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    return text[start:nxt + 1] if nxt >= 0 else text[start:]
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = section.rstrip("\n") + "\n\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def cuda_available() -> bool:
     """Asked in a throwaway process: the parent never imports torch (nor initialises CUDA or OpenMP)."""
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
@@ -640,7 +626,7 @@ def main() -> None:
         run_worker(args)
         return
     if args.merge_from:
-        write_section(Path(args.output), read_section(Path(args.merge_from)))
+        merge_from(args.merge_from, args.output, REPORT_SECTION)
         return
     workers = [w for w in CPU_WORKERS if not (w == "deepspeed" and args.skip_deepspeed)]
     if not args.skip_gpu and cuda_available():
@@ -652,7 +638,7 @@ def main() -> None:
     section = render(results, args)
     print(section)
     if not args.no_write:
-        write_section(Path(args.output), section)
+        write_section(args.output, REPORT_SECTION, section)
 
 
 if __name__ == "__main__":

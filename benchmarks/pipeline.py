@@ -39,11 +39,12 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from benchmarks.report import merge_from, write_section  # noqa: E402
+
 INTERLEAF = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "auto")
 TORCH = ("torch-1f1b", "torch-izb", "torch-zbv", "torch-dualpipev")
 DEFAULT_VARIANTS = ("deepspeed-1f1b", *INTERLEAF, "torch-1f1b", "torch-izb")
-SECTION_START = "<!-- benchmarks/pipeline.py:start -->"
-SECTION_END = "<!-- benchmarks/pipeline.py:end -->"
+REPORT_SECTION = "benchmarks/pipeline.py"  # its BENCHMARKS.md section (benchmarks/report.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -338,19 +339,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, text: str) -> None:
-    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    block = f"{SECTION_START}\n{text}\n{SECTION_END}"
-    if SECTION_START in old and SECTION_END in old:
-        head, rest = old.split(SECTION_START, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        new = head + block + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(new)
-
-
 def main(args: argparse.Namespace) -> None:
     rows = run_all(args)
     rank = torch.distributed.get_rank()
@@ -378,7 +366,7 @@ def main(args: argparse.Namespace) -> None:
         print(text, flush=True)
         out = args.out or (os.path.join(ROOT, "BENCHMARKS.md") if torch.cuda.is_available() else None)
         if out:
-            write_section(out, text)
+            write_section(out, REPORT_SECTION, text)
             print(f"updated {out}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
@@ -393,19 +381,10 @@ def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None
     main(args)
 
 
-def merge_from(path: str) -> None:
-    text = open(path).read()
-    if SECTION_START not in text or SECTION_END not in text:
-        raise SystemExit(f"{path} has no benchmarks/pipeline.py section")
-    section = text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0].strip("\n")
-    write_section(os.path.join(ROOT, "BENCHMARKS.md"), section)
-    print(f"merged the pipeline section of {path} into {os.path.join(ROOT, 'BENCHMARKS.md')}")
-
-
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.merge_from:
-        merge_from(arguments.merge_from)
+        merge_from(arguments.merge_from, os.path.join(ROOT, "BENCHMARKS.md"), REPORT_SECTION)
         raise SystemExit(0)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/interleaf_torch_extensions"))
