@@ -35,7 +35,6 @@ import gc
 import json
 import os
 import re
-import socket
 import sys
 import time
 import zlib
@@ -50,6 +49,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks.local_ranks import run_local_ranks  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 
 LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
@@ -341,23 +341,10 @@ def main(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    main(args)
-
-
 if __name__ == "__main__":
     arguments = parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if arguments.procs:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        import torch.multiprocessing as mp
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            free_port = s.getsockname()[1]
-        mp.spawn(_spawned, args=(arguments.procs, free_port, arguments), nprocs=arguments.procs, join=True)
+        run_local_ranks(main, arguments, arguments.procs)
     else:
         main(arguments)

@@ -29,7 +29,6 @@ import datetime
 import gc
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from benchmarks.local_ranks import run_local_ranks  # noqa: E402
 from benchmarks.report import merge_from, write_section  # noqa: E402
 
 INTERLEAF = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "auto")
@@ -374,13 +374,6 @@ def main(args: argparse.Namespace) -> None:
     torch.distributed.barrier()
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    main(args)
-
-
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.merge_from:
@@ -390,12 +383,6 @@ if __name__ == "__main__":
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/interleaf_torch_extensions"))
     if arguments.procs:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        import torch.multiprocessing as mp
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            free_port = s.getsockname()[1]
-        mp.spawn(_spawned, args=(arguments.procs, free_port, arguments), nprocs=arguments.procs, join=True)
+        run_local_ranks(main, arguments, arguments.procs)
     else:
         main(arguments)

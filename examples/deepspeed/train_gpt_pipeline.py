@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import sys
 import time
 
@@ -28,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from benchmarks.local_ranks import run_local_ranks  # noqa: E402
 
 SIZES = {
     # CPU demo: small enough that 4 processes on 2 cores finish in well under a minute of training
@@ -164,24 +165,11 @@ def main(args: argparse.Namespace) -> None:
     torch.distributed.barrier()
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    main(args)
-
-
 if __name__ == "__main__":
     arguments = parse_args()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/interleaf_torch_extensions"))
     if arguments.procs:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        import torch.multiprocessing as mp
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_spawned, args=(arguments.procs, port, arguments), nprocs=arguments.procs, join=True)
+        run_local_ranks(main, arguments, arguments.procs)
     else:
         main(arguments)
