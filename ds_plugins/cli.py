@@ -180,7 +180,7 @@ def _build_parser() -> _Parser:
     p = sub.add_parser("draw", help="load a schedule from CSV or JSON, validate, simulate and draw it")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-csv", dest="from_csv", metavar="FILE", help="schedule CSV (one row per rank)")
-    source.add_argument("--from-json", dest="from_json", metavar="FILE", help="schedule JSON written by --json-out")
+    source.add_argument("--from-json", dest="from_json", metavar="FILE", help="schedule JSON written by ds_plugins.schedule.io.to_json")
     p.add_argument("--name", default=None, help="schedule name for titles (default: the file name)")
     p.add_argument("--placement", choices=("loop", "v"), default=None, help="stage placement (default: inferred)")
     _add_cost_args(p)

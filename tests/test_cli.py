@@ -205,3 +205,24 @@ def test_plan_recommends_the_fastest_fitting_schedule_as_a_config_block(capsys):
     assert code == 0 and f'"schedule": "{fastest}"' in out
     code, out, err = run_cli(capsys, "plan", "--pp", 4, "--microbatches", 8, "--memory-limit", 0.5)
     assert code == 2 and err.startswith("interleaf: error: no schedule fits these arguments")
+
+
+def test_help_texts_name_only_existing_flags():
+    """Every ``--flag`` a help text mentions is an option of the command it belongs to."""
+    import argparse
+    import re
+
+    from ds_plugins.cli import _build_parser
+
+    def walk(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    for parser in walk(_build_parser()):
+        options = {o for a in parser._actions for o in a.option_strings}
+        for action in parser._actions:
+            for flag in re.findall(r"--[a-z][a-z-]*", action.help or ""):
+                assert flag in options, f"{parser.prog}: help of {action.dest} names {flag}, which it does not take"
