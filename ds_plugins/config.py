@@ -25,10 +25,8 @@ SCHEDULE_NAMES = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "v-half"
 def _reject_unknown(section: str, given: Mapping[str, Any], known: tuple[str, ...]) -> None:
     unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ValueError(
-            f'unknown key(s) {unknown} in "{CONFIG_KEY}.{section}" of the DeepSpeed config; '
-            f"allowed: {', '.join(known)}"
-        )
+        where = f"{CONFIG_KEY}.{section}" if section else CONFIG_KEY
+        raise ValueError(f'unknown key(s) {unknown} in "{where}" of the DeepSpeed config; allowed: {", ".join(known)}')
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
