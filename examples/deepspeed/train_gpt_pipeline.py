@@ -152,6 +152,13 @@ def main(args: argparse.Namespace) -> None:
     if "deepspeed" in results:
         a, b = results["deepspeed"]["tokens_per_s"], results["interleaf"]["tokens_per_s"]
         log(f"steady-state tokens/s: DeepSpeed 1F1B {a:.0f}, interleaf {schedule} {b:.0f} ({b / a:.2f}x)")
+        if float(ds_config.get("gradient_clipping", 1.0)) > 0:  # DeepSpeed's default is 1.0
+            log("losses part once clipping engages: DeepSpeed's pipeline engine clips by stage 0's gradient norm "
+                "only, interleaf by the norm over all stages (docs/deepspeed.md); with \"gradient_clipping\": 0 "
+                "both print the same losses")
+        if not torch.cuda.is_available():
+            log(f"CPU: {torch.distributed.get_world_size()} processes on {os.cpu_count()} cores; tokens/s and "
+                "bubble % here show the mechanics, not the GPU speed-up (BENCHMARKS.md)")
     picture = results["interleaf"]["picture"]
     if picture is not None and rank == 0:
         from ds_plugins.schedule.draw import ascii_timeline, save_png
