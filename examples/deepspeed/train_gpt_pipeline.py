@@ -119,6 +119,7 @@ def main(args: argparse.Namespace) -> None:
     import deepspeed
 
     import ds_plugins  # noqa: F401  (registers interleaf's DeepSpeed hooks)
+    from ds_plugins.config import InterleafConfig
     from benchmarks import gpt
 
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
@@ -134,6 +135,7 @@ def main(args: argparse.Namespace) -> None:
         ds_config["gradient_accumulation_steps"] = args.microbatches
     if args.schedule:
         ds_config["interleaf"]["pipeline"]["schedule"] = args.schedule
+    InterleafConfig.from_ds_config(ds_config)  # a typo in the "interleaf" block fails now, not after the baseline
     if not torch.cuda.is_available():
         ds_config.pop("bf16", None)  # CPU: fp32
     cfg = gpt.GPTConfig(**SIZES[args.size])
