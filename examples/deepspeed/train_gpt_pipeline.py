@@ -169,7 +169,9 @@ def main(args: argparse.Namespace) -> None:
         sched, costs = picture
         sim = simulate(sched, costs)
         print(ascii_timeline(sim, max_width=120), flush=True)
-        save_png(sim, args.png, name=f"{sched.name}, F/I/W times measured in this run", shape=sched.shape)
+        # Mean F/I/W times of this run, no p2p time: its bubble is the schedule's, not the measured one above.
+        title = f"{sched.name} simulated with the F/I/W times measured in this run"
+        save_png(sim, args.png, name=title, shape=sched.shape)
         log(f"schedule picture: {os.path.abspath(args.png)}")
     torch.distributed.barrier()
 
