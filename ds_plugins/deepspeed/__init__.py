@@ -22,3 +22,10 @@ def uninstall_hooks() -> None:
 
     pipeline_engine.uninstall()
     offload_optimizer.uninstall()
+
+
+# Import DeepSpeed here, once the two functions above exist, and not first from inside a submodule: when
+# ``import ds_plugins`` left its post-import hook pending, DeepSpeed finishing its import runs install_hooks(),
+# which needs pipeline_engine and offload_optimizer fully loaded. Had a submodule's own ``import deepspeed``
+# been the first, that submodule would still be half-initialised at that moment.
+import deepspeed  # noqa: E402,F401
