@@ -18,6 +18,7 @@ and the executor runs it.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -25,6 +26,8 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+
+from ..config import CONFIG_KEY
 
 __all__ = ["install", "uninstall", "InterleafPipelineEngine", "PipelinePlan", "plan_pipeline"]
 
@@ -47,8 +50,10 @@ def install() -> None:
         return
     _ORIGINAL["engine"] = deepspeed.PipelineEngine
     _ORIGINAL["module_init"] = pipe_module.PipelineModule.__init__
+    _ORIGINAL["initialize"] = deepspeed.initialize
     deepspeed.PipelineEngine = _engine_class()
     pipe_module.PipelineModule.__init__ = _recording_module_init(_ORIGINAL["module_init"])
+    deepspeed.initialize = _checking_initialize(_ORIGINAL["initialize"])
 
 
 def uninstall() -> None:
@@ -60,6 +65,50 @@ def uninstall() -> None:
         return
     deepspeed.PipelineEngine = _ORIGINAL.pop("engine")
     pipe_module.PipelineModule.__init__ = _ORIGINAL.pop("module_init")
+    deepspeed.initialize = _ORIGINAL.pop("initialize")
+
+
+def _config_dict(config: Any) -> Mapping[str, Any] | None:
+    """The DeepSpeed config as a dict when it is one or a readable JSON file; None otherwise (not checked)."""
+    if isinstance(config, Mapping):
+        return config
+    if isinstance(config, (str, os.PathLike)) and os.path.isfile(config):
+        import json
+
+        try:
+            with open(config) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return loaded if isinstance(loaded, Mapping) else None
+    return None
+
+
+def _checking_initialize(original):
+    """``deepspeed.initialize`` that refuses an ``"interleaf": {"pipeline": ...}`` block on a model that is not a
+    ``PipelineModule`` (DeepSpeed would build a plain engine and the schedule would silently not run)."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def initialize(*args, **kwargs):
+        from deepspeed.runtime.pipe.module import PipelineModule
+
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        model = bound.get("model")
+        config = bound.get("config") or bound.get("config_params")
+        if config is None and bound.get("args") is not None:
+            config = getattr(bound["args"], "deepspeed_config", None)
+        block = (_config_dict(config) or {}).get(CONFIG_KEY)
+        if isinstance(block, Mapping) and block.get("pipeline") is not None and model is not None \
+                and not isinstance(model, PipelineModule):
+            raise ValueError(
+                f'the DeepSpeed config has "{CONFIG_KEY}": {{"pipeline": ...}} but the model is a '
+                f"{type(model).__name__}, not a deepspeed.pipe.PipelineModule: build the model as a PipelineModule "
+                f'(num_stages = pp) or remove the "pipeline" block'
+            )
+        return original(*args, **kwargs)
+
+    return initialize
 
 
 def _recording_module_init(original):

@@ -34,3 +34,22 @@ def test_ds_plugins_before_deepspeed():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_pipeline_block_on_a_plain_model_is_refused():
+    code = (
+        "import os; os.environ.setdefault('DS_ACCELERATOR', 'cpu')\n"
+        "import torch, deepspeed, ds_plugins\n"
+        "cfg = {'train_batch_size': 1, 'optimizer': {'type': 'SGD', 'params': {'lr': 0.1}},\n"
+        "       'interleaf': {'pipeline': {'schedule': 'zb-v'}}}\n"
+        "try:\n"
+        "    deepspeed.initialize(model=torch.nn.Linear(4, 4), config=cfg)\n"
+        "except ValueError as e:\n"
+        "    assert 'PipelineModule' in str(e), e\n"
+        "    print('refused:', e)\n"
+        "else:\n"
+        "    raise SystemExit('a pipeline block on a plain model was accepted')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused:" in result.stdout
