@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_plugins.runtime import PipelineExecutor, build_stage_modules, measured_costs, partition_layers
+from ds_plugins.runtime import (
+    PipelineExecutor,
+    build_stage_modules,
+    enable_weight_grad_split,
+    measured_costs,
+    partition_layers,
+)
 from ds_plugins.schedule.ir import Action, PipelineShape, Schedule
 from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
 
@@ -115,10 +121,16 @@ def test_hand_built_split_schedule_defers_w_across_microbatches():
     shape = PipelineShape(pp=1, microbatches=2)
     prog = tuple(Action.parse(t) for t in "0F0 0F1 0I0 0I1 0W1 0W0".split())
     layers = mlp_layers(3)
+    for layer in layers:  # without this every Linear computes its weight grad in I and W is empty
+        enable_weight_grad_split(layer)
     ex = PipelineExecutor(Schedule("hand", shape, (prog,)), 0, build_stage_modules(layers, shape, 0), p2p=None,
                           loss_fn=mse, device="cpu")
+    ran = []
+    run_w = ex.queue.run
+    ex.queue.run = lambda stage, mb: ran.append(run_w(stage, mb)) or ran[-1]
     inputs, targets = mlp_batches(2)
     r = ex.run(inputs, targets)
+    assert len(ran) == 2 and all(n > 0 for n in ran), ran  # both W actions ran deferred weight-gradient GEMMs
     ref, _ = reference_grads(mlp_layers(3), inputs, targets, loss_scale=1.0)
     diff, _ = max_grad_diff(layers, ref, range(3))
     assert diff <= TOL
