@@ -12,6 +12,7 @@ from ds_plugins.runtime import (
     P2PCommunicator,
     PipelineExecutor,
     build_stage_modules,
+    enable_weight_grad_split,
     measured_costs,
     partition_layers,
 )
@@ -55,12 +56,24 @@ def _check_schedule(
     num_layers = 2 * shape.num_stages
     make_layers = mlp_layers if model == "mlp" else tuple_layers
     layers = [layer.to(device) for layer in make_layers(num_layers)]
+    if schedule.splits_backward:  # as the adapters do: W actions then run the deferred weight-gradient GEMMs
+        for layer in layers:
+            enable_weight_grad_split(layer)
     stage_modules = build_stage_modules(layers, shape, rank)
     inputs, targets = (mlp_batches if model == "mlp" else tuple_batches)(microbatches, seed=data_seed)
     inputs, targets = _to(inputs, device), _to(targets, device)
     pipeline_ranks = pipeline_ranks if pipeline_ranks is not None else list(range(pp))
     p2p = P2PCommunicator.for_shape(shape, pipeline_ranks, group=group, timeout_s=30, device=device, **p2p_kwargs)
     executor = PipelineExecutor(schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device=device)
+    w_closures = [0]
+    run_w = executor.queue.run
+
+    def counted_run(stage: int, mb: int) -> int:
+        n = run_w(stage, mb)
+        w_closures[0] += n
+        return n
+
+    executor.queue.run = counted_run
     holds_first = 0 in stage_modules
     holds_last = shape.num_stages - 1 in stage_modules
     loss_scale = 1.0 / microbatches
@@ -88,6 +101,7 @@ def _check_schedule(
         "losses_reported": len(results[-1].losses),
         "holds_last": holds_last,
         "splits_backward": schedule.splits_backward,
+        "w_closures": w_closures[0],
         "placement": shape.placement,
         "vp": shape.vp,
         "busy_s": results[-1].busy_s,

@@ -36,6 +36,8 @@ def _check(results, key):
     for rank, per_rank in enumerate(results):
         r = per_rank[key]
         assert r["params_compared"] > 0, f"rank {rank} compared no parameters"
+        # zero-bubble schedules must really move weight-gradient GEMMs into W actions (every rank holds Linears)
+        assert (r["w_closures"] > 0) == r["splits_backward"], f"{key} rank {rank}: {r['w_closures']} W closures ran"
         assert r["grad_diff"] <= TOL, f"{key} rank {rank}: grads differ from the reference by {r['grad_diff']:.3g}"
         if r["holds_last"]:
             holders += 1
