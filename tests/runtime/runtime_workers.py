@@ -12,7 +12,6 @@ from ds_plugins.runtime import (
     P2PCommunicator,
     PipelineExecutor,
     build_stage_modules,
-    enable_weight_grad_split,
     measured_costs,
     partition_layers,
 )
@@ -56,9 +55,6 @@ def _check_schedule(
     num_layers = 2 * shape.num_stages
     make_layers = mlp_layers if model == "mlp" else tuple_layers
     layers = [layer.to(device) for layer in make_layers(num_layers)]
-    if schedule.splits_backward:  # as the adapters do: W actions then run the deferred weight-gradient GEMMs
-        for layer in layers:
-            enable_weight_grad_split(layer)
     stage_modules = build_stage_modules(layers, shape, rank)
     inputs, targets = (mlp_batches if model == "mlp" else tuple_batches)(microbatches, seed=data_seed)
     inputs, targets = _to(inputs, device), _to(targets, device)

@@ -5,13 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_plugins.runtime import (
-    PipelineExecutor,
-    build_stage_modules,
-    enable_weight_grad_split,
-    measured_costs,
-    partition_layers,
-)
+from ds_plugins.runtime import PipelineExecutor, build_stage_modules, measured_costs, partition_layers
 from ds_plugins.schedule.ir import Action, PipelineShape, Schedule
 from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
 
@@ -121,8 +115,6 @@ def test_hand_built_split_schedule_defers_w_across_microbatches():
     shape = PipelineShape(pp=1, microbatches=2)
     prog = tuple(Action.parse(t) for t in "0F0 0F1 0I0 0I1 0W1 0W0".split())
     layers = mlp_layers(3)
-    for layer in layers:  # without this every Linear computes its weight grad in I and W is empty
-        enable_weight_grad_split(layer)
     ex = PipelineExecutor(Schedule("hand", shape, (prog,)), 0, build_stage_modules(layers, shape, 0), p2p=None,
                           loss_fn=mse, device="cpu")
     ran = []
