@@ -501,8 +501,13 @@ def warnings_for(results: dict, threads: int) -> list[str]:
     return out
 
 
-def _baseline(rows, prefix, kind):
-    return next((r for r in rows if r["name"].startswith(prefix) and r["kind"] == kind), None)
+def _baseline(rows, prefix, row):
+    """The baseline row of the same kind (with/without copy-out) and the same gradient dtype as ``row``: a bf16-grad
+    row moves fewer bytes than an fp32-grad one, so it is compared only with a baseline that had bf16 grads too."""
+    return next(
+        (r for r in rows if r["name"].startswith(prefix) and r["kind"] == row["kind"] and r["grads"] == row["grads"]),
+        None,
+    )
 
 
 def _ratio(row, baseline) -> str:
@@ -548,8 +553,8 @@ def render(results: dict, args) -> str:
         lines.append(
             f"| {r['name']} | {r['grads']} | {t['median'] * 1e3:.1f} | {t['min'] * 1e3:.1f}–{t['max'] * 1e3:.1f} | "
             f"{rate / 1e9:.2f} | {r['bytes']} | {gbps / 1e9:.1f} | {pct} | {t['cores_busy']:.1f} | "
-            f"{t['threads_busy']} | {_ratio(r, _baseline(rows, 'DeepSpeedCPUAdam', r['kind']))} | "
-            f"{_ratio(r, _baseline(rows, 'torch AdamW', r['kind']))} | {r.get('note', '')} |")
+            f"{t['threads_busy']} | {_ratio(r, _baseline(rows, 'DeepSpeedCPUAdam', r))} | "
+            f"{_ratio(r, _baseline(rows, 'torch AdamW', r))} | {r.get('note', '')} |")
     lines += ["", "Processes (threads at the end of each worker; OpenMP runtimes mapped, each with its own "
               "omp_get_max_threads()):", "",
               "| worker | torch threads | OpenMP runtimes | OS threads | notes |", "|---|---|---|---|---|"]
@@ -581,7 +586,7 @@ def render(results: dict, args) -> str:
             lines.append(f"| {r['name']} | {r['grads']} | {t['median'] * 1e3:.2f} | "
                          f"{t['min'] * 1e3:.2f}–{t['max'] * 1e3:.2f} | {r['n'] / t['median'] / 1e9:.1f} | "
                          f"{r['bytes'] * r['n'] / t['median'] / 1e9:.0f} | "
-                         f"{_ratio(r, _baseline(gpu['rows'], 'torch AdamW', r['kind']))} |")
+                         f"{_ratio(r, _baseline(gpu['rows'], 'torch AdamW', r))} |")
     elif gpu and "error" in gpu:
         lines += ["", f"GPU part FAILED: {gpu['error']}"]
     lines += ["", "Targets (issue 5): CPU ≥ 1.2× DeepSpeedCPUAdam params/s (both with the bf16 copy-out) and "
