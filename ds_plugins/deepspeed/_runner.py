@@ -156,7 +156,7 @@ class ScheduleRunner:
         i, j = where
         hp = opt.fp32_groups_gradients[i][j]
         with torch.no_grad():
-            hp.data.add_(grad.detach().to(hp.dtype).view(hp.shape))
+            hp.data.add_(grad.detach().view(hp.shape))  # bf16 -> fp32 promotion inside add_: no fp32 temporary
         param._hp_grad = hp
         opt.fp32_groups_has_gradients[i][j] = True
 

@@ -321,14 +321,18 @@ def _reference_named(layers: list[torch.nn.Module], what: str) -> dict[str, torc
     return out
 
 
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """Largest |a-b| over the union of keys (a key missing on one side is an error)."""
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, relative: bool = False) -> tuple[float, str]:
+    """Largest |a-b| over the union of keys (a key missing on one side is an error); with ``relative``, the largest
+    per-tensor ||a-b|| / ||b|| instead, so a small tensor's error is not hidden under an absolute bound."""
     if set(a) != set(b):
         raise AssertionError(f"different parameter sets: only left {sorted(set(a) - set(b))}, "
                              f"only right {sorted(set(b) - set(a))}")
     worst, where = 0.0, ""
     for k in a:
-        d = float((a[k] - b[k]).abs().max())
+        if relative:
+            d = float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30))
+        else:
+            d = float((a[k] - b[k]).abs().max())
         if d > worst:
             worst, where = d, k
     return worst, where

@@ -17,6 +17,7 @@ from _pipeline_harness import Scenario, max_abs_diff, reference_losses, referenc
 
 SCHEDULES = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "auto")
 TOL = 1e-5  # fp32; all of these runs have been bit-exact on CPU, the tolerance only absorbs BLAS changes
+GRAD_RTOL = 1e-5  # per-tensor ||a-b|| / ||b||: gradient RMS goes down to ~6e-5 here, under an absolute 1e-5
 
 TWO_RANK = [
     Scenario(name="deepspeed-1f1b", schedule=None, eval_after=True),
@@ -99,8 +100,8 @@ def _assert_matches_reference(r, sc, *, steps=(0, 2)):
     ref = reference_run(sc)
     for s in steps:
         if sc.zero_stage == 0:  # ZeRO-1 keeps reduced gradients in flat partitions, not in param.grad
-            d, where = max_abs_diff(r["grads"][s], ref["grads"][s])
-            assert d <= TOL, f"{sc.name}: gradient after step {s + 1} differs by {d} at {where}"
+            d, where = max_abs_diff(r["grads"][s], ref["grads"][s], relative=True)
+            assert d <= GRAD_RTOL, f"{sc.name}: gradient after step {s + 1} differs by {d} (relative) at {where}"
         d, where = max_abs_diff(r["params"][s], ref["params"][s])
         assert d <= TOL, f"{sc.name}: parameter after step {s + 1} differs by {d} at {where}"
     assert r["losses"] == pytest.approx(reference_losses(sc), abs=1e-5)
@@ -108,8 +109,8 @@ def _assert_matches_reference(r, sc, *, steps=(0, 2)):
 
 def _assert_same_run(a, b, label):
     for s in range(len(a["params"])):
-        d, where = max_abs_diff(a["grads"][s], b["grads"][s])
-        assert d <= TOL, f"{label}: gradient after step {s + 1} differs by {d} at {where}"
+        d, where = max_abs_diff(a["grads"][s], b["grads"][s], relative=True)
+        assert d <= GRAD_RTOL, f"{label}: gradient after step {s + 1} differs by {d} (relative) at {where}"
         d, where = max_abs_diff(a["params"][s], b["params"][s])
         assert d <= TOL, f"{label}: parameter after step {s + 1} differs by {d} at {where}"
     assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)
