@@ -3,13 +3,18 @@
 Model: the GPT of ../shared/docs/anchors.md in megatron's ``GPTModel`` with the local layer spec (no Transformer
 Engine on the image: unfused attention): 32 layers, hidden 2048, 16 heads, seq 2048, vocab 32000, tied embedding /
 LM head, dropout 0, micro-batch 1, bf16 via ``Float16Module`` + megatron DDP (fp32 ``main_grad``), pp = 4
-(= world size), dp = tp = 1. Weights come from a generator seeded by each parameter's model-global name, so every
-variant trains the same model (their first-step losses are printed as a check).
+(= world size), dp = tp = 1. Weights come from a generator seeded by each parameter's model-global name (decoder
+layers by their global layer number, which megatron_patches.build_model_chunks keeps model-global under V
+placement), so every variant, looped or V, trains the same model with the same data: their first-step loss and
+gradient norm must agree, and the script checks that they do (see below).
 
 For m = 8 and m = 16 micro-batches:
 
 - ``megatron-1f1b``: ``forward_backward_pipelining_without_interleaving`` (vp = 1);
-- ``megatron-interleaved``: ``forward_backward_pipelining_with_interleaving``, vp = 2 (the baseline);
+- ``megatron-interleaved``: ``forward_backward_pipelining_with_interleaving``, vp = 2 (the baseline). On GPU it
+  runs twice, ``batch_p2p_comm=True`` and ``overlap_p2p_comm=True, batch_p2p_comm=False`` (megatron's
+  recommendation for interleaving); the faster of the two at each m is the baseline for the ratios. On CPU/gloo
+  it runs once with both off (batched same-tag p2p mismatches on gloo at pp = 2: integration-notes.md);
 - ``zb-h2`` (vp = 1), ``zb-v`` and ``auto`` (V placement, ``megatron_patches.build_model_chunks``):
   megatron's ``get_forward_backward_func()`` after ``megatron_patches.apply(name)``; ``auto`` re-plans from
   measured timings after its warm-up steps (excluded from timing).
@@ -17,7 +22,10 @@ For m = 8 and m = 16 micro-batches:
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
 peak allocated memory per rank (GiB, timed steps), first-step loss and gradient norm (the same model and data
-for every variant: these must agree to rounding).
+for every variant). Check: a variant whose first-step loss or gradient norm differs from the reference row's of
+the same m (megatron 1F1B's, else megatron interleaved's first p2p mode, else the first row) by more than 1e-2
+relative (bf16; 1e-4 in fp32) is marked MISMATCH in the table and the script exits non-zero after
+printing/writing it. The baseline for the ratios is the faster megatron-interleaved run that passed the check.
 
 GPU (writes its section of BENCHMARKS.md)::
 
@@ -56,6 +64,13 @@ LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved":
              "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v"}
 DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "auto")
 BASELINE = "megatron-interleaved"
+# (batch_p2p_comm, overlap_p2p_comm) runs of the baseline: both of megatron's p2p modes on GPU; on gloo only
+# unbatched, non-overlapped p2p (batched same-tag messages mismatch at pp = 2, ../shared/docs/integration-notes.md)
+BASELINE_P2P_GPU = ((True, False), (False, True))
+BASELINE_P2P_CPU = ((False, False),)
+# first-step loss / grad norm agreement required between variants (relative)
+CHECK_RTOL_BF16 = 1e-2
+CHECK_RTOL_FP32 = 1e-4
 REPORT_SECTION = "benchmarks/megatron.py"  # its BENCHMARKS.md section (benchmarks/report.py)
 ANCHOR = dict(layers=32, hidden=2048, heads=16, seq=2048, vocab=32000)
 TINY = dict(layers=8, hidden=64, heads=4, seq=64, vocab=256)
@@ -185,7 +200,28 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _measure(variant, wrapped, config, shape, m, args, device):
+def _p2p_label(batch: bool, overlap: bool) -> str:
+    if overlap:
+        return "overlap_p2p_comm"
+    return "batch_p2p_comm" if batch else "unbatched p2p"
+
+
+def _measure(variant, wrapped, config, shape, m, args, device, p2p=None):
+    """One variant at one m. ``p2p = (batch_p2p_comm, overlap_p2p_comm)`` overrides the config for this run only
+    (megatron's interleaved schedule reads both from the model's config at every call)."""
+    if p2p is None:
+        return _measure_with_config(variant, wrapped, config, shape, m, args, device)
+    saved = (config.batch_p2p_comm, config.overlap_p2p_comm)
+    config.batch_p2p_comm, config.overlap_p2p_comm = p2p
+    try:
+        row = _measure_with_config(variant, wrapped, config, shape, m, args, device)
+    finally:
+        config.batch_p2p_comm, config.overlap_p2p_comm = saved
+    row["p2p"] = _p2p_label(*p2p)
+    return row
+
+
+def _measure_with_config(variant, wrapped, config, shape, m, args, device):
     import megatron_patches
     from megatron.core.pipeline_parallel import schedules
 
@@ -265,11 +301,17 @@ def run_all(args):
             continue
         wrapped, config = _build(layout, shape, pp=pp, gpu=gpu)
         for m in args.microbatches:
+            runs = []
             for variant in variants:
-                row = _measure(variant, wrapped, config, shape, m, args, device)
+                if variant == BASELINE:
+                    runs += [(variant, p2p) for p2p in (BASELINE_P2P_GPU if gpu else BASELINE_P2P_CPU)]
+                else:
+                    runs.append((variant, None))
+            for variant, p2p in runs:
+                row = _measure(variant, wrapped, config, shape, m, args, device, p2p=p2p)
                 rows.append(row)
                 if dist.get_rank() == 0:
-                    print(f"{variant:22s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
+                    print(f"{_name(row):40s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
                           f"{row['step_s'] * 1e3:8.1f} ms, first loss {row['first_loss']:.5f}, grad norm "
                           f"{row['first_grad_norm']:.6g}, peak GiB "
                           f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])}", flush=True)
@@ -280,23 +322,73 @@ def run_all(args):
     return rows
 
 
+def _name(row) -> str:
+    return row["variant"] + (f" ({row['p2p']})" if row.get("p2p") else "")
+
+
+def _baseline_row(sel):
+    """The fastest megatron-interleaved run (over its p2p modes) among ``sel`` that passed the first-step check
+    (any, if none passed), or None."""
+    runs = [r for r in sel if r["variant"] == BASELINE]
+    passed = [r for r in runs if r.get("check") == "ok"]
+    return max(passed or runs, key=lambda r: r["tokens_per_s"], default=None)
+
+
+def _reference_row(sel):
+    """The row the first-step check compares against: megatron's own non-interleaved 1F1B when it ran (plain
+    p2p, no chunks), else megatron interleaved's first p2p mode, else the first row. Not the fastest row: a fast
+    wrong run must not become the reference."""
+    return next((r for r in sel if r["variant"] == "megatron-1f1b"), None) or \
+        next((r for r in sel if r["variant"] == BASELINE), None) or sel[0]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def check_first_step(rows, microbatches, rtol: float) -> list[str]:
+    """Mark (row["check"]) and return the rows whose first-step loss or gradient norm differs from the reference
+    row of the same m (``_reference_row``) by more than ``rtol`` relative. All variants here share weights (seeded
+    by model-global parameter name) and data, so any difference beyond rounding is a wrong schedule, not a
+    different model."""
+    failures = []
+    for m in microbatches:
+        sel = [r for r in rows if r["microbatches"] == m]
+        if not sel:
+            continue
+        ref = _reference_row(sel)
+        for r in sel:
+            problems = []
+            for key in ("first_loss", "first_grad_norm"):
+                if r[key] is None or ref[key] is None:
+                    problems.append(f"{key} missing")
+                elif _rel(r[key], ref[key]) > rtol:
+                    problems.append(f"{key} {r[key]:.6g} vs {ref[key]:.6g} ({_name(ref)})")
+            r["check"] = "ok" if not problems else "MISMATCH: " + "; ".join(problems)
+            if problems:
+                failures.append(f"m={m} {_name(r)}: {r['check']}")
+    return failures
+
+
 def table(rows, microbatches):
     lines = []
     for m in microbatches:
         sel = [r for r in rows if r["microbatches"] == m]
-        base = next((r["tokens_per_s"] for r in sel if r["variant"] == BASELINE), None)
-        base_peak = next((max(r["peak_gib"]) for r in sel if r["variant"] == BASELINE), None)
+        base_row = _baseline_row(sel)
+        base = base_row["tokens_per_s"] if base_row else None
+        base_peak = max(base_row["peak_gib"]) if base_row else None
         lines += [f"**m = {m}**", "",
-                  "| variant | tokens/s | vs megatron interleaved | peak GiB per rank | max peak vs interleaved | "
-                  "first-step loss | first-step grad norm |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| variant | tokens/s | vs megatron interleaved (fastest p2p mode) | peak GiB per rank | "
+                  "max peak vs interleaved | first-step loss | first-step grad norm | loss/grad check |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sel:
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "—"
             peak_ratio = f"{max(r['peak_gib']) / base_peak:.2f}x" if base_peak else "—"
             peaks = " / ".join(f"{p:.1f}" for p in r["peak_gib"])
             loss = f"{r['first_loss']:.5f}" if r["first_loss"] is not None else "—"
-            lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {ratio} | {peaks} | {peak_ratio} | {loss} | "
-                         f"{r['first_grad_norm']:.6g} |")
+            name = _name(r) + (" **baseline**" if r is base_row else "")
+            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {ratio} | {peaks} | {peak_ratio} | {loss} | "
+                         f"{r['first_grad_norm']:.6g} | {r.get('check', '—')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -312,6 +404,8 @@ def main(args: argparse.Namespace) -> None:
         cpu_shim.install()
     dist.init_process_group("nccl" if gpu else "gloo")
     rows = run_all(args)
+    rtol = CHECK_RTOL_BF16 if gpu else CHECK_RTOL_FP32
+    failures = check_first_step(rows, args.microbatches, rtol)  # the same rows on every rank
     if dist.get_rank() == 0:
         import megatron.core
 
@@ -326,7 +420,12 @@ def main(args: argparse.Namespace) -> None:
             f"{shape['vocab']}, tied embedding, micro-batch 1, pp={world}, {'bf16 (Float16Module)' if gpu else 'fp32'}, "
             f"megatron DDP; {args.warmup} warm-up (+3 for auto's re-plan) + {args.steps} timed steps per variant, "
             "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
-            "optimizer step. Peak memory: max allocated during the timed steps.\n"
+            "optimizer step. Peak memory: max allocated during the timed steps. megatron interleaved runs with "
+            f"{' and with '.join(_p2p_label(*p) for p in (BASELINE_P2P_GPU if gpu else BASELINE_P2P_CPU))}; the "
+            "faster at each m is the baseline. Every variant starts from the same weights (seeded by model-global "
+            f"parameter name) and data; loss/grad check: first-step loss and grad norm within {rtol:g} relative of "
+            "megatron 1F1B's (else megatron interleaved's first run); the baseline is the faster interleaved run "
+            "that passed it.\n"
         )
         text = head + "\n" + table(rows, args.microbatches)
         print(text, flush=True)
@@ -339,6 +438,11 @@ def main(args: argparse.Namespace) -> None:
                 json.dump(rows, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    if failures:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("FIRST-STEP LOSS/GRAD MISMATCH (the variants share weights and data; a schedule is wrong):\n  "
+                  + "\n  ".join(failures), file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

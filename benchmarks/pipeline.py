@@ -343,8 +343,8 @@ def table(rows: list[Row]) -> str:
         if ideal:
             ideal_vs_base = f"{ideal / base:.2f}x" if base else "—"
             ideal_vs_torch = f"{ideal / best_torch:.2f}x" if best_torch else "—"
-            lines.append(f"| ideal (slowest rank's own F+B, from the 1f1b run) | — | {ideal:,.0f} | {ideal_vs_base} | "
-                         f"{ideal_vs_torch} | 0 | 0 | — |")
+            lines.append(f"| ideal (slowest rank's own F+B, from the 1f1b run) | — | {ideal:,.0f} | "
+                         f"{ideal_vs_base} | {ideal_vs_torch} | 0 | 0 | — |")
         lines.append("")
     return "\n".join(lines)
 

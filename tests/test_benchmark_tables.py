@@ -1,0 +1,52 @@
+"""Pure table logic of the GPU benchmarks (no process group): benchmarks/megatron.py's first-step loss/grad check
+and baseline choice, benchmarks/pipeline.py's "vs best torch" column."""
+from benchmarks import megatron as mb
+from benchmarks import pipeline as pb
+
+
+def _row(variant, tokens, loss, norm, m=8, p2p=None):
+    row = {"variant": variant, "microbatches": m, "tokens_per_s": tokens, "peak_gib": [1.0, 1.0],
+           "first_loss": loss, "first_grad_norm": norm, "step_s": 1.0}
+    if p2p:
+        row["p2p"] = p2p
+    return row
+
+
+def test_megatron_check_passes_within_tolerance_and_flags_a_wrong_variant():
+    rows = [_row("megatron-1f1b", 90.0, 5.5, 1.0),
+            _row("megatron-interleaved", 100.0, 5.5 * (1 + 5e-3), 1.0, p2p="batch_p2p_comm"),
+            _row("zb-v", 120.0, 5.5, 1.0 * (1 + 2e-2))]
+    failures = mb.check_first_step(rows, [8], rtol=1e-2)
+    assert [r["check"] for r in rows[:2]] == ["ok", "ok"]
+    assert rows[2]["check"].startswith("MISMATCH") and "first_grad_norm" in rows[2]["check"]
+    assert len(failures) == 1 and "zb-v" in failures[0]
+
+
+def test_megatron_baseline_is_the_fastest_interleaved_run_that_passed():
+    rows = [_row("megatron-1f1b", 90.0, 5.5, 1.0),
+            _row("megatron-interleaved", 100.0, 5.5, 1.0, p2p="batch_p2p_comm"),
+            _row("megatron-interleaved", 130.0, 5.5, 1.5, p2p="overlap_p2p_comm"),  # fast but wrong
+            _row("megatron-interleaved", 110.0, 5.5, 1.0, p2p="overlap_p2p_comm", m=16),
+            _row("megatron-interleaved", 105.0, 5.5, 1.0, p2p="batch_p2p_comm", m=16)]
+    failures = mb.check_first_step(rows, [8, 16], rtol=1e-2)
+    assert len(failures) == 1 and "overlap_p2p_comm" in failures[0]
+    m8 = [r for r in rows if r["microbatches"] == 8]
+    assert mb._baseline_row(m8)["tokens_per_s"] == 100.0  # the wrong faster run is not the baseline
+    m16 = [r for r in rows if r["microbatches"] == 16]
+    assert mb._baseline_row(m16)["p2p"] == "overlap_p2p_comm"
+    text = mb.table(rows, [8, 16])
+    assert "megatron-interleaved (batch_p2p_comm) **baseline** | 100 | 1.00x" in text
+    assert "megatron-interleaved (overlap_p2p_comm) | 130 | 1.30x" in text and "MISMATCH" in text
+
+
+def test_pipeline_vs_best_torch_column():
+    rows = [pb.Row("deepspeed-1f1b", 8, 100.0, 0.2, [1.0]),
+            pb.Row("zb-v", 8, 150.0, 0.1, [1.0]),
+            pb.Row("torch-1f1b", 8, 120.0, None, [1.0]),
+            pb.Row("torch-dualpipev", 8, 125.0, None, [1.0]),
+            pb.Row("torch-izb", 8, 0.0, None, [], note="failed: ValueError: x")]
+    text = pb.table(rows)
+    assert "| vs DeepSpeed 1F1B | vs best torch |" in text
+    assert "| zb-v |  | 150 | 1.50x | 1.20x |" in text
+    assert "| torch-dualpipev |  | 125 | 1.25x | 1.00x |" in text
+    assert "| deepspeed-1f1b |  | 100 | 1.00x | 0.80x |" in text
