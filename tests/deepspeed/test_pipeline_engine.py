@@ -142,6 +142,8 @@ def test_auto_replans_from_measurements(two_rank):
     names = [h["schedule"] for h in r["history"]]
     assert names[0] == "zb-h1"  # warm-up schedule (auto defaults to one chunk per rank)
     assert len(r["history"]) == 3
+    # auto_warmup_iterations=1: the re-plan from measured F/I/W times happens after step 1, steps 2-3 run it
+    assert names[1:] == ["auto", "auto"], names
 
 
 @pytest.mark.slow
