@@ -31,7 +31,7 @@ from torch import nn
 
 from ..schedule.costs import CostModel
 from ..schedule.ir import Action, ActionKind, PipelineShape, Schedule
-from ..schedule.lowering import add_communication
+from ..schedule.lowering import add_communication, serialize
 from .p2p import MessageKey, MessageSpec, P2PCommunicator, PendingRecv, TensorSpec
 from .weight_grad import WeightGradQueue
 
@@ -238,6 +238,8 @@ class _Plan:
     compute: list[Action] = field(default_factory=list)
     recvs_before: list[list[MessageKey]] = field(default_factory=list)
     sends_after: list[list[MessageKey]] = field(default_factory=list)
+    peer_order: dict[int, list[MessageKey]] = field(default_factory=dict)
+    """For each peer pipeline rank: the messages it sends to this rank, in its posting order."""
 
 
 class PipelineExecutor:
@@ -261,6 +263,15 @@ class PipelineExecutor:
         log_every: log wall/busy/bubble (and tokens/s) every this many steps (0: never).
         backward_context: called before every I, W and B action; the context manager it returns is entered
             around that action (DeepSpeed's ``_running_engine_backward`` flag, profiler ranges, ...).
+        serialize_first: run the first training step and the first evaluation step of this executor in the
+            order of :func:`~ds_plugins.schedule.lowering.serialize` (one micro-batch at a time through the whole
+            pipeline), completing every transfer on the host before the next compute action. Default: on for
+            CUDA with a communicator. Why: CUDA loads a kernel's module lazily at its first launch
+            (``CUDA_MODULE_LOADING=LAZY``, the default), and that load waits until the GPU has finished all queued
+            work, including NCCL sends/receives still waiting for their peer; if that peer is itself stuck
+            loading a kernel, both ranks hang for good (seen on 4x H100: every rank blocked launching a
+            first-time kernel). The serialized step launches every kernel the schedule needs once with no
+            transfer in flight; gradients are the same sums. It costs about one step run without pipelining.
     """
 
     def __init__(
@@ -277,6 +288,7 @@ class PipelineExecutor:
         recv_lookahead: int | None = None,
         log_every: int = 0,
         backward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        serialize_first: bool | None = None,
     ) -> None:
         shape = schedule.shape
         if not 0 <= rank < shape.pp:
@@ -315,23 +327,28 @@ class PipelineExecutor:
                 recv_lookahead = 0  # one stream: an early receive would hold back this rank's sends
         self.recv_lookahead = recv_lookahead
         self._ordered_recvs = ordered
-        self._train_plan = self._make_plan(forward_only=False)
-        self._eval_plan = self._make_plan(forward_only=True)
-        self._peer_order = {False: self._sender_orders(False), True: self._sender_orders(True)}
+        self._plans = {fo: self._make_plan(self.schedule, fo) for fo in (False, True)}
+        serialized = add_communication(serialize(schedule))
+        self._first_plans = {fo: self._make_plan(serialized, fo) for fo in (False, True)}
+        if serialize_first is None:
+            serialize_first = self.device.type == "cuda" and p2p is not None
+        self.serialize_first = bool(serialize_first)
+        self._first_done = {False: False, True: False}
         self._steps = 0
         self._reset_state()
 
     # ------------------------------------------------------------------ planning
-    def _program(self, rank: int, forward_only: bool) -> list[Action]:
-        prog = list(self.schedule.actions[rank])
+    @staticmethod
+    def _program(schedule: Schedule, rank: int, forward_only: bool) -> list[Action]:
+        prog = list(schedule.actions[rank])
         if forward_only:
             prog = [a for a in prog if a.kind in (_F, _SEND_F, _RECV_F)]
         return prog
 
-    def _make_plan(self, forward_only: bool) -> _Plan:
-        plan = _Plan()
+    def _make_plan(self, schedule: Schedule, forward_only: bool) -> _Plan:
+        plan = _Plan(peer_order=self._sender_orders(schedule, forward_only))
         pending_recvs: list[MessageKey] = []
-        for a in self._program(self.rank, forward_only):
+        for a in self._program(schedule, self.rank, forward_only):
             if a.kind.is_compute:
                 plan.compute.append(a)
                 plan.recvs_before.append(pending_recvs)
@@ -349,13 +366,13 @@ class PipelineExecutor:
             raise ValueError(f"rank {self.rank}: schedule ends with receives {pending_recvs} that nothing consumes")
         return plan
 
-    def _sender_orders(self, forward_only: bool) -> dict[int, list[MessageKey]]:
+    def _sender_orders(self, schedule: Schedule, forward_only: bool) -> dict[int, list[MessageKey]]:
         """For each peer pipeline rank: the messages it sends to this rank, in its posting order."""
         orders: dict[int, list[MessageKey]] = defaultdict(list)
         for peer in range(self.shape.pp):
             if peer == self.rank:
                 continue
-            for a in self._program(peer, forward_only):
+            for a in self._program(schedule, peer, forward_only):
                 if a.kind is _SEND_F and self.shape.rank_of(a.stage + 1) == self.rank:
                     orders[peer].append(MessageKey(a.stage, "F", a.microbatch))
                 elif a.kind is _SEND_B and self.shape.rank_of(a.stage - 1) == self.rank:
@@ -410,7 +427,11 @@ class PipelineExecutor:
             )
         if targets is not None and len(targets) != m and self.last_stage in self.stage_modules:
             raise ValueError(f"targets must have {m} entries, got {len(targets)}")
-        plan = self._eval_plan if forward_only else self._train_plan
+        # First run of each kind in this process on CUDA: serialized, every transfer completed on the host
+        # before the next compute action (see serialize_first in the class docstring).
+        first = self.serialize_first and not self._first_done[forward_only]
+        plan = (self._first_plans if first else self._plans)[forward_only]
+        lookahead = 0 if first else self.recv_lookahead
         self._inputs = inputs
         self._targets = targets
         self._loss_scale = float(loss_scale)
@@ -433,9 +454,11 @@ class PipelineExecutor:
             with grad_mode:
                 n = len(plan.compute)
                 for j, action in enumerate(plan.compute):
-                    wait_s += self._post_recvs(plan, j, forward_only)
+                    wait_s += self._post_recvs(plan, j, forward_only, lookahead)
                     inputs_ready, waited = self._collect_inputs(plan, j, action)
                     wait_s += waited
+                    if first:
+                        wait_s += self._quiesce()
                     mem_before = torch.cuda.memory_allocated(self.device) if track_memory else 0
                     if cuda_events:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -470,6 +493,7 @@ class PipelineExecutor:
                     self.p2p.wait_sends()
                     wait_s += time.perf_counter() - t0
                 self._check_finished()
+                self._first_done[forward_only] = True
         except BaseException:
             self.queue.clear()
             if self.p2p is not None:
@@ -511,36 +535,44 @@ class PipelineExecutor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _post_recvs(self, plan: _Plan, j: int, forward_only: bool) -> float:
+    def _quiesce(self) -> float:
+        """Complete every posted send and receive on the host (no NCCL kernel left running)."""
+        assert self.p2p is not None
+        t0 = time.perf_counter()
+        self.p2p.wait_sends()
+        self._sync()
+        return time.perf_counter() - t0
+
+    def _post_recvs(self, plan: _Plan, j: int, forward_only: bool, lookahead: int) -> float:
         """Post the receives compute action ``j`` needs, plus those up to ``recv_lookahead`` actions ahead whose
         shapes are known. Returns host seconds spent blocked (first-step metadata only)."""
         if self.p2p is None:
             return 0.0
         t0 = time.perf_counter()
         for key in plan.recvs_before[j]:
-            self._ensure_posted(key, forward_only)
-        last = min(len(plan.compute), j + 1 + self.recv_lookahead)
+            self._ensure_posted(key, plan)
+        last = min(len(plan.compute), j + 1 + lookahead)
         for jj in range(j + 1, last):
             for key in plan.recvs_before[jj]:
-                if key not in self._posted and self._postable_early(key, forward_only):
-                    self._ensure_posted(key, forward_only)
+                if key not in self._posted and self._postable_early(key, plan):
+                    self._ensure_posted(key, plan)
         if self.p2p.batched:
             self.p2p.flush()
         return time.perf_counter() - t0
 
-    def _postable_early(self, key: MessageKey, forward_only: bool) -> bool:
+    def _postable_early(self, key: MessageKey, plan: _Plan) -> bool:
         assert self.p2p is not None
         if not self.p2p.has_spec(key):
             return False
         if not self._ordered_recvs:
             return True
         peer = self.shape.rank_of(key.src_stage)
-        order = self._peer_order[forward_only][peer]
+        order = plan.peer_order[peer]
         start = self._peer_next[peer]
         idx = order.index(key, start)
         return all(self.p2p.has_spec(k) for k in order[start:idx])
 
-    def _ensure_posted(self, key: MessageKey, forward_only: bool) -> None:
+    def _ensure_posted(self, key: MessageKey, plan: _Plan) -> None:
         assert self.p2p is not None
         if key in self._posted:
             return
@@ -549,7 +581,7 @@ class PipelineExecutor:
             return
         # NCCL ignores tags: post every earlier message from this peer first, in the peer's send order.
         peer = self.shape.rank_of(key.src_stage)
-        order = self._peer_order[forward_only][peer]
+        order = plan.peer_order[peer]
         while True:
             idx = self._peer_next[peer]
             if idx >= len(order):

@@ -6,12 +6,14 @@
   produces an input gradient. The runtime posts receives early; the order here is the order of use.
 - :func:`merge_backward` turns an I immediately followed by the W of the same stage and micro-batch into B.
 - :func:`strip_communication` drops SEND/RECV actions (the inverse of :func:`add_communication`).
+- :func:`serialize` reorders a schedule into one micro-batch at a time through every stage (the order the
+  runtime uses for its kernel-loading first step on CUDA, see :mod:`ds_plugins.runtime.executor`).
 """
 from __future__ import annotations
 
 from .ir import Action, ActionKind, Schedule
 
-__all__ = ["add_communication", "merge_backward", "strip_communication"]
+__all__ = ["add_communication", "merge_backward", "serialize", "strip_communication"]
 
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 
@@ -69,3 +71,32 @@ def merge_backward(schedule: Schedule) -> Schedule:
             out.append(a)
         merged.append(tuple(out))
     return Schedule(schedule.name, schedule.shape, tuple(merged))
+
+
+def serialize(schedule: Schedule) -> Schedule:
+    """The same work as ``schedule`` run strictly one step at a time across the whole pipeline.
+
+    For micro-batch 0, 1, ...: the forward of every stage in stage order, then the backward of every stage in
+    reverse order, each (stage, micro-batch) keeping the backward kinds ``schedule`` gives it (``B``, or ``I``
+    followed at once by its ``W``). Every rank's program is its share of that single global sequence, so each
+    message is consumed by the action right after the one that produced it (W of the sender aside): a runtime
+    that completes every transfer on the host before its next compute action cannot deadlock on it. Holds at
+    most one micro-batch's activations per stage. Compute-only (lower it with :func:`add_communication`).
+    """
+    shape = schedule.shape
+    split: set[tuple[int, int]] = set()
+    for prog in schedule.actions:
+        for a in prog:
+            if a.kind is _I:
+                split.add((a.stage, a.microbatch))
+    programs: list[list[Action]] = [[] for _ in range(shape.pp)]
+    for i in range(shape.microbatches):
+        for s in range(shape.num_stages):
+            programs[shape.rank_of(s)].append(Action(s, _F, i))
+        for s in reversed(range(shape.num_stages)):
+            prog = programs[shape.rank_of(s)]
+            if (s, i) in split:
+                prog += [Action(s, _I, i), Action(s, _W, i)]
+            else:
+                prog.append(Action(s, _B, i))
+    return Schedule(f"{schedule.name}-serialized", shape, tuple(tuple(p) for p in programs))

@@ -60,7 +60,11 @@ def _check_schedule(
     inputs, targets = _to(inputs, device), _to(targets, device)
     pipeline_ranks = pipeline_ranks if pipeline_ranks is not None else list(range(pp))
     p2p = P2PCommunicator.for_shape(shape, pipeline_ranks, group=group, timeout_s=30, device=device, **p2p_kwargs)
-    executor = PipelineExecutor(schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device=device)
+    # NCCL-like transport on CPU: also run the serialized first step that CUDA runs by default
+    serialize_first = p2p.ordered if device == "cpu" else None
+    executor = PipelineExecutor(
+        schedule, rank, stage_modules, p2p=p2p, loss_fn=mse, device=device, serialize_first=serialize_first
+    )
     w_closures = [0]
     run_w = executor.queue.run
 

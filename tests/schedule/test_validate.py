@@ -1,7 +1,8 @@
 """Validator: every kind of broken schedule is caught, with the grid and the failing cell marked."""
 import pytest
 
-from ds_plugins.schedule import Action, CostModel, Schedule, add_communication
+from ds_plugins.schedule import Action, ActionKind, CostModel, Schedule, add_communication
+from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
 from ds_plugins.schedule.validate import ScheduleError, format_grid, validate
 
 from schedule_text import sched
@@ -321,3 +322,34 @@ def test_mutations_are_valid_or_schedule_errors(base, ops, strict):
     assert sorted(map(str, (a for p in schedule.actions for a in p))) == sorted(
         map(str, (a for p in base.actions for a in p))
     )
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8)])
+def test_serialized_schedule_is_valid_same_work_and_each_message_used_next(name, pp, m):
+    """serialize(): the runtime's first step on CUDA. Same compute actions per rank; lowered, it validates; and
+    in the one global sequence every message's consumer is the next action after its producer (or after the
+    producer's own W), so blocking transfers cannot deadlock."""
+    from ds_plugins.schedule.lowering import serialize
+
+    schedule = build_schedule(name, pp=pp, microbatches=m)
+    serial = serialize(schedule)
+    assert serial.shape == schedule.shape
+    for rank in range(pp):
+        assert sorted(map(str, serial.compute_actions(rank))) == sorted(map(str, schedule.compute_actions(rank)))
+    validate(add_communication(serial))
+    shape = schedule.shape
+    sequence = []
+    for i in range(m):
+        sequence += [Action(s, ActionKind.FORWARD, i) for s in range(shape.num_stages)]
+        for s in reversed(range(shape.num_stages)):
+            kinds = [a.kind for a in serial.compute_actions(shape.rank_of(s)) if a.stage == s and a.microbatch == i]
+            sequence += [Action(s, k, i) for k in kinds if k is not ActionKind.FORWARD]
+    for rank in range(pp):  # each rank's program is its share of the global sequence
+        assert list(serial.compute_actions(rank)) == [a for a in sequence if shape.rank_of(a.stage) == rank]
+    consumers = [a for a in sequence if a.kind is not ActionKind.BACKWARD_WEIGHT]
+    for prev, nxt in zip(consumers, consumers[1:]):
+        if nxt.kind is ActionKind.FORWARD and nxt.stage > 0:
+            assert (prev.stage, prev.microbatch, prev.kind) == (nxt.stage - 1, nxt.microbatch, ActionKind.FORWARD)
+        elif nxt.kind is not ActionKind.FORWARD and nxt.stage < shape.num_stages - 1:
+            assert (prev.stage, prev.microbatch) == (nxt.stage + 1, nxt.microbatch)
