@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -318,6 +319,8 @@ class PipelineExecutor:
         self.backward_context = backward_context
         self.last_stage = shape.num_stages - 1
         ordered = p2p is not None and p2p.ordered
+        if recv_lookahead is None and os.environ.get("INTERLEAF_RECV_LOOKAHEAD"):
+            recv_lookahead = int(os.environ["INTERLEAF_RECV_LOOKAHEAD"])  # debugging knob (docs/runtime.md)
         if recv_lookahead is None:
             if not ordered:
                 recv_lookahead = 1 << 30  # tagged (gloo): any order is safe
@@ -334,6 +337,9 @@ class PipelineExecutor:
             serialize_first = self.device.type == "cuda" and p2p is not None
         self.serialize_first = bool(serialize_first)
         self._first_done = {False: False, True: False}
+        self.sync_transfers = os.environ.get("INTERLEAF_SYNC_TRANSFERS", "0") == "1"
+        """Debugging knob (docs/runtime.md): complete every transfer on the host before each compute action,
+        every step (the serialized first step always does)."""
         self._steps = 0
         self._reset_state()
 
@@ -457,7 +463,7 @@ class PipelineExecutor:
                     wait_s += self._post_recvs(plan, j, forward_only, lookahead)
                     inputs_ready, waited = self._collect_inputs(plan, j, action)
                     wait_s += waited
-                    if first:
+                    if (first or self.sync_transfers) and self.p2p is not None:
                         wait_s += self._quiesce()
                     mem_before = torch.cuda.memory_allocated(self.device) if track_memory else 0
                     if cuda_events:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
@@ -182,6 +183,8 @@ class P2PCommunicator:
         self._sends: list[_PendingSend] = []
         self._batch: dict[tuple[int, int], list[list[Any]]] = {}  # edge -> [[P2POp, work]] until flush()
         self._edge_groups: dict[tuple[int, int], dist.ProcessGroup | None] = {}
+        if direction_groups is None and os.environ.get("INTERLEAF_DIRECTION_GROUPS"):
+            direction_groups = os.environ["INTERLEAF_DIRECTION_GROUPS"] == "1"  # debugging knob (docs/runtime.md)
         self.uses_direction_groups = self.is_nccl if direction_groups is None else bool(direction_groups)
         if self.uses_direction_groups:
             self._edge_groups = _direction_groups(self._pipeline_edges(), self.backend, self.device)
