@@ -13,7 +13,16 @@ from dataclasses import dataclass
 
 from .ir import Action, ActionKind, PipelineShape
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "UNIFORM_WEIGHT_GRAD_SHARE"]
+
+UNIFORM_WEIGHT_GRAD_SHARE = 32 / 34
+"""Default share of a stage's activation memory that W still needs after I, in :meth:`CostModel.uniform`.
+
+A transformer layer keeps about ``34·b·s·h`` bytes of activations for backward with flash/SDPA attention (Zero
+Bubble paper, sec. 3.1, after Korthikanti et al.), and its weight GEMMs need ``32·b·s·h`` of them until W: the
+inputs and output gradients of the QKV, projection and two MLP linears (what interleaf's W closures hold).
+Treating W as free (share 0) lets a generator defer every W to the end of the step, so activation memory grows
+with the number of micro-batches (measured on 4x H100, benchmarks/pipeline.py, 2026-11-26)."""
 
 
 def _check_nonnegative(name: str, values: tuple[float, ...]) -> None:
@@ -74,11 +83,13 @@ class CostModel:
         backward_weight: float = 1.0,
         comm: float = 0.0,
         activation_memory: float = 1.0,
-        weight_grad_memory: float = 0.0,
+        weight_grad_memory: float | None = None,
     ) -> "CostModel":
         """Every rank costs the same; each figure is for one rank's whole share, split over its vp chunks."""
         n = shape.num_stages
         v = shape.vp
+        if weight_grad_memory is None:
+            weight_grad_memory = UNIFORM_WEIGHT_GRAD_SHARE * activation_memory
         return cls(
             forward=(forward / v,) * n,
             backward_input=(backward_input / v,) * n,
