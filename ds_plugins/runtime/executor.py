@@ -43,9 +43,11 @@ logger = logging.getLogger(__name__)
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _SEND_F, _RECV_F, _SEND_B, _RECV_B = ActionKind.SEND_F, ActionKind.RECV_F, ActionKind.SEND_B, ActionKind.RECV_B
 
-_DIRECTED_LOOKAHEAD = 4
-"""Default receive lookahead (compute actions) on NCCL with direction groups: early enough that a receive is
-usually posted before its sender sends (the transfer overlaps compute), few enough buffers held early."""
+_DIRECTED_LOOKAHEAD = 0
+"""Default receive lookahead (compute actions) on NCCL with direction groups: none, each receive is posted at the
+point right before its consumer. On 4x H100 (2026-11-26) a lookahead of 4 left the GPUs stuck after a few steps
+(every rank's host ran ahead until it blocked launching kernels; the cause is not isolated yet), while 0 ran every
+schedule of benchmarks/pipeline.py; ``INTERLEAF_RECV_LOOKAHEAD`` overrides it for experiments."""
 
 Timing = Literal["none", "action", "sync"]
 """How the executor times compute: ``"none"`` (wall time only), ``"action"`` (every compute action; CUDA events
@@ -259,8 +261,8 @@ class PipelineExecutor:
             queue to choose how weight gradients are accumulated (``main_grad``, bf16 buffers).
         timing: see :data:`Timing`.
         recv_lookahead: how many compute actions ahead receives are posted once their shapes are known (None:
-            tagged gloo = all; NCCL with direction groups = 4; one untagged group = 0, i.e. only right before
-            the consumer, batched with the previous compute action's sends).
+            tagged gloo = all; NCCL = 0, i.e. only right before the consumer, batched with the previous compute
+            action's sends; the environment variable ``INTERLEAF_RECV_LOOKAHEAD`` overrides the default).
         log_every: log wall/busy/bubble (and tokens/s) every this many steps (0: never).
         backward_context: called before every I, W and B action; the context manager it returns is entered
             around that action (DeepSpeed's ``_running_engine_backward`` flag, profiler ranges, ...).
