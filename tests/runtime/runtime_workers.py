@@ -82,6 +82,13 @@ def _check_schedule(
         results.append(
             executor.run(inputs if holds_first else None, targets if holds_last else None, loss_scale=loss_scale)
         )
+    # evaluation after training (on NCCL-like transports its first run is serialized too): same losses, no grads
+    grads_before = [p.grad.clone() for layer in layers for p in layer.parameters() if p.grad is not None]
+    evaluation = executor.run(inputs if holds_first else None, targets if holds_last else None, forward_only=True)
+    grads_after = [p.grad for layer in layers for p in layer.parameters() if p.grad is not None]
+    eval_grads_untouched = len(grads_before) == len(grads_after) and all(
+        torch.equal(a, b) for a, b in zip(grads_before, grads_after)
+    )
     ref_key = (model, num_layers, microbatches, data_seed, device)
     if ref_key not in _REFERENCES:
         reference_layers = [layer.to(device) for layer in make_layers(num_layers)]
@@ -90,14 +97,17 @@ def _check_schedule(
     bounds = partition_layers(num_layers, shape.num_stages)
     layer_ids = [i for s in stage_modules for i in bounds[s]]
     grad_diff, compared = max_grad_diff(layers, ref_grads, layer_ids)
-    loss_diff = 0.0
+    loss_diff = eval_loss_diff = 0.0
     if holds_last:
         got = torch.stack(list(results[-1].losses))
         loss_diff = (got - torch.stack(ref_losses)).abs().max().item()
+        eval_loss_diff = (torch.stack(list(evaluation.losses)) - torch.stack(ref_losses)).abs().max().item()
     return {
         "grad_diff": grad_diff,
         "params_compared": compared,
         "loss_diff": loss_diff,
+        "eval_loss_diff": eval_loss_diff,
+        "eval_grads_untouched": eval_grads_untouched,
         "losses_reported": len(results[-1].losses),
         "holds_last": holds_last,
         "splits_backward": schedule.splits_backward,

@@ -39,10 +39,12 @@ def _check(results, key):
         # zero-bubble schedules must really move weight-gradient GEMMs into W actions (every rank holds Linears)
         assert (r["w_closures"] > 0) == r["splits_backward"], f"{key} rank {rank}: {r['w_closures']} W closures ran"
         assert r["grad_diff"] <= TOL, f"{key} rank {rank}: grads differ from the reference by {r['grad_diff']:.3g}"
+        assert r["eval_grads_untouched"], f"{key} rank {rank}: evaluation changed gradients"
         if r["holds_last"]:
             holders += 1
             assert r["losses_reported"] > 0
             assert r["loss_diff"] <= TOL, f"{key} rank {rank}: losses differ by {r['loss_diff']:.3g}"
+            assert r["eval_loss_diff"] <= TOL, f"{key} rank {rank}: eval losses differ by {r['eval_loss_diff']:.3g}"
         else:
             assert r["losses_reported"] == 0
     assert holders == 1
