@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..schedule.costs import CostModel
+from ..schedule.costs import UNIFORM_WEIGHT_GRAD_SHARE, CostModel
 from ..schedule.ir import Action, ActionKind, PipelineShape, Schedule
 from ..schedule.lowering import add_communication, serialize
 from .p2p import MessageKey, MessageSpec, P2PCommunicator, PendingRecv, TensorSpec
@@ -172,7 +172,8 @@ def measured_costs(
     ``dist.all_gather_object`` of ``result.mean_seconds()``; plain ``mean_seconds()`` dicts are accepted). Times
     are averaged per stage and kind. Stages measured only with a full backward ``B`` get ``I = W = B/2``
     (logged); run a split-backward schedule (e.g. ``zb-h1``) during warm-up for real I/W figures. Activation
-    memory comes from ``memory`` (``mean_memory_bytes()`` dicts) when given, else 1 per stage with W holding none.
+    memory comes from ``memory`` (``mean_memory_bytes()`` dicts) when given, else 1 per stage with W keeping
+    :data:`~ds_plugins.schedule.costs.UNIFORM_WEIGHT_GRAD_SHARE` of it.
     """
     sums: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in results:
@@ -201,7 +202,7 @@ def measured_costs(
         backward_weight.append(w)
     n = shape.num_stages
     activation = [1.0] * n
-    kept = [0.0] * n
+    kept: list[float | None] = [None] * n
     if memory is not None:
         mem: dict[tuple[str, int], list[float]] = defaultdict(list)
         for m in memory:
@@ -214,13 +215,16 @@ def measured_costs(
                 activation[s] = max(0.0, sum(fwd) / len(fwd))
             if inp and fwd:
                 kept[s] = min(activation[s], max(0.0, activation[s] + sum(inp) / len(inp)))
+    # not measured (no memory figures, or the stage ran full backwards only): W keeps what a flash-attention
+    # transformer layer's weight GEMMs need
+    kept_final = [k if k is not None else UNIFORM_WEIGHT_GRAD_SHARE * a for k, a in zip(kept, activation)]
     return CostModel(
         forward=tuple(forward),
         backward_input=tuple(backward_input),
         backward_weight=tuple(backward_weight),
         comm=comm,
         activation_memory=tuple(activation),
-        weight_grad_memory=tuple(kept),
+        weight_grad_memory=tuple(kept_final),
     )
 
 
