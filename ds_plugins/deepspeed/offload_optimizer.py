@@ -32,8 +32,16 @@ from deepspeed.runtime.zero.stage_1_and_2 import (
 )
 
 from ..config import OffloadConfig
-from ..offload.executor import AdamHyper, FlatGroupBuffers, HybridAdamExecutor, Subgroup, measure_rates
-from ..offload.planner import ByteModel, HardwareRates, SubgroupTiming, plan_offload
+from ..offload.executor import (
+    AdamHyper,
+    FlatGroupBuffers,
+    HybridAdamExecutor,
+    Subgroup,
+    measure_rates,
+    probe_numel_for,
+)
+from ..offload.planner import ByteModel, HardwareRates, estimate, plan_offload, uniform_timings
+from ..offload.replan import IterationObservation, PlanningContext, ReplanRequest, Replanner, format_rate
 from ..offload.settings import offload_config_from_ds_config
 
 __all__ = ["InterleafZeroOptimizer", "install", "uninstall", "SUBGROUPS_PER_RANK"]
@@ -122,10 +130,13 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         self._forward_seen: set[int] = set()
         self._rates: HardwareRates | None = None
         self._steps_done = 0
-        self._last_plan_step = 0
-        self._last_step_end: float | None = None
-        self._window_s: float | None = None
+        self._replanner: Replanner | None = None
+        self._last_sync: float | None = None
+        self._excluded_s = 0.0
         self.last_plan = None
+        self.plan_history: list[dict] = []
+        """One record per plan (step, GPU share, predicted overhead, what was measured and why it re-planned)."""
+        self.last_observation: IterationObservation | None = None
 
     # ------------------------------------------------------------------ wiring
     def attach_module(self, module: torch.nn.Module) -> None:
@@ -275,52 +286,114 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         margin = max(2**30, 0.05 * total)
         return max(0.0, total - others_peak - margin)
 
-    def _replan_due(self) -> bool:
-        """After step 2 (the first measured iteration window), then every replan_interval steps; ``auto`` only."""
-        cfg = self.interleaf_config
-        return (cfg.gpu_fraction == "auto" and cfg.mode == "interleaved"
-                and (self._steps_done == 2 or self._steps_done - self._last_plan_step >= cfg.replan_interval))
+    def _planning_context(self) -> PlanningContext:
+        ex = self._executor
+        return PlanningContext(
+            numels=tuple(sub.numel for sub in ex.subgroups),
+            byte_model=ByteModel(grad_bytes=2 if self._host_grads_lowp is not None else 4),
+            early_host_start=self._early_start_allowed(),
+            per_layer_waits=self._dp_world_size() == 1 and bool(self._hook_handles),
+            forward_share=FORWARD_SHARE,
+        )
 
-    def _plan(self, carry_grads: bool) -> None:
+    def _probe_rates(self) -> HardwareRates:
+        """Start-up rates, the host probe shaped like this run's host update (see ``measure_rates``)."""
+        ex = self._executor
+        lowp = self.dtype if self.dtype in (torch.bfloat16, torch.float16) else None
+        return measure_rates(
+            ex.device, pin=self.cpu_offload_pin_memory,
+            probe_numel=probe_numel_for(sum(sub.numel for sub in ex.subgroups)),
+            grad_dtype=torch.bfloat16 if self._host_grads_lowp is not None else torch.float32, lowp_dtype=lowp,
+            scale_grads=self.clip_grad > 0.0 or self.loss_scale != 1.0, host_threads=ex._host_threads,
+        )
+
+    def _plan(self, carry_grads: bool, request: ReplanRequest | None = None) -> None:
         """Plan from the latest measurements. ``carry_grads``: this step's gradients move with their subgroup
-        (first plan, before the update); otherwise the plan applies from the next backward on."""
+        (first plan, before the update); otherwise the plan applies from the next backward on. ``request``: the
+        re-planner's calibrated inputs (measured host rate, window, safety-rail floor); None for the first plan
+        (start-up probe, window unknown)."""
+        began = time.perf_counter()
         cfg = self.interleaf_config
         ex = self._executor
-        measured = ex.last_timings
         if self._rates is None:
-            self._rates = measure_rates(ex.device, pin=self.cpu_offload_pin_memory)
-        elif measured.cpu_numel and measured.cpu_busy_s > 0:
-            measured_cpu = measured.cpu_numel / measured.cpu_busy_s
-            self._rates = HardwareRates(
-                cpu_update_params_per_s=measured_cpu, gpu_update_params_per_s=self._rates.gpu_update_params_per_s,
-                h2d_bytes_per_s=self._rates.h2d_bytes_per_s, d2h_bytes_per_s=self._rates.d2h_bytes_per_s,
-                duplex_bytes_per_s=self._rates.duplex_bytes_per_s,
-            )
-        total = sum(s.numel for s in ex.subgroups) or 1
-        window = self._window_s or 0.0
-        timings = [
-            SubgroupTiming(numel=s.numel, forward_s=window * FORWARD_SHARE * s.numel / total,
-                           backward_s=window * (1 - FORWARD_SHARE) * s.numel / total)
-            for s in ex.subgroups
-        ]
+            self._rates = probed = self._probe_rates()
+            logger.info("interleaf offload start-up probe: host AdamW %.2f G params/s, GPU AdamW %.1f G params/s, "
+                        "H2D %.1f GB/s, D2H %.1f GB/s, both %.1f GB/s", probed.cpu_update_params_per_s / 1e9,
+                        probed.gpu_update_params_per_s / 1e9, probed.h2d_bytes_per_s / 1e9,
+                        probed.d2h_bytes_per_s / 1e9, probed.duplex_bytes_per_s / 1e9)
+        context = self._planning_context()
+        if self._replanner is None:
+            self._replanner = Replanner(context, replan_interval=cfg.replan_interval)
+        self._replanner.context = context
+        rates = request.rates if request is not None else self._rates
+        window = request.window_s if request is not None else 0.0
+        floor = request.min_gpu_numel if request is not None else 0
         fraction = 0.0 if cfg.mode == "cpu" else cfg.gpu_fraction
-        plan = plan_offload(timings, self._rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes(),
-                            early_host_start=self._early_start_allowed(),
-                            byte_model=ByteModel(grad_bytes=2 if self._host_grads_lowp is not None else 4))
-        if carry_grads:
-            self._apply_plan_keeping_grads(plan)
+        timings = uniform_timings(context.numels, window, context.forward_share)
+        if fraction != "auto" and self.last_plan is not None:
+            # a forced split never moves: only its prediction is refreshed from the measurements
+            plan = self.last_plan
+            plan = type(plan)(placements=plan.placements, cpu_update_order=plan.cpu_update_order,
+                              stream_order=plan.stream_order, numels=plan.numels,
+                              estimate=estimate(plan.placements, timings, rates, context.byte_model,
+                                                early_host_start=context.early_host_start,
+                                                per_layer_waits=context.per_layer_waits))
         else:
-            ex.apply_plan(plan)
-        self._last_plan_step = self._steps_done
+            plan = plan_offload(timings, rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes(),
+                                early_host_start=context.early_host_start, per_layer_waits=context.per_layer_waits,
+                                byte_model=context.byte_model, min_gpu_numel=floor)
+        before = self.last_plan.gpu_fraction if self.last_plan is not None else None
+        moved = plan.placements != tuple(ex.placements)
+        if moved:
+            if carry_grads:
+                self._apply_plan_keeping_grads(plan)
+            else:
+                ex.apply_plan(plan)
+        self._rates = rates
+        self._replanner.planned(plan, rates, window, settle=moved and not carry_grads)
         self.last_plan = plan
+        record = {
+            "step": self._steps_done, "gpu_fraction": plan.gpu_fraction, "host_state": plan.host_state_fraction,
+            "moved": moved, "predicted_overhead_s": plan.estimate.overhead_s,
+            "predicted_stall_s": plan.estimate.forward_stall_s, "window_s": window,
+            "host_rate": rates.cpu_update_params_per_s, "min_gpu_numel": floor,
+            "reason": request.reason if request is not None else "first plan (start-up probe, window not measured)",
+            "measured": request.measured if request is not None else "",
+        }
+        self.plan_history.append(record)
         logger.info(
-            "interleaf offload plan at step %d: %.1f%% of parameters updated on the GPU, %.1f%% of optimizer "
-            "state on the host, predicted overhead %.1f ms (window %.1f ms)", self._steps_done,
-            100 * plan.gpu_fraction, 100 * plan.host_state_fraction, 1e3 * plan.estimate.overhead_s, 1e3 * window,
+            "interleaf offload plan at step %d: %.1f%% of parameters updated on the GPU%s, %.1f%% of optimizer "
+            "state on the host, predicted overhead %.1f ms (stall %.1f ms; window %.1f ms, host AdamW %s)%s; "
+            "because: %s%s", self._steps_done, 100 * plan.gpu_fraction,
+            "" if before is None else f" (was {100 * before:.1f}%)", 100 * plan.host_state_fraction,
+            1e3 * plan.estimate.overhead_s, 1e3 * plan.estimate.forward_stall_s, 1e3 * window,
+            format_rate(rates.cpu_update_params_per_s), "" if moved else ", nothing moved", record["reason"],
+            f"; measured: {record['measured']}" if record["measured"] else "",
         )
         device = ex.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        self._excluded_s += time.perf_counter() - began
+
+    def _observe(self, synced: float) -> ReplanRequest | None:
+        """At the step's synchronization point: the last iteration's measurements for the re-planner."""
+        ex = self._executor
+        stall = ex.collect_stall_s() if ex is not None else 0.0
+        last, self._last_sync = self._last_sync, synced
+        excluded, self._excluded_s = self._excluded_s, 0.0
+        if ex is None or last is None or self._replanner is None:
+            return None
+        ex.begin_iteration()  # the previous step's host work is complete: its timings are final
+        disturbed, ex.disturbed = ex.disturbed, False
+        timings = ex.last_timings
+        obs = IterationObservation(period_s=synced - last - excluded, host_numel=timings.cpu_numel,
+                                   host_busy_s=timings.cpu_busy_s, stall_s=stall, disturbed=disturbed)
+        self.last_observation = obs
+        request = self._replanner.observe(obs)
+        if request is not None and self.interleaf_config.mode == "interleaved" and (
+                self.interleaf_config.gpu_fraction == "auto" or len(self.plan_history) == 1):
+            return request  # auto re-plans; a forced split only refreshes its prediction once measured
+        return None
 
     def _apply_plan_keeping_grads(self, plan) -> None:
         """Apply a plan between gradient arrival and the update: this step's gradients move with the subgroup."""
@@ -478,12 +551,6 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         return float(inverse)
 
     def step(self, closure=None):
-        start = time.perf_counter()
-        if self._last_step_end is not None:
-            waited = self._executor.forward_wait_s if self._executor is not None else 0.0
-            self._window_s = max(0.0, start - self._last_step_end - waited)
-            if self._executor is not None:
-                self._executor.forward_wait_s = 0.0
         self.micro_step_id = INITIAL_MICRO_STEP_ID
         self._wait_for_offload_copies()
         if self._executor is not None:
@@ -501,6 +568,13 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             scaled_norm = self.scaled_global_norm()
             if (self.dtype != torch.bfloat16 or self.check_grad_overflow) and is_invalid_grad_norm(scaled_norm):
                 self.overflow = True
+        # the norm read above synchronized with the device: backward is over, the iteration period ends here
+        synced = time.perf_counter()
+        request = self._observe(synced) if not self.overflow else None
+        if self.overflow:
+            self._last_sync = None  # a skipped step is no steady-state iteration
+            if self._executor is not None:
+                self._executor.collect_stall_s()
         prev_scale = self.loss_scale
         self._update_scale(self.overflow)
         if self.overflow:  # neither half has been touched: skipping is exact
@@ -516,7 +590,6 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             for timer in OPTIMIZER_TIMERS:
                 self.timers(timer).start()
                 self.timers(timer).stop()
-            self._last_step_end = time.perf_counter()
             return
         if scaled_norm is not None:
             self._global_grad_norm = scaled_norm / prev_scale
@@ -553,9 +626,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                                  allgather_bucket_size=self.allgather_bucket_size)
         for i in range(len(self.bit16_groups)):
             self._update_model_bit16_weights(i)
-        if self._replan_due():  # applies from the next backward on; waits for this step's host half
-            self._plan(carry_grads=False)
-        self._last_step_end = time.perf_counter()
+        if request is not None:  # applies from the next backward on; a move waits for this step's host half
+            self._plan(carry_grads=False, request=request)
 
     def _reset_grad_tracking(self) -> None:
         self._grads_missing = dict(self._grads_per_subgroup)

@@ -33,7 +33,8 @@ import torch
 
 from .planner import OffloadPlan, Placement
 
-__all__ = ["Subgroup", "FlatGroupBuffers", "AdamHyper", "StepTimings", "HybridAdamExecutor", "measure_rates"]
+__all__ = ["Subgroup", "FlatGroupBuffers", "AdamHyper", "StepTimings", "HybridAdamExecutor", "measure_rates",
+           "probe_numel_for", "PROBE_MAX_NUMEL"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +108,19 @@ class AdamHyper:
 
 @dataclass(slots=True)
 class StepTimings:
-    """What the last step measured (for re-planning)."""
+    """What one step measured (for re-planning); complete once the next iteration has begun."""
 
     cpu_numel: int = 0
     cpu_busy_s: float = 0.0
+    """Worker time spent updating host subgroups (their sum; the in-training host rate is numel / busy)."""
     early_numel: int = 0
     """Parameters whose host update started during backward (before ``step``)."""
     gpu_numel: int = 0
     gpu_step_s: float = 0.0
+    host_wait_s: float = 0.0
+    """Time the training thread blocked waiting for this step's host updates (forward pre-hooks, the next
+    backward's first gradient, a global wait). On a GPU this over-states the exposed time by whatever work was
+    still queued on the device; :meth:`HybridAdamExecutor.collect_stall_s` measures the device's idle time."""
 
 
 class _DeviceEvents:
@@ -198,6 +204,13 @@ class HybridAdamExecutor:
         """Host time the forward pre-hooks spent waiting for host updates (the caller resets it)."""
         self._iteration_open = False
         self._early: set[int] = set()
+        # exposed time: CUDA timing-event pairs around every wait that blocked (device idle between them), or
+        # the host's blocked time without CUDA (there the "device" is the host itself)
+        self._stall_events: list[tuple[object, object]] = []
+        self._host_stall_s = 0.0
+        self.disturbed = False
+        """Set when a full synchronization (checkpoint, re-plan, state reload) drained the step in flight; the
+        caller resets it."""
 
     # ------------------------------------------------------------------ placement
     def numel(self, index: int) -> int:
@@ -462,31 +475,60 @@ class HybridAdamExecutor:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
-    def wait_for(self, indices: Iterable[int]) -> None:
-        """Block until these subgroups' host updates are done; the current stream waits for their uploads."""
+    def wait_for(self, indices: Iterable[int], *, measure: bool = True) -> None:
+        """Block until these subgroups' host updates are done; the current stream waits for their uploads.
+        ``measure``: count the time as exposed (False for waits that are not part of training's steady state)."""
         if not self._pending:
             return
         start = None
+        before = None
+        cuda = self._events.cuda
         for index in indices:
             done = self._pending.pop(index, None)
             if done is None:
                 continue
+            upload = self._upload_events.pop(index, None)
+            blocked = not done.is_set() or (upload is not None and not upload.query())
+            if measure and blocked and cuda and before is None:
+                before = torch.cuda.Event(enable_timing=True)
+                before.record(self._events.current())
             if not done.is_set():
                 start = start or time.perf_counter()
                 done.wait()
-            self._events.wait(self._upload_events.pop(index, None))
+            self._events.wait(upload)
+        if before is not None:
+            after = torch.cuda.Event(enable_timing=True)
+            after.record(self._events.current())
+            self._stall_events.append((before, after))
         if start is not None:
-            self.forward_wait_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.forward_wait_s += waited
+            if measure:
+                self.timings.host_wait_s += waited
+                if not cuda:
+                    self._host_stall_s += waited
         self._raise_worker_error()
 
-    def wait_all(self) -> None:
+    def collect_stall_s(self) -> float:
+        """Device time spent idle waiting for host updates since the last call (CUDA: timing events around each
+        blocking wait, read after they completed; without CUDA: the host's blocked time)."""
+        total = self._host_stall_s
+        self._host_stall_s = 0.0
+        if self._stall_events:
+            self._stall_events[-1][1].synchronize()
+            total += sum(before.elapsed_time(after) for before, after in self._stall_events) / 1e3
+            self._stall_events = []
+        return total
+
+    def wait_all(self, *, measure: bool = True) -> None:
         """Every update of the step in flight is done on the host, and the current stream waits for all uploads."""
-        self.wait_for(list(self._pending))
+        self.wait_for(list(self._pending), measure=measure)
         self._raise_worker_error()
 
     def sync_state_to_host(self) -> None:
         """Host tensors hold the exact current state of every subgroup (checkpoint, re-plan); synchronizes."""
-        self.wait_all()
+        self.disturbed = self.disturbed or self.has_pending()
+        self.wait_all(measure=False)
         if self._events.cuda:
             torch.cuda.synchronize(self.device)
         for index, (master, exp_avg, exp_avg_sq) in self._device_state.items():
@@ -495,7 +537,8 @@ class HybridAdamExecutor:
 
     def reload_state_from_host(self, groups: Sequence[FlatGroupBuffers] | None = None) -> None:
         """After the host tensors changed (checkpoint load): rebind them and refresh the device copies."""
-        self.wait_all()
+        self.disturbed = True
+        self.wait_all(measure=False)
         if groups is not None:
             self.groups = list(groups)
         for index, live in self._device_state.items():
@@ -505,15 +548,35 @@ class HybridAdamExecutor:
             torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        self.wait_all()
+        self.wait_all(measure=False)
         if self._worker is not None and self._worker.is_alive():
             self._put_job(math.inf, None)
             self._worker.join(timeout=60)
         self._worker = None
 
 
-def measure_rates(device: torch.device, *, probe_numel: int = 1 << 22, pin: bool = True):
+PROBE_MAX_NUMEL = 1 << 25
+"""Largest host probe (33.5 M parameters, ~0.5 GB of fp32 state): well beyond any last-level cache, so the
+probe sees host-memory bandwidth as the real update does (a 4 M probe, 64 MB, read 7.68 G params/s from cache
+on an H100 host whose update runs at 5.5 in isolation and 4.7 in training)."""
+
+
+def probe_numel_for(host_numel: int) -> int:
+    """Probe size for a model whose host-updated state holds ``host_numel`` parameters: as large as that state
+    (a small model's update is cache-resident too), at most :data:`PROBE_MAX_NUMEL`, at least 4096."""
+    return max(4096, min(int(host_numel), PROBE_MAX_NUMEL))
+
+
+def measure_rates(device: torch.device, *, probe_numel: int = 1 << 22, pin: bool = True,
+                  grad_dtype: torch.dtype = torch.float32, lowp_dtype: torch.dtype | None = None,
+                  scale_grads: bool = False, host_threads: int | None = None):
     """Probe host AdamW rate, GPU AdamW rate and copy bandwidths (each direction and both at once).
+
+    The host probe runs like the executor's worker: on its own thread with ``host_threads`` threads, gradients in
+    ``grad_dtype``, the ``lowp_dtype`` weight copy written in the same pass, and with ``scale_grads`` a scaling
+    pass over fp32 gradients first (clipping / loss scaling). Pick ``probe_numel`` with :func:`probe_numel_for`:
+    a cache-sized probe overstates a memory-bound kernel. In training the rate is re-measured anyway
+    (``ds_plugins.offload.replan``).
 
     Returns a :class:`ds_plugins.offload.planner.HardwareRates`. On a CPU device the "device" update rate is the
     host rate and copies are counted as free (there is no bus).
@@ -522,27 +585,57 @@ def measure_rates(device: torch.device, *, probe_numel: int = 1 << 22, pin: bool
 
     adamw_step_ = _adamw_step_()
 
-    def adam_rate(dev: torch.device, numel: int) -> float:
-        p, g, m, v = (torch.rand(numel, device=dev) for _ in range(4))
-        kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
-        adamw_step_([p], [g], [m], [v], step=1, **kwargs)  # warm-up
+    def adam_rate(dev: torch.device, numel: int, grad_dtype=torch.float32, lowp_dtype=None,
+                  scale_grads=False) -> float:
+        p, m, v = (torch.rand(numel, device=dev) for _ in range(3))
+        g = torch.rand(numel, device=dev).to(grad_dtype)
+        lowp = None
+        if lowp_dtype is not None:
+            lowp = [_pinned_empty(numel, lowp_dtype, pin) if dev.type == "cpu" else
+                    torch.empty(numel, dtype=lowp_dtype, device=dev)]
+        kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, lowp_out=lowp)
+
+        def one(step: int) -> None:
+            if scale_grads:
+                g.mul_(0.999)
+            adamw_step_([p], [g], [m], [v], step=step, **kwargs)
+
+        one(1)  # warm-up
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
         reps = 3
         for i in range(reps):
-            adamw_step_([p], [g], [m], [v], step=2 + i, **kwargs)
+            one(2 + i)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return reps * numel / max(time.perf_counter() - start, 1e-9)
 
-    cpu_rate = adam_rate(torch.device("cpu"), probe_numel)
+    def host_probe() -> float:
+        result: list = []
+
+        def run() -> None:
+            try:
+                if host_threads:
+                    torch.set_num_threads(host_threads)
+                result.append(adam_rate(torch.device("cpu"), probe_numel, grad_dtype, lowp_dtype, scale_grads))
+            except BaseException as exc:  # re-raised on the caller's thread
+                result.append(exc)
+
+        thread = threading.Thread(target=run, name="interleaf-host-probe", daemon=True)
+        thread.start()
+        thread.join()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    cpu_rate = host_probe()
     if device.type != "cuda":
         return HardwareRates(
             cpu_update_params_per_s=cpu_rate, gpu_update_params_per_s=cpu_rate, h2d_bytes_per_s=math.inf,
             d2h_bytes_per_s=math.inf, duplex_bytes_per_s=math.inf,
         )
-    gpu_rate = adam_rate(device, 16 * probe_numel)
+    gpu_rate = adam_rate(device, 1 << 26)  # 64 M parameters: beyond the L2, like the real update
     nbytes = 64 << 20
     host_a = _pinned_empty(nbytes, torch.uint8, pin)
     host_b = _pinned_empty(nbytes, torch.uint8, pin)

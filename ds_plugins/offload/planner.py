@@ -12,12 +12,23 @@ Time line of one iteration as the executor runs it (``ds_plugins.offload.executo
    - at the same time a host thread updates the CPU subgroups in forward order (host-memory-bound kernel) and
      sends each one's low-precision weights up (``lowp_bytes`` per parameter) as soon as it is done.
 3. **Next forward** starts when the GPU stream is done with its step; a layer whose weights are updated on the
-   host waits (on the GPU, per layer) for that subgroup's upload only.
+   host waits (on the GPU, per layer) for that subgroup's upload only (``per_layer_waits``; without the per-layer
+   hooks, e.g. dp > 1, the forward starts after every upload).
+
+What the model does NOT know by itself is the host AdamW rate *during training*: the host kernel is
+memory-bound, and while it runs the gradients' device-to-host copies write into the same host memory, the
+Python thread drives backward, and with clipping the host also rescales fp32 gradients. On one H100 host
+(2026-11-26) a cache-sized start-up probe said 7.68 G params/s, the in-training update ran at 4.7 G params/s,
+and the plan made from the probe (17% on the GPU, 5 ms predicted) cost 109 ms per iteration. So the rates fed
+to :func:`plan_offload` are re-measured in training (``ds_plugins.offload.replan``): the host rate from the
+worker's busy time, corrected by :func:`fit_host_rate` when the measured GPU stall exceeds the prediction.
 
 The planner puts a forward-order prefix of subgroups on the GPU (the first layers are needed first by the next
 forward and their gradients arrive last in backward) and the rest on the host, resident within the GPU memory
 budget and streamed beyond it. ``gpu_fraction="auto"`` picks the smallest prefix whose predicted iteration
-overhead is within ``tolerance`` of the best one; a number forces the prefix closest to that share.
+overhead is within ``tolerance`` of the best one, judged with the host rate derated by ``rate_margin`` (a host
+slower than measured costs up to the whole host update per iteration, a GPU share a little too large costs only
+GPU memory); a number forces the prefix closest to that share.
 """
 from __future__ import annotations
 
@@ -34,7 +45,10 @@ __all__ = [
     "OffloadPlan",
     "PlanEstimate",
     "estimate",
+    "fit_host_rate",
     "plan_offload",
+    "uniform_timings",
+    "with_host_rate",
 ]
 
 
@@ -168,12 +182,15 @@ def estimate(
     byte_model: ByteModel = ByteModel(),
     *,
     early_host_start: bool = False,
+    per_layer_waits: bool = True,
 ) -> PlanEstimate:
     """Simulate one iteration's optimizer-related time line for a placement (see the module docstring).
 
     Times count from the start of backward. ``early_host_start``: host updates start as soon as a subgroup's
     gradients have landed instead of after backward. Either way the host thread picks, among the subgroups it may
-    start, the one the next forward needs first (the executor's priority queue).
+    start, the one the next forward needs first (the executor's priority queue). ``per_layer_waits``: each layer
+    of the next forward waits for its own subgroup's upload (the executor's forward pre-hooks); False: the forward
+    starts only after every upload (``step`` waits for the whole host half, as with dp > 1).
     """
     if len(placements) != len(subgroups):
         raise ValueError(f"{len(placements)} placements for {len(subgroups)} subgroups")
@@ -238,12 +255,14 @@ def estimate(
 
     # 3. next forward: starts when the GPU stream finished its step; CPU layers wait for their upload.
     forward_start = step_start + gpu_step
+    if not per_layer_waits and upload_ready:
+        forward_start = max(forward_start, max(upload_ready.values()))
     clock = forward_start
     for index, sub in enumerate(subgroups):
         if index in upload_ready:
             clock = max(clock, upload_ready[index])
         clock += sub.forward_s
-    forward_stall = clock - forward_start - sum(s.forward_s for s in subgroups)
+    forward_stall = clock - (step_start + gpu_step) - sum(s.forward_s for s in subgroups)
 
     gpu_bytes = (
         resident_numel * (bm.state_bytes + bm.gpu_grad_bytes)
@@ -290,6 +309,82 @@ def _make_plan(placements: list[Placement], subgroups: Sequence[SubgroupTiming],
     )
 
 
+def _derated(rates: HardwareRates, margin: float) -> HardwareRates:
+    """``rates`` with the host AdamW rate multiplied by ``1 - margin``."""
+    if margin == 0.0:
+        return rates
+    return HardwareRates(
+        cpu_update_params_per_s=rates.cpu_update_params_per_s * (1.0 - margin),
+        gpu_update_params_per_s=rates.gpu_update_params_per_s, h2d_bytes_per_s=rates.h2d_bytes_per_s,
+        d2h_bytes_per_s=rates.d2h_bytes_per_s, duplex_bytes_per_s=rates.duplex_bytes_per_s,
+    )
+
+
+def with_host_rate(rates: HardwareRates, cpu_update_params_per_s: float) -> HardwareRates:
+    """``rates`` with another host AdamW rate (the other rates unchanged)."""
+    return HardwareRates(
+        cpu_update_params_per_s=cpu_update_params_per_s, gpu_update_params_per_s=rates.gpu_update_params_per_s,
+        h2d_bytes_per_s=rates.h2d_bytes_per_s, d2h_bytes_per_s=rates.d2h_bytes_per_s,
+        duplex_bytes_per_s=rates.duplex_bytes_per_s,
+    )
+
+
+def uniform_timings(numels: Sequence[int], window_s: float, forward_share: float = 1.0 / 3.0
+                    ) -> list[SubgroupTiming]:
+    """Per-subgroup forward/backward times from one measured forward+backward window, spread by parameter count
+    (forward ``forward_share`` of it: backward ~ 2x forward)."""
+    if not 0.0 <= forward_share <= 1.0:
+        raise ValueError(f"forward_share must be in [0, 1], got {forward_share}")
+    if not window_s >= 0:
+        raise ValueError(f"window_s must be >= 0, got {window_s}")
+    total = sum(numels) or 1
+    return [SubgroupTiming(numel=n, forward_s=window_s * forward_share * n / total,
+                           backward_s=window_s * (1.0 - forward_share) * n / total) for n in numels]
+
+
+def fit_host_rate(
+    placements: Sequence[Placement],
+    subgroups: Sequence[SubgroupTiming],
+    rates: HardwareRates,
+    observed_stall_s: float,
+    byte_model: ByteModel = ByteModel(),
+    *,
+    early_host_start: bool = False,
+    per_layer_waits: bool = True,
+    relative_precision: float = 1e-3,
+) -> float:
+    """The host AdamW rate at which :func:`estimate` predicts ``observed_stall_s`` of forward stall for this
+    placement: the in-training rate the measured stall implies (bisection; the stall falls as the rate grows).
+
+    Returns ``rates.cpu_update_params_per_s`` when the model already predicts at least the observed stall (or no
+    subgroup is on the host); never more than it.
+    """
+    if not any(p is Placement.CPU for p in placements):
+        return rates.cpu_update_params_per_s
+
+    def stall(rate: float) -> float:
+        return estimate(placements, subgroups, with_host_rate(rates, rate), byte_model,
+                        early_host_start=early_host_start, per_layer_waits=per_layer_waits).forward_stall_s
+
+    high = rates.cpu_update_params_per_s
+    if stall(high) >= observed_stall_s:
+        return high
+    low = high
+    for _ in range(60):  # find a rate slow enough to stall at least as long as observed
+        low /= 2.0
+        if stall(low) >= observed_stall_s:
+            break
+    else:
+        return low
+    while high - low > relative_precision * high:
+        middle = 0.5 * (low + high)
+        if stall(middle) >= observed_stall_s:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def plan_offload(
     subgroups: Sequence[SubgroupTiming],
     rates: HardwareRates,
@@ -299,14 +394,21 @@ def plan_offload(
     byte_model: ByteModel = ByteModel(),
     tolerance: float = 0.02,
     early_host_start: bool = False,
+    per_layer_waits: bool = True,
+    rate_margin: float = 0.1,
+    min_gpu_numel: int = 0,
 ) -> OffloadPlan:
     """Choose GPU/CPU placement per subgroup (``subgroups`` in forward order).
 
     ``gpu_fraction`` a number in [0, 1]: the forward-order prefix whose parameter share is closest to it (ties to
     the smaller share), resident within ``gpu_memory_budget_bytes`` and streamed beyond it; if even streaming does
     not fit, the largest prefix that fits. ``"auto"``: the smallest prefix whose predicted overhead is within
-    ``tolerance`` (relative to forward + backward time, at least 0.1 ms) of the best prefix that fits.
-    ``early_host_start``: the executor may start host updates during backward (see :func:`estimate`).
+    ``tolerance`` (relative to forward + backward time, at least 0.1 ms) of the best prefix that fits, both judged
+    with the host rate times ``1 - rate_margin`` (a plan just past the point where the host half stops hiding
+    costs the whole excess host time; one a little before it costs GPU memory only). ``min_gpu_numel`` (``auto``
+    only; the re-planner's safety rail): prefixes with fewer GPU-updated parameters are not considered, unless
+    none with as many fits the budget (then the largest that fits). The plan's ``estimate`` is at the nominal
+    rates. ``early_host_start`` / ``per_layer_waits``: see :func:`estimate`.
     """
     if not subgroups:
         raise ValueError("plan_offload needs at least one subgroup")
@@ -315,33 +417,38 @@ def plan_offload(
             raise ValueError(f'gpu_fraction must be in [0, 1] or "auto", got {gpu_fraction!r}')
     if not gpu_memory_budget_bytes >= 0:
         raise ValueError(f"gpu_memory_budget_bytes must be >= 0, got {gpu_memory_budget_bytes}")
+    if not 0.0 <= rate_margin < 1.0:
+        raise ValueError(f"rate_margin must be in [0, 1), got {rate_margin}")
     total = sum(s.numel for s in subgroups)
     prefix_numel = [0]
     for s in subgroups:
         prefix_numel.append(prefix_numel[-1] + s.numel)
 
-    candidates: list[tuple[int, list[Placement], PlanEstimate]] = []
+    def evaluate(placements: list[Placement], r: HardwareRates) -> PlanEstimate:
+        return estimate(placements, subgroups, r, byte_model, early_host_start=early_host_start,
+                        per_layer_waits=per_layer_waits)
+
+    candidates: list[tuple[int, list[Placement]]] = []
     for count in range(len(subgroups) + 1):
         placements = _prefix_placements(subgroups, count, gpu_memory_budget_bytes, byte_model)
-        if placements is None:
-            continue
-        candidates.append((count, placements, estimate(placements, subgroups, rates, byte_model,
-                                                       early_host_start=early_host_start)))
+        if placements is not None:
+            candidates.append((count, placements))
     # count 0 (everything on the host) always fits.
 
     if gpu_fraction != "auto":
         target = float(gpu_fraction) * total
+        count, placements = min(candidates, key=lambda item: (abs(prefix_numel[item[0]] - target), item[0]))
+        return _make_plan(placements, subgroups, evaluate(placements, rates))
 
-        def distance(item: tuple[int, list[Placement], PlanEstimate]) -> tuple[float, int]:
-            return (abs(prefix_numel[item[0]] - target), item[0])
-
-        count, placements, est = min(candidates, key=distance)
-        return _make_plan(placements, subgroups, est)
-
-    best = min(c[2].overhead_s for c in candidates)
+    floor = [c for c in candidates if prefix_numel[c[0]] >= min_gpu_numel]
+    if not floor:  # the rail asks for more GPU share than the budget holds: the most that fits
+        floor = [max(candidates, key=lambda c: c[0])]
+    pessimistic = _derated(rates, rate_margin)
+    judged = [(count, placements, evaluate(placements, pessimistic)) for count, placements in floor]
+    best = min(est.overhead_s for _, _, est in judged)
     window = sum(s.forward_s + s.backward_s for s in subgroups)
     slack = max(tolerance * window, 1e-4)
-    for count, placements, est in candidates:  # ascending GPU share
+    for count, placements, est in judged:  # ascending GPU share
         if est.overhead_s <= best + slack:
-            return _make_plan(placements, subgroups, est)
+            return _make_plan(placements, subgroups, evaluate(placements, rates))
     raise AssertionError("unreachable: the best candidate is within its own slack")

@@ -29,6 +29,7 @@ def _plan_info(engine) -> dict:
         "early_numel": ex.timings.early_numel,
         "placements": [p.value for p in ex.placements],
         "host_grads_16bit": opt._host_grads_lowp is not None,
+        "plan_reasons": [h["reason"] for h in opt.plan_history],
     }
 
 
@@ -127,6 +128,11 @@ def test_params_equal_deepspeed_without_offload(fp32_runs, fraction):
         assert H.max_rel_diff(run["params"][step], fp32_runs["torch"]["params"][step]) <= TOL, step
     assert run["plan"]["step"] == [STEPS]
     assert run["plan"]["hooks"] > 0  # per-layer waits are installed (dp=1)
+    reasons = run["plan"]["plan_reasons"]
+    if fraction == "auto":  # re-planned from the first measured iteration (and possibly later ones)
+        assert len(reasons) >= 2 and "window measured" in reasons[1], reasons
+    else:  # a forced split: the first measured iteration only refreshes its prediction
+        assert len(reasons) == 2, reasons
 
 
 @pytest.mark.timeout(300)
@@ -429,3 +435,66 @@ def test_pipeline_engine_zero1(tmp_path):
             for step in range(STEPS):
                 assert H.max_rel_diff(run["params"][step], ref["params"][step]) <= TOL, (name, step)
         assert rank_runs["il_zb"]["engine"] == "InterleafPipelineEngine"
+
+
+# ---------------------------------------------------------------------------------------------- auto, closed loop
+HOST_DELAY_S = 0.02  # per host subgroup, outside the worker's busy timer: only the measured stall can show it
+
+
+def _slow_host_scenarios(rank, world):
+    import time
+
+    from ds_plugins.offload.executor import HybridAdamExecutor
+
+    original = HybridAdamExecutor._host_step
+
+    def delayed(self, index, hyper, lowp_grads):
+        time.sleep(HOST_DELAY_S)  # e.g. the host memory shared with another job: the update lands late
+        return original(self, index, hyper, lowp_grads)
+
+    out = {"ds": H.train_engine(H.ds_config(offload=False), STEPS)}
+
+    def record(tag, engine, result):
+        if tag == "end":
+            _record_plan(tag, engine, result)
+            result["history"] = list(engine.optimizer.plan_history)
+            result["gpu_state_bytes"] = engine.optimizer._executor.gpu_state_bytes()
+
+    HybridAdamExecutor._host_step = delayed
+    try:
+        # wait_each_step=False: only the forward pre-hooks wait for the host, as in training
+        out["auto"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": "auto"}), STEPS, engine_hook=record,
+                                     wait_each_step=False)
+        out["auto_budget"] = H.train_engine(
+            H.ds_config(interleaf={"gpu_fraction": "auto", "gpu_memory_budget_gib": 600 * 16 / 2**30}), STEPS,
+            engine_hook=record, wait_each_step=False)
+    finally:
+        HybridAdamExecutor._host_step = original
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_auto_moves_toward_the_gpu_when_the_host_stalls(tmp_path):
+    """A host whose updates land late (the worker's busy time looks fine): the measured forward stall exceeds the
+    prediction, the re-planner fits a slower host rate and the safety rail moves the split toward the GPU within
+    the memory budget; every move keeps the parameters equal to DeepSpeed without offload."""
+    runs = H.run_ranks(_slow_host_scenarios, 1, tmp_path)[0]
+    run, ref = runs["auto"], runs["ds"]
+    assert H.max_rel_diff(run["params"][-1], ref["params"][-1]) <= TOL
+    assert run["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    history = run["history"]
+    assert history[0]["reason"].startswith("first plan")
+    rails = [h for h in history if "safety rail" in h["reason"]]
+    assert rails, [h["reason"] for h in history]
+    first_rail = rails[0]
+    before = history[history.index(first_rail) - 1]
+    assert first_rail["gpu_fraction"] > before["gpu_fraction"]
+    assert first_rail["moved"] and "stall" in first_rail["measured"]
+    assert run["plan"]["gpu_fraction"] > history[0]["gpu_fraction"]
+    # subgroups [384, 600, 48, 600, 192, 8]: a budget of 9600 B holds only the first one's state (16 B/param);
+    # the rail asks for more but the plan stays within the budget
+    capped = runs["auto_budget"]
+    assert H.max_rel_diff(capped["params"][-1], ref["params"][-1]) <= TOL
+    assert any("safety rail" in h["reason"] for h in capped["history"])
+    assert capped["plan"]["placements"] == ["gpu_resident"] + ["cpu"] * 5
+    assert capped["gpu_state_bytes"] <= 600 * 16

@@ -34,6 +34,7 @@ def _masters(tag, engine, result):
         result["cpu_numel"] = opt._executor.timings.cpu_numel
         result["gpu_numel"] = opt._executor.timings.gpu_numel
         result["placements"] = [p.value for p in opt._executor.placements]
+        result["history"] = list(opt.plan_history)
     result["masters"] = [t.detach().double().cpu().numpy().copy() for t in opt.single_partition_of_fp32_groups]
 
 
@@ -57,6 +58,24 @@ def _gpu_scenarios(rank, world):
                                     engine_hook=_masters)
     out["il_bf16"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": 0.5}, **bf16, **pin), STEPS,
                                     dtype=torch.bfloat16, engine_hook=_masters, wait_each_step=False)
+    # host updates that land late (a sleep outside the worker's busy timer): only the stall measured with CUDA
+    # events around the forward's waits can show it; auto must move toward the GPU, exactly
+    import time
+
+    from ds_plugins.offload.executor import HybridAdamExecutor
+
+    original = HybridAdamExecutor._host_step
+
+    def delayed(self, index, hyper, lowp_grads):
+        time.sleep(0.02)
+        return original(self, index, hyper, lowp_grads)
+
+    HybridAdamExecutor._host_step = delayed
+    try:
+        out["il_auto_slow_host"] = H.train_engine(H.ds_config(interleaf={"gpu_fraction": "auto"}, **pin), STEPS,
+                                                  engine_hook=_masters, wait_each_step=False)
+    finally:
+        HybridAdamExecutor._host_step = original
     return out
 
 
@@ -72,11 +91,17 @@ def check(runs) -> list[tuple[str, bool, str]]:
     def add(name, ok, detail):
         rows.append((name, bool(ok), detail))
 
-    for name in ("il_0.5_nowait", "il_auto", "il_0.0", "il_1.0", "il_streamed"):
+    for name in ("il_0.5_nowait", "il_auto", "il_0.0", "il_1.0", "il_streamed", "il_auto_slow_host"):
         d = _rel(runs[name]["masters"], runs["ds"]["masters"])
         add(f"{name} masters vs DeepSpeed", d <= TOL, f"rel {d:.2e} placements {runs[name]['placements']}")
         d = H.max_rel_diff(runs[name]["params"][-1], runs["ds"]["params"][-1])
         add(f"{name} params vs DeepSpeed", d <= TOL, f"rel {d:.2e}")
+    history = runs["il_auto_slow_host"]["history"]
+    rails = [h for h in history if "safety rail" in h["reason"]]
+    moved_up = bool(rails) and rails[0]["moved"] and (
+        rails[0]["gpu_fraction"] > history[history.index(rails[0]) - 1]["gpu_fraction"])
+    add("auto: a late host moves the split toward the GPU (CUDA-event stall)", moved_up,
+        "; ".join(f"step {h['step']}: {100 * h['gpu_fraction']:.0f}% GPU ({h['reason']})" for h in history))
     add("streamed placement", "gpu_streamed" in runs["il_streamed"]["placements"], str(runs["il_streamed"]["placements"]))
     d = _rel(runs["il_clip"]["masters"], runs["ds_clip"]["masters"])
     add("clip masters vs DeepSpeed", d <= TOL, f"rel {d:.2e}")

@@ -1,0 +1,215 @@
+"""Closing the loop of ``gpu_fraction: "auto"``: recalibrate the planner from what training measures (torch-free).
+
+The planner (``ds_plugins.offload.planner``) predicts from rates. A start-up probe cannot know the host AdamW rate
+*in training* (gradient copies write into the same host memory, the Python thread drives backward, clipping adds
+a scaling pass) nor, before the first iterations, the forward+backward window. :class:`Replanner` takes one
+:class:`IterationObservation` per step and decides when to plan again and with which inputs:
+
+- the **host rate** is the worker's measured throughput (parameters / busy seconds; the slowest of the last few
+  iterations), and where the **measured forward stall** (GPU idle waiting for host-updated weights) exceeds the
+  plan's prediction by more than a margin, the lower rate at which the model reproduces that stall
+  (:func:`ds_plugins.offload.planner.fit_host_rate`);
+- the **window** (forward + backward, nothing exposed) is the iteration period minus the measured stall and the
+  predicted GPU step, as a median over recent iterations;
+- **when**: after every plan change, ``settle_iterations`` iterations are skipped (they still carry the previous
+  plan's host work and the move itself), then each iteration is compared with the plan: a re-plan is asked for
+  when the host rate or the window drifted by more than ``drift``, when the stall exceeded the prediction (the
+  **safety rail**: the new plan must then put strictly more parameters on the GPU than the failing one, for
+  ``replan_interval`` iterations, within the memory budget), and at the latest every ``replan_interval``
+  iterations. A re-plan that yields the same placement moves nothing. A rate fitted to a stall is kept (as an
+  upper bound on the host rate) as long as the rail, so the planner does not walk back into the same stall.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from .planner import (
+    ByteModel,
+    HardwareRates,
+    OffloadPlan,
+    PlanEstimate,
+    estimate,
+    fit_host_rate,
+    uniform_timings,
+    with_host_rate,
+)
+
+__all__ = ["IterationObservation", "PlanningContext", "ReplanRequest", "Replanner", "format_rate"]
+
+
+def format_rate(params_per_s: float) -> str:
+    """A host/GPU AdamW rate for logs: G params/s, or M params/s below 0.1 G."""
+    if params_per_s >= 1e8:
+        return f"{params_per_s / 1e9:.2f} G params/s"
+    return f"{params_per_s / 1e6:.2f} M params/s"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IterationObservation:
+    """What one iteration measured (the executor's ``StepTimings`` of the step whose host half it hid)."""
+
+    period_s: float
+    """Time from one step to the next, taken at a point where the host has synchronized with the device (the
+    global-norm read): the iteration time."""
+    host_numel: int = 0
+    """Parameters the host worker updated for that step."""
+    host_busy_s: float = 0.0
+    """Worker time spent on those updates."""
+    stall_s: float = 0.0
+    """Device time the compute stream idled waiting for host-updated weights (forward pre-hooks, the next
+    backward's first gradient, a global wait): CUDA events around each wait that actually blocked."""
+    disturbed: bool = False
+    """A checkpoint, a re-plan or any other full synchronization happened: not a steady-state iteration."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanningContext:
+    """Everything :func:`ds_plugins.offload.planner.plan_offload` needs besides the rates and the window."""
+
+    numels: tuple[int, ...]
+    """Parameters per subgroup, forward order."""
+    byte_model: ByteModel = ByteModel()
+    early_host_start: bool = False
+    per_layer_waits: bool = True
+    forward_share: float = 1.0 / 3.0
+    """Share of the window attributed to forward."""
+
+    def estimate(self, plan: OffloadPlan, rates: HardwareRates, window_s: float) -> PlanEstimate:
+        return estimate(plan.placements, uniform_timings(self.numels, window_s, self.forward_share), rates,
+                        self.byte_model, early_host_start=self.early_host_start,
+                        per_layer_waits=self.per_layer_waits)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplanRequest:
+    """Inputs for the next plan and why it is asked for."""
+
+    rates: HardwareRates
+    window_s: float
+    min_gpu_numel: int
+    """Safety rail: the new plan updates at least this many parameters on the GPU (0: no constraint)."""
+    reason: str
+    measured: str
+    """What was measured, for the log."""
+
+
+class Replanner:
+    """Decides, one observation per step, whether ``auto`` should plan again (see the module docstring)."""
+
+    def __init__(
+        self,
+        context: PlanningContext,
+        *,
+        replan_interval: int,
+        settle_iterations: int = 1,
+        drift: float = 0.1,
+        stall_margin_s: float = 0.002,
+        stall_margin_fraction: float = 0.03,
+        history: int = 3,
+    ) -> None:
+        if replan_interval < 1 or settle_iterations < 0 or history < 1:
+            raise ValueError("replan_interval and history must be >= 1, settle_iterations >= 0")
+        if not drift > 0 or stall_margin_s < 0 or stall_margin_fraction < 0:
+            raise ValueError("drift must be > 0 and the stall margins >= 0")
+        self.context = context
+        self.replan_interval = replan_interval
+        self.settle_iterations = settle_iterations
+        self.drift = drift
+        self.stall_margin_s = stall_margin_s
+        self.stall_margin_fraction = stall_margin_fraction
+        self.history = history
+        self.plan: OffloadPlan | None = None
+        self.rates: HardwareRates | None = None
+        self.window_s = 0.0
+        self._since_plan = 0
+        self._settle_left = 0
+        self._host_rates: list[float] = []
+        self._windows: list[float] = []
+        self._fitted_rate: float | None = None
+        self._floor_numel = 0
+        self._floor_left = 0
+        self.last_observation: IterationObservation | None = None
+        self.last_stall_predicted_s = 0.0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def planned(self, plan: OffloadPlan, rates: HardwareRates, window_s: float, *, settle: bool) -> None:
+        """A plan is in effect from the next backward on. ``settle``: the move drained the step in flight, so
+        the next ``settle_iterations`` observations are transitional and skipped."""
+        self.plan = plan
+        self.rates = rates
+        self.window_s = window_s
+        self._since_plan = 0
+        self._settle_left = self.settle_iterations if settle else 0
+
+    def margin_s(self) -> float:
+        """How far the measured stall may exceed the prediction before the safety rail acts."""
+        return max(self.stall_margin_s, self.stall_margin_fraction * self.window_s)
+
+    def gpu_numel(self) -> int:
+        plan = self.plan
+        return 0 if plan is None else sum(n for n, p in zip(plan.numels, plan.placements) if p.value != "cpu")
+
+    # ------------------------------------------------------------------ the decision
+    def observe(self, obs: IterationObservation) -> ReplanRequest | None:
+        """Feed one iteration's measurements; a :class:`ReplanRequest` when a new plan should be made now."""
+        if self.plan is None or self.rates is None:
+            return None
+        self._since_plan += 1
+        if self._floor_left > 0:
+            self._floor_left -= 1
+            if self._floor_left == 0:  # the rail and the stall-fitted rate expire together
+                self._floor_numel = 0
+                self._fitted_rate = None
+        if self._settle_left > 0:
+            self._settle_left -= 1
+            return None
+        if obs.disturbed or obs.period_s <= 0:
+            return None
+        self.last_observation = obs
+        ctx = self.context
+        old_rate = self.rates.cpu_update_params_per_s
+        # window: the iteration minus what the optimizer step added to it (GPU step, gradient-copy tail, stall)
+        step_est = ctx.estimate(self.plan, self.rates, self.window_s)
+        window = obs.period_s - obs.stall_s - step_est.gpu_step_s - step_est.backward_tail_s
+        if window > 0:
+            self._windows = (self._windows + [window])[-(2 * self.history - 1):]
+        window = statistics.median(self._windows) if self._windows else self.window_s
+        # host rate: measured throughput in training (the slowest of the recent iterations)
+        if obs.host_numel > 0 and obs.host_busy_s > 0:
+            self._host_rates = (self._host_rates + [obs.host_numel / obs.host_busy_s])[-self.history:]
+        rate = min(self._host_rates) if self._host_rates else old_rate
+        if self._fitted_rate is not None:
+            rate = min(rate, self._fitted_rate)
+        rates = with_host_rate(self.rates, rate)
+        predicted = self.plan.estimate.forward_stall_s
+        self.last_stall_predicted_s = predicted
+        reasons: list[str] = []
+        floor = self._floor_numel
+        margin = self.margin_s()
+        if obs.stall_s > predicted + margin and obs.host_numel > 0:
+            fitted = fit_host_rate(
+                self.plan.placements, uniform_timings(ctx.numels, window, ctx.forward_share), rates, obs.stall_s,
+                ctx.byte_model, early_host_start=ctx.early_host_start, per_layer_waits=ctx.per_layer_waits)
+            self._fitted_rate = fitted if self._fitted_rate is None else min(self._fitted_rate, fitted)
+            rate = min(rate, fitted)
+            rates = with_host_rate(rates, rate)
+            floor = max(floor, self.gpu_numel() + 1)
+            self._floor_numel, self._floor_left = floor, self.replan_interval
+            reasons.append(f"measured stall {1e3 * obs.stall_s:.1f} ms > predicted {1e3 * predicted:.1f} ms + "
+                           f"margin {1e3 * margin:.1f} ms (safety rail: more parameters on the GPU)")
+        if abs(rate - old_rate) > self.drift * old_rate:
+            reasons.append(f"host rate {format_rate(old_rate)} -> {format_rate(rate)}")
+        if self.window_s > 0 and abs(window - self.window_s) > self.drift * self.window_s:
+            reasons.append(f"window {1e3 * self.window_s:.1f} -> {1e3 * window:.1f} ms")
+        elif self.window_s <= 0 < window:
+            reasons.append(f"window measured: {1e3 * window:.1f} ms")
+        if self._since_plan >= self.replan_interval:
+            reasons.append(f"{self._since_plan} iterations since the last plan")
+        if not reasons:
+            return None
+        measured = (f"iteration {1e3 * obs.period_s:.1f} ms, stall {1e3 * obs.stall_s:.1f} ms (predicted "
+                    f"{1e3 * predicted:.1f} ms), host {obs.host_numel / 1e6:.1f} M params in "
+                    f"{1e3 * obs.host_busy_s:.1f} ms")
+        return ReplanRequest(rates=rates, window_s=window, min_gpu_numel=floor, reason="; ".join(reasons),
+                             measured=measured)
