@@ -596,7 +596,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         # unscale with the scale the gradients were produced with (prev_scale), also on a scale increase
         grad_scale = self._inverse_grad_scale(scaled_norm, prev_scale)
 
-        if self._executor is None:
+        first_step = self._executor is None
+        if first_step:
             self._build_executor()
             self._plan(carry_grads=True)
         hyper = self._next_step_hyper(grad_scale)
@@ -628,6 +629,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             self._update_model_bit16_weights(i)
         if request is not None:  # applies from the next backward on; a move waits for this step's host half
             self._plan(carry_grads=False, request=request)
+        if first_step:  # the first step's rest (probe, first kernel calls, state moves) is no steady state
+            self._last_sync, self._excluded_s = time.perf_counter(), 0.0
 
     def _reset_grad_tracking(self) -> None:
         self._grads_missing = dict(self._grads_per_subgroup)

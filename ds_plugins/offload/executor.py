@@ -200,8 +200,6 @@ class HybridAdamExecutor:
         self.timings = StepTimings()
         self.last_timings = StepTimings()
         """Timings of the last completed iteration."""
-        self.forward_wait_s = 0.0
-        """Host time the forward pre-hooks spent waiting for host updates (the caller resets it)."""
         self._iteration_open = False
         self._early: set[int] = set()
         # exposed time: CUDA timing-event pairs around every wait that blocked (device idle between them), or
@@ -502,7 +500,6 @@ class HybridAdamExecutor:
             self._stall_events.append((before, after))
         if start is not None:
             waited = time.perf_counter() - start
-            self.forward_wait_s += waited
             if measure:
                 self.timings.host_wait_s += waited
                 if not cuda:
@@ -515,7 +512,8 @@ class HybridAdamExecutor:
         total = self._host_stall_s
         self._host_stall_s = 0.0
         if self._stall_events:
-            self._stall_events[-1][1].synchronize()
+            for _before, after in self._stall_events:  # waits may have run on different streams
+                after.synchronize()
             total += sum(before.elapsed_time(after) for before, after in self._stall_events) / 1e3
             self._stall_events = []
         return total
