@@ -133,6 +133,7 @@ class ScheduleRunner:
             device=self.device,
             weight_grad_queue=self.queue,
             timing="action",
+            track_memory=self._auto_pending,  # only auto's warm-up reads memory figures
         )
 
     def _prepare_bf16(self, opt: Any) -> None:
@@ -148,15 +149,17 @@ class ScheduleRunner:
             opt.create_grad_acc_hooks()
 
     def _bf16_accumulate(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        opt = self.engine.optimizer
+        """``hp += grad`` as DeepSpeed's ``_update_hp_grad`` does (``hp.add_(lp_grad.to(fp32))``), the same sum
+        (bf16 -> fp32 is exact); on CUDA the conversion happens inside the add kernel, no fp32 temporary. Runs
+        in the W action, under ``no_grad`` (``WeightGradQueue.run``)."""
         where = self._bf16_index.get(id(param))
         if where is None:  # not optimized (frozen): keep autograd's behaviour
             accumulate_into_grad(param, grad)
             return
         i, j = where
+        opt = self.engine.optimizer
         hp = opt.fp32_groups_gradients[i][j]
-        with torch.no_grad():
-            hp.data.add_(grad.detach().view(hp.shape))  # bf16 -> fp32 promotion inside add_: no fp32 temporary
+        hp.add_(grad.detach().view(hp.shape))
         param._hp_grad = hp
         opt.fp32_groups_has_gradients[i][j] = True
 
@@ -609,9 +612,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _device_copy(t: torch.Tensor, device: Any, *, copy: bool = True) -> torch.Tensor:
+    """``t`` on ``device``, detached (a copy also when it is there already, unless ``copy=False``). Host to GPU
+    goes through pinned memory without blocking: a plain ``.to("cuda")`` of pageable memory synchronizes the
+    stream, so the host could not queue the step's first kernels while the copies run (torch's caching host
+    allocator keeps the pinned block until its copy is done)."""
+    device = torch.device(device)
+    t = t.detach()
+    if t.device == device:
+        return t.clone() if copy else t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _to_device(value: Any, device: Any) -> Any:
     if torch.is_tensor(value):
-        return value.to(device)
+        return _device_copy(value, device, copy=False)
     if isinstance(value, (tuple, list)):
         return tuple(_to_device(v, device) for v in value)
     return value
@@ -621,7 +638,7 @@ def _to_device_input(value: Any, device: Any, reentrant: bool) -> Any:
     """First-stage input as DeepSpeed loads it: a detached copy on the device; floating tensors require grad
     under reentrant activation checkpointing (else the first checkpointed block is cut from autograd)."""
     if torch.is_tensor(value):
-        t = value.clone().to(device).detach()
+        t = _device_copy(value, device)
         if reentrant and t.is_floating_point():
             t.requires_grad_(True)
         return t

@@ -279,6 +279,10 @@ class PipelineExecutor:
             loading a kernel, both ranks hang for good (seen on 4x H100: every rank blocked launching a
             first-time kernel). The serialized step launches every kernel the schedule needs once with no
             transfer in flight; gradients are the same sums. It costs about one step run without pipelining.
+        track_memory: record the change of allocated CUDA memory over every compute action
+            (:meth:`StepResult.mean_memory_bytes`, what ``auto`` builds its memory model from). Off by default:
+            ``torch.cuda.memory_allocated`` builds the allocator's whole statistics dict on the host, twice per
+            action, time the host then does not spend launching kernels.
     """
 
     def __init__(
@@ -296,6 +300,7 @@ class PipelineExecutor:
         log_every: int = 0,
         backward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         serialize_first: bool | None = None,
+        track_memory: bool = False,
     ) -> None:
         shape = schedule.shape
         if not 0 <= rank < shape.pp:
@@ -323,6 +328,7 @@ class PipelineExecutor:
         self.timing = timing
         self.log_every = log_every
         self.backward_context = backward_context
+        self.track_memory = bool(track_memory)
         self.last_stage = shape.num_stages - 1
         ordered = p2p is not None and p2p.ordered
         if recv_lookahead is None and os.environ.get("INTERLEAF_RECV_LOOKAHEAD"):
@@ -452,7 +458,7 @@ class PipelineExecutor:
         cuda_events = self.timing == "action" and self.device.type == "cuda"
         samples: list[tuple[ActionKind, int, Any]] = []
         memory: dict[tuple[ActionKind, int], list[int]] = defaultdict(list)
-        track_memory = self.device.type == "cuda" and self.timing != "none"
+        track_memory = self.track_memory and self.device.type == "cuda"
         wait_s = 0.0
         step_events = None
         if cuda_events:

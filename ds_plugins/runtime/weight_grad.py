@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -63,9 +63,11 @@ class WeightGradQueue:
 
     ``put`` queues a closure (it computes a weight gradient and accumulates it); ``run(stage, mb)`` is the W
     action and runs that key's closures in the order they were queued; ``drain()`` runs everything left (call it
-    before gradient reduction, clipping or the optimizer step). ``accumulate_grad`` is where the built-in split
-    linear puts its gradients (default: ``param.grad``; Megatron's ``main_grad`` or DeepSpeed's bf16 buffers
-    pass their own).
+    before gradient reduction, clipping or the optimizer step). Closures run under ``torch.no_grad()``: a weight
+    gradient is a value, not part of a graph (under grad mode the GEMM on the saved input, which requires grad,
+    would record an autograd node and a gradient holding the micro-batch's activations alive).
+    ``accumulate_grad`` is where the built-in split linear puts its gradients (default: ``param.grad``;
+    Megatron's ``main_grad`` or DeepSpeed's bf16 buffers pass their own).
     """
 
     def __init__(self, *, accumulate_grad: GradAccumulator = accumulate_into_grad) -> None:
@@ -79,18 +81,21 @@ class WeightGradQueue:
     def run(self, stage: int, microbatch: int) -> int:
         """Run (and forget) the closures queued for ``(stage, microbatch)``; returns how many ran."""
         closures = self._pending.pop((stage, microbatch), ())
-        for closure in closures:
-            closure()
+        if closures:
+            with torch.no_grad():
+                for closure in closures:
+                    closure()
         return len(closures)
 
     def drain(self) -> int:
         """Run every queued closure, oldest key first; returns how many ran."""
         count = 0
-        while self._pending:
-            _, closures = self._pending.popitem(last=False)
-            for closure in closures:
-                closure()
-            count += len(closures)
+        with torch.no_grad():
+            while self._pending:
+                _, closures = self._pending.popitem(last=False)
+                for closure in closures:
+                    closure()
+                count += len(closures)
         return count
 
     def clear(self) -> None:
@@ -99,7 +104,7 @@ class WeightGradQueue:
 
     def pending_keys(self) -> tuple[tuple[int, int], ...]:
         """Keys ``(stage, microbatch)`` with queued work, oldest first."""
-        return tuple(self._pending)
+        return tuple(k for k, v in self._pending.items() if v)
 
     def __len__(self) -> int:
         return sum(len(c) for c in self._pending.values())
@@ -113,12 +118,18 @@ class WeightGradQueue:
         """
         global _ACTIVE
         previous = _ACTIVE
-        target = WeightGradTarget(self, stage, microbatch)
+        key = (stage, microbatch)
+        closures = self._pending.get(key)
+        if closures is None:
+            closures = self._pending[key] = []
+        target = WeightGradTarget(self, stage, microbatch, closures)
         _ACTIVE = target
         try:
             yield target
         finally:
             _ACTIVE = previous
+            if not closures and self._pending.get(key) is closures:
+                del self._pending[key]  # nothing was deferred: leave no empty key behind
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +139,14 @@ class WeightGradTarget:
     queue: WeightGradQueue
     stage: int
     microbatch: int
+    closures: list = field(default_factory=list, repr=False, compare=False)
+    """The queue's list for ``(stage, microbatch)`` (appending to it is :meth:`put`)."""
 
     def put(self, closure: Callable[[], None]) -> None:
-        self.queue.put(self.stage, self.microbatch, closure)
+        if self.queue._pending.get((self.stage, self.microbatch)) is self.closures:
+            self.closures.append(closure)
+        else:  # the key was run or cleared while this target was active
+            self.queue.put(self.stage, self.microbatch, closure)
 
 
 _ACTIVE: WeightGradTarget | None = None
@@ -142,73 +158,90 @@ def active_deferral() -> WeightGradTarget | None:
 
 
 def _weight_grad(grad_output: torch.Tensor, saved_input: torch.Tensor) -> torch.Tensor:
-    """``dA = dy^T x`` over all leading dimensions (one GEMM)."""
-    dy = grad_output.reshape(-1, grad_output.shape[-1])
-    x = saved_input.reshape(-1, saved_input.shape[-1])
-    return dy.t().mm(x)
+    """``dA = dy^T x`` over all leading dimensions (one GEMM, the one autograd runs for ``nn.Linear``)."""
+    return grad_output.reshape(-1, grad_output.shape[-1]).t().mm(saved_input.reshape(-1, saved_input.shape[-1]))
+
+
+class _DeferredWeightGrad:
+    """One queued W GEMM: ``accumulate(param, dy^T x)`` (a plain object: cheaper than a closure with defaults,
+    and it keeps exactly the two tensors the GEMM reads)."""
+
+    __slots__ = ("param", "grad_output", "saved_input", "accumulate")
+
+    def __init__(self, param, grad_output, saved_input, accumulate) -> None:
+        self.param = param
+        self.grad_output = grad_output
+        self.saved_input = saved_input
+        self.accumulate = accumulate
+
+    def __call__(self) -> None:
+        grad_output, saved_input = self.grad_output, self.saved_input
+        self.grad_output = self.saved_input = None  # release the activations once their GEMM is enqueued
+        self.accumulate(self.param, _weight_grad(grad_output, saved_input))
 
 
 class _SplitLinearFunction(torch.autograd.Function):
-    """``F.linear`` whose weight-gradient GEMM can be deferred into a :class:`WeightGradQueue`."""
+    """``F.linear`` whose weight-gradient GEMM can be deferred into a :class:`WeightGradQueue`.
+
+    Hot path (once per linear per micro-batch, on the host): no context managers, no module attribute
+    look-ups; the backward runs the same kernels autograd runs for ``nn.Linear`` (``dy @ A``, ``dy^T x``,
+    bias ``sum``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module):
-        device_type = x.device.type
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):  # type: ignore[override]
         ctx.compute_dtype = None
-        saved_weight = weight
+        ctx.has_bias = bias is not None
+        ctx.param = weight  # the parameter itself (saved tensors may come back as other objects, e.g. checkpointed)
+        device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # what F.linear does under autocast, made explicit so backward sees the same (cast) operands; the
-            # weight is saved uncast (it is a parameter: no extra memory) and cast again in backward
+            # weight is saved uncast (it is a parameter: no extra memory) and cast again in backward. With every
+            # operand already in the autocast dtype, autocast's own cast in F.linear below is a no-op.
             dtype = torch.get_autocast_dtype(device_type)
             if x.is_floating_point() and x.dtype != dtype:
                 x = x.to(dtype)
+            ctx.save_for_backward(x, weight)
             if weight.dtype != dtype:
                 ctx.compute_dtype = dtype
                 weight = weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None and bias.dtype != dtype else bias
-        ctx.save_for_backward(x, saved_weight)
-        ctx.has_bias = bias is not None
-        ctx.layer = layer
-        with torch.autocast(device_type, enabled=False):
-            return torch.nn.functional.linear(x, weight, bias)
+            if bias is not None and bias.dtype != dtype:
+                bias = bias.to(dtype)
+        else:
+            ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        if ctx.compute_dtype is not None:
-            weight = weight.to(ctx.compute_dtype)
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad
         grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = grad_output.matmul(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if needs_input:
+            compute_weight = weight if ctx.compute_dtype is None else weight.to(ctx.compute_dtype)
+            grad_input = grad_output.matmul(compute_weight)
+        if needs_bias and ctx.has_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
-        if ctx.needs_input_grad[1]:
+        if needs_weight:
             target = _ACTIVE
             if target is None:
                 grad_weight = _weight_grad(grad_output, x)
             else:
-                param = ctx.layer.weight
-                accumulate = target.queue.accumulate_grad
-
-                def compute_weight_grad(dy=grad_output, saved=x, param=param, accumulate=accumulate) -> None:
-                    accumulate(param, _weight_grad(dy, saved))
-
-                target.put(compute_weight_grad)
-        return grad_input, grad_weight, grad_bias, None
+                target.put(_DeferredWeightGrad(ctx.param, grad_output, x, target.queue.accumulate_grad))
+        return grad_input, grad_weight, grad_bias
 
 
 def split_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Apply ``layer`` to ``x`` with a deferrable weight gradient."""
-    return _SplitLinearFunction.apply(x, layer.weight, layer.bias, layer)
+    return _SplitLinearFunction.apply(x, layer.weight, layer.bias)
 
 
 class _SplitLinearMixin:
     """Forward of an ``nn.Linear`` switched to the split-backward function (state_dict unchanged)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if not self.weight.requires_grad:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return split_linear(self, x)
+        weight = self.weight
+        if not (weight.requires_grad and torch.is_grad_enabled()):  # no weight gradient to defer: plain linear
+            return torch.nn.functional.linear(x, weight, self.bias)
+        return _SplitLinearFunction.apply(x, weight, self.bias)
 
 
 _SPLIT_CLASSES: dict[type, type] = {}

@@ -53,7 +53,7 @@ def test_single_gpu_executor_with_cuda_event_timing(name):
     modules = build_stage_modules(layers, schedule.shape, 0)
     xs, ys = mlp_batches(4)
     xs, ys = _cuda(xs), _cuda(ys)
-    ex = PipelineExecutor(schedule, 0, modules, p2p=None, loss_fn=mse, device="cuda")
+    ex = PipelineExecutor(schedule, 0, modules, p2p=None, loss_fn=mse, device="cuda", track_memory=True)
     r = ex.run(xs, ys, loss_scale=0.25)
     ref_grads, _ = reference_grads([layer.cuda() for layer in mlp_layers(len(layers))], xs, ys, loss_scale=0.25)
     diff, _ = max_grad_diff(layers, ref_grads, range(len(layers)))

@@ -172,3 +172,117 @@ def test_autocast_bf16_matches_plain_linear_under_autocast():
     for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
         assert p.grad.dtype == torch.float32
         assert torch.equal(p.grad, q.grad), name  # same bf16 GEMMs, same casts
+
+
+def test_weight_pass_builds_no_graph_under_grad_mode():
+    """The executor runs W inside ``torch.enable_grad()``; the deferred GEMM reads the saved input, which requires
+    grad, so without ``no_grad`` it would record an autograd node and leave ``param.grad`` holding the
+    micro-batch's activations through ``grad_fn``."""
+    split = _model()
+    enable_weight_grad_split(split)
+    queue = WeightGradQueue()
+    xs = _batches(2)
+    for mb, x in enumerate(xs):
+        with queue.deferring(0, mb):
+            split(x).sum().backward()
+    modes = []
+    queue.put(0, 0, lambda: modes.append(torch.is_grad_enabled()))
+    with torch.enable_grad():
+        assert queue.run(0, 0) == 4
+        assert queue.drain() == 3
+    assert modes == [False]
+    for name, p in split.named_parameters():
+        assert p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad, name
+
+
+def test_deferred_accumulator_gets_the_parameter_itself_also_when_checkpointed():
+    """Custom accumulators look parameters up by identity (DeepSpeed bf16: ``id(param)``); the tensors a
+    checkpointed block saves come back as other objects, so the split linear must hand over the parameter."""
+    split = _model()
+    enable_weight_grad_split(split)
+    params = {id(p) for p in split.parameters()}
+    seen = []
+    queue = WeightGradQueue(accumulate_grad=lambda p, g: seen.append(id(p)))
+    (x,), (x2,) = _batches(1), _batches(1)
+    with queue.deferring(0, 0):
+        split(x).sum().backward()
+    with queue.deferring(0, 1):
+        checkpoint(split, x2, use_reentrant=False).sum().backward()
+    with queue.deferring(0, 2):
+        checkpoint(split, x2.detach().requires_grad_(True), use_reentrant=True).sum().backward()
+    assert queue.drain() == 9
+    assert len(seen) == 9 and set(seen) <= params
+
+
+def test_deferral_without_linears_leaves_no_key():
+    queue = WeightGradQueue()
+    model = nn.Sequential(nn.LayerNorm(6)).double()
+    (x,) = _batches(1)
+    with queue.deferring(4, 0) as target:
+        model(x).sum().backward()
+        assert target.stage == 4 and target.microbatch == 0
+    assert queue.pending_keys() == () and len(queue) == 0
+
+
+def test_put_after_the_key_ran_still_queues():
+    queue = WeightGradQueue()
+    ran = []
+    with queue.deferring(0, 0) as target:
+        target.put(lambda: ran.append("a"))
+        assert queue.run(0, 0) == 1
+        target.put(lambda: ran.append("b"))  # the key was run while deferral was active: queue it again
+    assert queue.pending_keys() == ((0, 0),)
+    assert queue.run(0, 0) == 1 and ran == ["a", "b"]
+
+
+@pytest.mark.parametrize("split_mode", ["B", "IW"])
+def test_gpt_block_bf16_into_fp32_buffers_bit_identical(split_mode):
+    """The benchmark's case: bf16 GPT blocks (benchmarks/gpt.py), gradients summed into fp32 buffers the way
+    DeepSpeed's BF16_Optimizer does (autograd-made: hook ``hp += grad.to(fp32)``; deferred W: ``hp += grad``).
+    Split backward (full or I then W, W after every micro-batch's I) gives the very same bits as nn.Linear."""
+    from benchmarks.gpt import GPTConfig, TransformerLayer
+
+    cfg = GPTConfig(layers=2, hidden=32, heads=4, seq=8, vocab=64)
+
+    def build(split: bool):
+        model = nn.Sequential(*[TransformerLayer(cfg, 10 + i) for i in range(2)]).to(torch.bfloat16)
+        if split:
+            assert enable_weight_grad_split(model) == 8
+        hp = {}
+        for p in model.parameters():
+            hp[id(p)] = buf = torch.zeros(p.shape, dtype=torch.float32)
+
+            def hook(p, buf=buf):
+                if p.grad is not None:
+                    buf.add_(p.grad.to(torch.float32).view(buf.shape))
+                    p.grad = None
+
+            p.register_post_accumulate_grad_hook(hook)
+        queue = WeightGradQueue(accumulate_grad=lambda p, g: hp[id(p)].add_(g.view(hp[id(p)].shape)))
+        return model, hp, queue
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, cfg.seq, cfg.hidden, generator=g).to(torch.bfloat16) for _ in range(3)]
+    dys = [torch.randn(1, cfg.seq, cfg.hidden, generator=g).to(torch.bfloat16) for _ in range(3)]
+    ref, ref_hp, _ = build(False)
+    split, split_hp, queue = build(True)
+    ref_dx, dx = [], []
+    for x, dy in zip(xs, dys):
+        leaf = x.clone().requires_grad_(True)
+        torch.autograd.backward([ref(leaf)], [dy])
+        ref_dx.append(leaf.grad)
+    for mb, (x, dy) in enumerate(zip(xs, dys)):
+        leaf = x.clone().requires_grad_(True)
+        out = split(leaf)
+        if split_mode == "IW":
+            with queue.deferring(0, mb):
+                torch.autograd.backward([out], [dy])
+        else:
+            torch.autograd.backward([out], [dy])
+        dx.append(leaf.grad)
+    with torch.enable_grad():  # as in the executor; micro-batch order, as the reference sums them
+        for mb in range(3):
+            assert queue.run(0, mb) == (8 if split_mode == "IW" else 0)
+    assert all(torch.equal(a, b) for a, b in zip(dx, ref_dx))
+    for (name, p), q in zip(split.named_parameters(), ref.parameters()):
+        assert torch.equal(split_hp[id(p)], ref_hp[id(q)]), name
