@@ -179,7 +179,7 @@ def _build(cfg, shape, rank, device, dtype, split):
     bounds = partition_layers(n, shape.num_stages)
     for stage in shape.stages_of(rank):
         for i in bounds[stage]:
-            layers[i] = _layer(cfg, i, device, dtype)
+            layers[i] = _layer(cfg, i, device, dtype, cache=True)
     return build_stage_modules(layers, shape, rank, boundaries=bounds, split_weight_grads=split)  # type: ignore[arg-type]
 
 
