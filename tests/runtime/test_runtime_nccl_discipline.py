@@ -148,7 +148,7 @@ def _replay(shape, per_rank, streams: str = "direction") -> None:
 @pytest.mark.parametrize("pp,microbatches", [(2, 4), (4, 8), (4, 4)])
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
 def test_batched_untagged_posting_matches_and_never_deadlocks(name, pp, microbatches):
-    shape, per_rank = _record(name, pp, microbatches)  # default NCCL setting: direction groups, lookahead 4
+    shape, per_rank = _record(name, pp, microbatches)  # direction groups, lookahead 4
     _replay(shape, per_rank)
     shape, per_rank = _record(name, pp, microbatches, lookahead=0)
     _replay(shape, per_rank)
@@ -156,11 +156,24 @@ def test_batched_untagged_posting_matches_and_never_deadlocks(name, pp, microbat
     _replay(shape, per_rank)
 
 
-@pytest.mark.parametrize("name", [n for n in SCHEDULE_NAMES if n != "interleaved-1f1b"])
+# On one stream per rank, a send blocks every later transfer of that rank until its receive runs: interleaved
+# 1F1B, and zb-v / auto (V placement, with W keeping memory so W's interleave with I's), close a cycle of such sends.
+ONE_STREAM_DEADLOCKS = ("interleaved-1f1b", "zb-v", "auto")
+
+
+@pytest.mark.parametrize("name", [n for n in SCHEDULE_NAMES if n not in ONE_STREAM_DEADLOCKS])
 def test_single_group_posting_without_lookahead_also_completes(name):
-    """direction_groups=False (one NCCL group) keeps lookahead 0; all but interleaved 1F1B complete there."""
+    """direction_groups=False (one NCCL group) keeps lookahead 0; these schedules complete there too."""
     shape, per_rank = _record(name, 4, 8, direction_groups=False)
     _replay(shape, per_rank, streams="rank")
+
+
+@pytest.mark.parametrize("name", ONE_STREAM_DEADLOCKS)
+def test_single_group_deadlocks_these_schedules(name):
+    """Why direction groups are the NCCL default: with one group these schedules' sends wait in a cycle."""
+    shape, per_rank = _record(name, 4, 8, direction_groups=False)
+    with pytest.raises(AssertionError, match="deadlock"):
+        _replay(shape, per_rank, streams="rank")
 
 
 def test_replay_catches_a_wrong_order():
