@@ -185,11 +185,3 @@ def test_replay_catches_a_wrong_order():
     batches[b1][i1], batches[b2][i2] = batches[b2][i2], batches[b1][i1]
     with pytest.raises(AssertionError, match="would match|deadlock"):
         _replay(shape, per_rank)
-
-
-def test_one_stream_per_rank_would_deadlock_interleaved():
-    """Why the communicator uses one group per direction on NCCL: with one stream per rank, interleaved 1F1B's
-    gradient sends wait in a cycle (each rank's head batch is a send whose receive the peer posts later)."""
-    shape, per_rank = _record("interleaved-1f1b", 4, 8, direction_groups=False)
-    with pytest.raises(AssertionError, match="deadlock"):
-        _replay(shape, per_rank, streams="rank")
