@@ -66,3 +66,18 @@ def test_registry_builds_with_random_costs(case) -> None:
     shape, costs = case
     schedule = build_schedule("zb-v", pp=shape.pp, microbatches=shape.microbatches, costs=costs)
     validate(schedule, costs)
+
+
+def test_auto_skips_a_placement_that_cannot_hold_one_microbatch():
+    """Found by hypothesis: uneven chunks fit the cap under V placement (rank 1: stages 1+2 = 1.5) but not looped
+    (rank 1: stages 1+3 = 2); auto must search V only instead of failing."""
+    from ds_plugins.schedule import CostModel, PipelineShape, simulate
+    from ds_plugins.schedule.generators.auto import auto
+
+    shape = PipelineShape(pp=2, microbatches=2, vp=2, placement="v")
+    ones = (1.0,) * 4
+    costs = CostModel(forward=ones, backward_input=ones, backward_weight=ones, comm=0.0,
+                      activation_memory=(0.5, 1.0, 0.5, 1.0), weight_grad_memory=(0.0,) * 4)
+    schedule = auto(shape, costs, 1.5)
+    assert schedule.shape.placement == "v"
+    assert max(simulate(schedule, costs).peak_activation_memory) <= 1.5 + 1e-9

@@ -81,7 +81,13 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
     """Search for the shortest schedule under ``memory_limit`` (per rank; default: 1F1B's peak)."""
     costs.for_shape(shape)
     limit = default_memory_limit(shape, costs) if memory_limit is None else float(memory_limit)
-    need = max(rank_footprint(shape, costs, r) for r in range(shape.pp))
+    placements = [shape.placement] if shape.vp != 2 else ["v", "loop"]
+
+    def footprint(placement: str) -> float:
+        pshape = replace(shape, placement=placement)
+        return max(rank_footprint(pshape, costs, r) for r in range(shape.pp))
+
+    need = min(footprint(p) for p in placements)
     if limit + _EPS < need:
         raise ValueError(
             f"auto: memory_limit {limit:g} cannot hold one micro-batch's activations ({need:g} on the fullest "
@@ -106,8 +112,9 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
             continue
         consider(schedule, simulate(schedule, costs))
 
-    placements = [shape.placement] if shape.vp != 2 else ["v", "loop"]
     for placement in placements:
+        if limit + _EPS < footprint(placement):  # this placement cannot hold one micro-batch on some rank
+            continue
         pshape = replace(shape, placement=placement)
         for policy in _greedy_policies(pshape, limit):
             schedule = list_schedule("auto", pshape, costs, policy)
