@@ -187,7 +187,7 @@ class P2PCommunicator:
             direction_groups = os.environ["INTERLEAF_DIRECTION_GROUPS"] == "1"  # debugging knob (docs/runtime.md)
         self.uses_direction_groups = self.is_nccl if direction_groups is None else bool(direction_groups)
         if self.uses_direction_groups:
-            self._edge_groups = _direction_groups(self._pipeline_edges(), self.backend, self.device)
+            self._edge_groups = _direction_groups(self._pipeline_edges(), self.backend, self.device, self.timeout_s)
         elif self.is_nccl:
             # anchors.md: the first batched p2p on a group must involve all its ranks.
             dist.barrier(group=group)
@@ -436,7 +436,7 @@ _DIRECTION_GROUPS: dict[tuple, tuple[Any, dict[tuple[int, int], dist.ProcessGrou
 
 
 def _direction_groups(
-    my_edges: list[tuple[int, int]], backend: str, device: torch.device
+    my_edges: list[tuple[int, int]], backend: str, device: torch.device, timeout_s: float
 ) -> dict[tuple[int, int], dist.ProcessGroup]:
     """One process group per directed (sender, receiver) pair of every pipeline in the world; returns this rank's.
 
@@ -445,7 +445,9 @@ def _direction_groups(
     carries one sender's messages to one receiver in order, so a send waits only for its own receive: no
     cycle of sends across ranks or across the two directions of a pair can block the streams (on a single
     communicator, interleaved 1F1B's gradient sends wait on each other in a ring; see
-    tests/runtime/test_runtime_nccl_discipline.py). Created once per process for a given set of edges.
+    tests/runtime/test_runtime_nccl_discipline.py). Created once per process for a given set of edges, with
+    ``timeout_s`` as the groups' timeout (``new_group`` does not inherit the default group's; on NCCL the watchdog
+    then aborts a transfer stuck longer than that instead of torch's 10-minute default).
     """
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, my_edges)
@@ -459,7 +461,8 @@ def _direction_groups(
         me = dist.get_rank()
         mine = {e for e in my_edges if me in e}  # my pipeline's edges that this rank sends or receives on
         for edge in all_edges:
-            group = dist.new_group(list(edge), backend=backend)  # every rank, same order
+            # every rank, same order
+            group = dist.new_group(list(edge), backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
             if edge in mine:
                 cached[edge] = group
         # the first batched p2p on an NCCL group must involve all its ranks (anchors.md): initialise each group
