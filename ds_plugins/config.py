@@ -42,7 +42,8 @@ class PipelineConfig:
     auto_warmup_iterations: int = 3
     """For ``auto``: iterations measured (under zb-h1) before the schedule is re-planned from F/I/W times."""
     timeout_s: float = 600.0
-    """A p2p wait longer than this fails the step with an error naming the peer, instead of hanging."""
+    """A p2p wait longer than this fails the step with an error naming the peer, instead of hanging (gloo: host
+    waits; NCCL: the timeout of the pipeline's p2p process groups, enforced by torch's NCCL watchdog)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_NAMES:
