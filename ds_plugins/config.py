@@ -42,8 +42,9 @@ class PipelineConfig:
     auto_warmup_iterations: int = 3
     """For ``auto``: iterations measured (under zb-h1) before the schedule is re-planned from F/I/W times."""
     timeout_s: float = 600.0
-    """A p2p wait longer than this fails the step with an error naming the peer, instead of hanging (gloo: host
-    waits; NCCL: the timeout of the pipeline's p2p process groups, enforced by torch's NCCL watchdog)."""
+    """A p2p wait longer than this fails instead of hanging. gloo: the step raises an error naming the peer.
+    NCCL: it is the timeout of the pipeline's p2p process groups, so torch's NCCL watchdog aborts the process when
+    a transfer is stuck that long (keep it above the longest legitimate wait, e.g. a first step that compiles)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_NAMES:

@@ -622,7 +622,9 @@ def _device_copy(t: torch.Tensor, device: Any, *, copy: bool = True) -> torch.Te
     if t.device == device:
         return t.clone() if copy else t
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
+        # a caller's pinned buffer may be refilled in place by its loader before the copy runs: stage a copy
+        staged = torch.empty_like(t, pin_memory=True).copy_(t) if t.is_pinned() else t.pin_memory()
+        return staged.to(device, non_blocking=True)
     return t.to(device)
 
 

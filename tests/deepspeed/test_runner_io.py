@@ -20,7 +20,8 @@ def test_device_copy_on_the_same_device_is_a_detached_copy_or_the_tensor():
     same = _runner._device_copy(src, torch.device("cpu"), copy=False)
     assert same.data_ptr() == src.data_ptr() and not same.requires_grad
     ids = torch.arange(4)
-    assert _runner._to_device((ids, ids), "cpu")[0] is not None
+    pair = _runner._to_device((ids, ids + 1), "cpu")  # targets: moved, not copied, structure kept
+    assert isinstance(pair, tuple) and pair[0].data_ptr() == ids.data_ptr() and torch.equal(pair[1], ids + 1)
     assert _runner._to_device_input(torch.ones(2), "cpu", reentrant=True).requires_grad
     assert not _runner._to_device_input(ids, "cpu", reentrant=True).requires_grad
 

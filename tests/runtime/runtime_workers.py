@@ -15,6 +15,7 @@ from ds_plugins.runtime import (
     measured_costs,
     partition_layers,
 )
+from ds_plugins.schedule.lowering import serialize
 from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
 
 from runtime_harness import (
@@ -82,6 +83,13 @@ def _check_schedule(
         results.append(
             executor.run(inputs if holds_first else None, targets if holds_last else None, loss_scale=loss_scale)
         )
+    # what ran: step 1 in serialize() order when the executor serializes its first step, the schedule's after
+    def order(sched):
+        return [(a.kind, a.stage) for a in sched.compute_actions(rank)]
+
+    executed = [[(kind, stage) for kind, stage, _ in r._samples] for r in results]
+    first_expected = order(serialize(schedule)) if executor.serialize_first else order(schedule)
+    step_orders_ok = executed[0] == first_expected and all(e == order(schedule) for e in executed[1:])
     # evaluation after training (on NCCL-like transports its first run is serialized too): same losses, no grads
     grads_before = [p.grad.clone() for layer in layers for p in layer.parameters() if p.grad is not None]
     evaluation = executor.run(inputs if holds_first else None, targets if holds_last else None, forward_only=True)
@@ -107,6 +115,8 @@ def _check_schedule(
         "params_compared": compared,
         "loss_diff": loss_diff,
         "eval_loss_diff": eval_loss_diff,
+        "serialized_first": executor.serialize_first,
+        "step_orders_ok": step_orders_ok,
         "eval_grads_untouched": eval_grads_untouched,
         "losses_reported": len(results[-1].losses),
         "holds_last": holds_last,

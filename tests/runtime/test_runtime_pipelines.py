@@ -40,6 +40,9 @@ def _check(results, key):
         assert (r["w_closures"] > 0) == r["splits_backward"], f"{key} rank {rank}: {r['w_closures']} W closures ran"
         assert r["grad_diff"] <= TOL, f"{key} rank {rank}: grads differ from the reference by {r['grad_diff']:.3g}"
         assert r["eval_grads_untouched"], f"{key} rank {rank}: evaluation changed gradients"
+        # untagged transports run the serialized first step (as CUDA does); then the schedule's own order
+        assert r["serialized_first"] == (key[0] in ("untagged", "nccl-like")), key
+        assert r["step_orders_ok"], f"{key} rank {rank}: step 1 / later steps did not run the expected order"
         if r["holds_last"]:
             holders += 1
             assert r["losses_reported"] > 0
