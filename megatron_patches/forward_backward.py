@@ -178,7 +178,7 @@ class _Runner:
         self.schedule = schedule
         self.executor = PipelineExecutor(
             schedule, self.pp_rank, stage_modules, p2p=p2p, loss_fn=_last_stage_loss(self.config),
-            device=self.device, timing=timing, track_memory=self.measuring,  # auto's warm-up reads memory
+            device=self.device, timing=timing, track_memory=timing == "action",  # auto's warm-up reads memory
         )
         logger.info("interleaf: %s schedule, pp=%d vp=%d m=%d, %s placement", schedule.name, self.pp,
                     len(self.chunks), self.num_microbatches, self.placement)
