@@ -43,12 +43,6 @@ logger = logging.getLogger(__name__)
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _SEND_F, _RECV_F, _SEND_B, _RECV_B = ActionKind.SEND_F, ActionKind.RECV_F, ActionKind.SEND_B, ActionKind.RECV_B
 
-_DIRECTED_LOOKAHEAD = 0
-"""Default receive lookahead (compute actions) on NCCL with direction groups: none, each receive is posted at the
-point right before its consumer. On 4x H100 (2026-11-26) a lookahead of 4 left the GPUs stuck after a few steps
-(every rank's host ran ahead until it blocked launching kernels; the cause is not isolated yet), while 0 ran every
-schedule of benchmarks/pipeline.py; ``INTERLEAF_RECV_LOOKAHEAD`` overrides it for experiments."""
-
 Timing = Literal["none", "action", "sync"]
 """How the executor times compute: ``"none"`` (wall time only), ``"action"`` (every compute action; CUDA events
 resolved only when a timing is read, so no sync in the hot path) or ``"sync"`` (synchronize the device around
@@ -336,18 +330,22 @@ class PipelineExecutor:
         if recv_lookahead is None:
             if not ordered:
                 recv_lookahead = 1 << 30  # tagged (gloo): any order is safe
-            elif getattr(p2p, "uses_direction_groups", False):
-                recv_lookahead = _DIRECTED_LOOKAHEAD  # a receive only holds back later receives from that peer
             else:
-                recv_lookahead = 0  # one stream: an early receive would hold back this rank's sends
+                # Untagged (NCCL): each receive at the point right before its consumer. On one stream an early
+                # receive would hold back this rank's sends; with direction groups a lookahead of 4 left the GPUs
+                # of 4x H100 stuck after a few steps (2026-11-26, cause not isolated: docs/runtime.md), while 0
+                # ran every schedule of benchmarks/pipeline.py.
+                recv_lookahead = 0
         self.recv_lookahead = recv_lookahead
         self._ordered_recvs = ordered
         self._plans = {fo: self._make_plan(self.schedule, fo) for fo in (False, True)}
-        serialized = add_communication(serialize(schedule))
-        self._first_plans = {fo: self._make_plan(serialized, fo) for fo in (False, True)}
         if serialize_first is None:
             serialize_first = self.device.type == "cuda" and p2p is not None
         self.serialize_first = bool(serialize_first)
+        self._first_plans: dict[bool, _Plan] = {}
+        if self.serialize_first:
+            serialized = add_communication(serialize(schedule))
+            self._first_plans = {fo: self._make_plan(serialized, fo) for fo in (False, True)}
         self._first_done = {False: False, True: False}
         self.sync_transfers = os.environ.get("INTERLEAF_SYNC_TRANSFERS", "0") == "1"
         """Debugging knob (docs/runtime.md): complete every transfer on the host before each compute action,

@@ -82,12 +82,10 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
     costs.for_shape(shape)
     limit = default_memory_limit(shape, costs) if memory_limit is None else float(memory_limit)
     placements = [shape.placement] if shape.vp != 2 else ["v", "loop"]
-
-    def footprint(placement: str) -> float:
-        pshape = replace(shape, placement=placement)
-        return max(rank_footprint(pshape, costs, r) for r in range(shape.pp))
-
-    need = min(footprint(p) for p in placements)
+    footprint = {  # one micro-batch's activations on the fullest rank, per placement
+        p: max(rank_footprint(replace(shape, placement=p), costs, r) for r in range(shape.pp)) for p in placements
+    }
+    need = min(footprint.values())
     if limit + _EPS < need:
         raise ValueError(
             f"auto: memory_limit {limit:g} cannot hold one micro-batch's activations ({need:g} on the fullest "
@@ -113,7 +111,7 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
         consider(schedule, simulate(schedule, costs))
 
     for placement in placements:
-        if limit + _EPS < footprint(placement):  # this placement cannot hold one micro-batch on some rank
+        if limit + _EPS < footprint[placement]:  # this placement cannot hold one micro-batch on some rank
             continue
         pshape = replace(shape, placement=placement)
         for policy in _greedy_policies(pshape, limit):
