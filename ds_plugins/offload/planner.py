@@ -33,7 +33,7 @@ GPU memory); a number forces the prefix closest to that share.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Sequence
 
@@ -309,24 +309,9 @@ def _make_plan(placements: list[Placement], subgroups: Sequence[SubgroupTiming],
     )
 
 
-def _derated(rates: HardwareRates, margin: float) -> HardwareRates:
-    """``rates`` with the host AdamW rate multiplied by ``1 - margin``."""
-    if margin == 0.0:
-        return rates
-    return HardwareRates(
-        cpu_update_params_per_s=rates.cpu_update_params_per_s * (1.0 - margin),
-        gpu_update_params_per_s=rates.gpu_update_params_per_s, h2d_bytes_per_s=rates.h2d_bytes_per_s,
-        d2h_bytes_per_s=rates.d2h_bytes_per_s, duplex_bytes_per_s=rates.duplex_bytes_per_s,
-    )
-
-
 def with_host_rate(rates: HardwareRates, cpu_update_params_per_s: float) -> HardwareRates:
     """``rates`` with another host AdamW rate (the other rates unchanged)."""
-    return HardwareRates(
-        cpu_update_params_per_s=cpu_update_params_per_s, gpu_update_params_per_s=rates.gpu_update_params_per_s,
-        h2d_bytes_per_s=rates.h2d_bytes_per_s, d2h_bytes_per_s=rates.d2h_bytes_per_s,
-        duplex_bytes_per_s=rates.duplex_bytes_per_s,
-    )
+    return replace(rates, cpu_update_params_per_s=cpu_update_params_per_s)
 
 
 def uniform_timings(numels: Sequence[int], window_s: float, forward_share: float = 1.0 / 3.0
@@ -443,7 +428,7 @@ def plan_offload(
     floor = [c for c in candidates if prefix_numel[c[0]] >= min_gpu_numel]
     if not floor:  # the rail asks for more GPU share than the budget holds: the most that fits
         floor = [max(candidates, key=lambda c: c[0])]
-    pessimistic = _derated(rates, rate_margin)
+    pessimistic = with_host_rate(rates, rates.cpu_update_params_per_s * (1.0 - rate_margin))
     judged = [(count, placements, evaluate(placements, pessimistic)) for count, placements in floor]
     best = min(est.overhead_s for _, _, est in judged)
     window = sum(s.forward_s + s.backward_s for s in subgroups)
