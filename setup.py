@@ -18,15 +18,17 @@ NVCC_FLAGS = ["-O3", "--threads=4"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0+PTX"
 
 
-def _torch_openmp_link_args():
-    """Link the CPU op against the OpenMP runtime torch loaded, not a second one (ds_plugins/ops/openmp.py)."""
+def _torch_runtime_link_args(openmp: bool):
+    """Link an op library against the OpenMP runtime (``openmp``) and libstdc++ torch loaded, not second copies
+    (ds_plugins/ops/runtimes.py)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "_interleaf_openmp", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_plugins", "ops", "openmp.py"))
-    openmp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(openmp)
-    return openmp.openmp_link_args()
+        "_interleaf_runtimes", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_plugins", "ops",
+                                            "runtimes.py"))
+    runtimes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtimes)
+    return (runtimes.openmp_link_args() if openmp else []) + runtimes.libstdcxx_link_args()
 
 
 def _extensions():
@@ -59,7 +61,7 @@ def _extensions():
             "ds_plugins.ops._interleaf_cpu",
             CPU_SOURCES,
             extra_compile_args=CPU_FLAGS,
-            extra_link_args=_torch_openmp_link_args(),
+            extra_link_args=_torch_runtime_link_args(openmp=True),
         )
     ]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
@@ -69,6 +71,7 @@ def _extensions():
                 "ds_plugins.ops._interleaf_cuda",
                 CUDA_SOURCES,
                 extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS},
+                extra_link_args=_torch_runtime_link_args(openmp=False),
             )
         )
     return modules, {"build_ext": BuildExtensionOrWarn}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .openmp import openmp_link_args
+from .runtimes import libstdcxx_link_args, openmp_link_args
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _load_jit(name: str, sources: tuple[str, ...], cuda: bool) -> None:
         sources=paths,
         extra_cflags=["-O3"] if cuda else _CPU_FLAGS,
         extra_cuda_cflags=["-O3"] if cuda else None,
-        extra_ldflags=None if cuda else openmp_link_args(),
+        extra_ldflags=([] if cuda else openmp_link_args()) + libstdcxx_link_args(),
         is_python_module=False,
         verbose=False,
     )

@@ -271,7 +271,7 @@ def test_every_16bit_grad_decodes_like_torch(monkeypatch, grad_dtype):
 
 _OPENMP_PROBE = r"""
 import json, torch
-from ds_plugins.ops.openmp import loaded_openmp_runtimes
+from ds_plugins.ops.runtimes import loaded_openmp_runtimes
 before = loaded_openmp_runtimes()
 import ds_plugins.ops as ops
 assert ops.backend("cpu").startswith("cpp-"), ops.backend("cpu")
@@ -312,7 +312,7 @@ def test_op_shares_torchs_openmp_runtime():
 def test_openmp_link_args(monkeypatch, tmp_path):
     """The extension links the one runtime torch mapped, by path; with none or several it falls back to
     -fopenmp; INTERLEAF_OPENMP_LINK=system forces -fopenmp."""
-    from ds_plugins.ops import openmp
+    from ds_plugins.ops import runtimes as openmp
 
     runtime = tmp_path / "libgomp-a34b3233.so.1"
     runtime.write_bytes(b"")
@@ -330,3 +330,57 @@ def test_openmp_link_args(monkeypatch, tmp_path):
     monkeypatch.delenv("INTERLEAF_OPENMP_LINK")
     monkeypatch.setattr(openmp, "loaded_openmp_runtimes", lambda: [str(runtime), "/usr/lib/libgomp.so.1"])
     assert openmp.openmp_link_args() == ["-fopenmp"]
+
+
+def test_libstdcxx_link_args(monkeypatch, tmp_path):
+    """A toolchain with only a static libstdc++ (``-print-file-name=libstdc++.so`` prints the bare name) gets the
+    libstdc++.so torch's process mapped, by path; a toolchain with a shared one gets nothing extra."""
+    from ds_plugins.ops import runtimes
+
+    lib = tmp_path / "libstdc++.so.6.0.33"
+    lib.write_bytes(b"")
+    maps = tmp_path / "maps"
+    maps.write_text(f"7f00-7f10 r-xp 00000000 08:01 1 {lib}\n"
+                    "7f10-7f20 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert runtimes.loaded_libraries(runtimes.LIBSTDCXX_PATTERN, str(maps)) == [str(lib)]
+    fake = tmp_path / "fake-g++"
+    fake.write_text("#!/bin/sh\necho libstdc++.so\n")  # what a static-only GCC prints
+    fake.chmod(0o755)
+    assert not runtimes.compiler_has_shared_libstdcxx(str(fake))
+    monkeypatch.setattr(runtimes, "loaded_libraries", lambda pattern, maps_path="": [str(lib)])
+    assert runtimes.libstdcxx_link_args(str(fake)) == [str(lib)]
+    fake.write_text(f"#!/bin/sh\necho {tmp_path}/libstdc++.so\n")  # a shared library found
+    assert runtimes.compiler_has_shared_libstdcxx(str(fake))
+    assert runtimes.libstdcxx_link_args(str(fake)) == []
+    assert runtimes.compiler_has_shared_libstdcxx(str(tmp_path / "no-such-compiler"))  # cannot ask: leave alone
+
+
+_REFUSAL_PROBE = r"""
+import torch
+import ds_plugins.ops as ops
+assert ops.backend("cpu").startswith("cpp-"), ops.backend("cpu")
+p = torch.randn(128)
+try:
+    ops.adamw_step_([p[::2]], [torch.zeros(64)], [torch.zeros(64)], [torch.zeros(64)], lr=1e-3, beta1=0.9,
+                    beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+except ValueError as error:
+    print("refused:", error)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_refusal_message_formats_in_a_fresh_process():
+    """A refused call builds its message with ostream formatting inside the extension (c10::str of an index):
+    with a private static libstdc++ in the extension that crashed the process (SIGSEGV) instead of raising.
+    Fresh process, native op forced."""
+    import os
+    import subprocess
+    import sys
+
+    if not ops.is_native_available("cpu"):
+        pytest.skip("native CPU op not built")
+    env = dict(os.environ, INTERLEAF_OPS="native")
+    out = subprocess.run([sys.executable, "-c", _REFUSAL_PROBE], env=env, capture_output=True, text=True,
+                         timeout=100)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "refused: interleaf::adamw_step_: params[0] is not contiguous" in out.stdout
