@@ -477,10 +477,67 @@ def actions_main(args) -> None:
     print(f"\nprobe wall time {time.perf_counter() - t_start:.0f} s")
 
 
+def _profile_step(ex, modules, xs, labels, m, device, trace_dir, name) -> dict[str, tuple[int, float]]:
+    """One executor step under torch.profiler: ``kernel name -> (launches, summed device ms)`` (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in modules[0].parameters():
+        p.grad = None
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ex.run(xs, labels, loss_scale=1.0 / m)
+        torch.cuda.synchronize(device)
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(trace_dir, f"executor-{name}.json"))
+    out: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    spans = []
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            out[e.name][0] += 1
+            out[e.name][1] += e.time_range.elapsed_us() / 1e3
+            spans.append((e.time_range.start, e.time_range.end))
+    # device idle inside the step: gaps between consecutive kernels (union of kernel intervals vs its extent)
+    spans.sort()
+    covered, end, first = 0.0, None, None
+    for a, b in spans:
+        first = a if first is None else first
+        if end is None or a >= end:
+            covered += b - a
+            end = b
+        elif b > end:
+            covered += b - end
+            end = b
+    if spans:
+        extent = (end - first) / 1e3
+        print(f"  {name:<6} profiled step: {sum(v[0] for v in out.values())} kernels, "
+              f"{sum(v[1] for v in out.values()):.2f} ms summed, device busy {covered / 1e3:.2f} of "
+              f"{extent:.2f} ms first-to-last kernel (gaps {extent - covered / 1e3:.2f} ms)")
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _compare_kernels(kernels: dict[str, dict[str, tuple[int, float]]]) -> None:
+    """Kernels whose launches or device time differ most between the two executor variants."""
+    (na, a), (nb, b) = kernels.items()
+    diff = []
+    for k in set(a) | set(b):
+        ca, ta = a.get(k, (0, 0.0))
+        cb, tb = b.get(k, (0, 0.0))
+        if ca != cb or abs(ta - tb) > 0.05:
+            diff.append((tb - ta, cb - ca, k))
+    diff.sort(key=lambda d: -abs(d[0]))
+    print(f"  kernels differing ({nb} - {na}): device ms, launches, name")
+    for dt, dc, k in diff[:14]:
+        print(f"    {dt:+8.2f} ms {dc:+5d}  {k[:110]}")
+
+
 def _executor_costs(cfg, args, device, dtype, m, xs, labels) -> None:
     """The stage under PipelineExecutor at pp=1: busy per step for 1f1b (nn.Linear) vs zb-h1 (split), and the
     host cost of the executor's per-action extras."""
     print("\nexecutor at pp=1 (the stage above, no communication):")
+    kernels: dict[str, dict[str, tuple[int, float]]] = {}
     for name in ("1f1b", "zb-h1"):
         schedule = build_schedule(name, pp=1, microbatches=m)
         indices = list(range(cfg.layers + 1 - args.stage_layers, cfg.layers + 1))
@@ -508,8 +565,12 @@ def _executor_costs(cfg, args, device, dtype, m, xs, labels) -> None:
                     busy.append(r.busy_s)
                     wall.append(time.perf_counter() - t0)
             print(f"  {name:<6} track_memory={str(track):<5}: busy {1e3 * sum(busy) / len(busy):8.2f} ms, "
-                  f"step {1e3 * sum(wall) / len(wall):8.2f} ms (m={m})")
+                  f"step {1e3 * sum(wall) / len(wall):8.2f} ms (m={m}; per step: "
+                  f"{' '.join(f'{1e3 * b:.1f}' for b in busy)})")
+        kernels[name] = _profile_step(ex, modules, xs, labels, m, device, args.trace, name)
         del modules, layers
+    if device.type == "cuda" and len(kernels) == 2:
+        _compare_kernels(kernels)
     if device.type == "cuda":
         n = 200
         t0 = time.perf_counter()
