@@ -150,6 +150,10 @@ def _build(layout, shape, *, pp, gpu):
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(1, pp, vp)
+    if gpu:  # megatron's CUDA RNG tracker (forward forks it for dropout); on CPU the test shim stands in for it
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
     config = _config(shape, pp=pp, vp=vp, gpu=gpu)
     provider = _provider(config, shape)
     if layout == "v":
@@ -346,11 +350,11 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def check_first_step(rows, microbatches, rtol: float) -> list[str]:
-    """Mark (row["check"]) and return the rows whose first-step loss or gradient norm differs from the reference
-    row of the same m (``_reference_row``) by more than ``rtol`` relative. All variants here share weights (seeded
-    by model-global parameter name) and data, so any difference beyond rounding is a wrong schedule, not a
-    different model."""
+def check_first_step(rows, microbatches, rtol: float) -> list[tuple[str, str]]:
+    """Mark (row["check"]) and return ``(variant, message)`` for the rows whose first-step loss or gradient norm
+    differs from the reference row of the same m (``_reference_row``) by more than ``rtol`` relative. All variants
+    here share weights (seeded by model-global parameter name) and data, so any difference beyond rounding is a
+    wrong schedule, not a different model."""
     failures = []
     for m in microbatches:
         sel = [r for r in rows if r["microbatches"] == m]
@@ -366,7 +370,7 @@ def check_first_step(rows, microbatches, rtol: float) -> list[str]:
                     problems.append(f"{key} {r[key]:.6g} vs {ref[key]:.6g} ({_name(ref)})")
             r["check"] = "ok" if not problems else "MISMATCH: " + "; ".join(problems)
             if problems:
-                failures.append(f"m={m} {_name(r)}: {r['check']}")
+                failures.append((r["variant"], f"m={m} {_name(r)}: {r['check']}"))
     return failures
 
 
@@ -438,10 +442,18 @@ def main(args: argparse.Namespace) -> None:
                 json.dump(rows, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
-    if failures:
-        if int(os.environ.get("RANK", "0")) == 0:
+    # megatron's own runs that fail the check are reported (the table marks them, the baseline skips them), but
+    # only a wrong interleaf schedule fails the run
+    theirs = [msg for variant, msg in failures if variant.startswith("megatron-")]
+    ours = [msg for variant, msg in failures if not variant.startswith("megatron-")]
+    if int(os.environ.get("RANK", "0")) == 0:
+        if theirs:
+            print("megatron's own schedule disagrees with megatron 1F1B (not used as the baseline):\n  "
+                  + "\n  ".join(theirs), file=sys.stderr, flush=True)
+        if ours:
             print("FIRST-STEP LOSS/GRAD MISMATCH (the variants share weights and data; a schedule is wrong):\n  "
-                  + "\n  ".join(failures), file=sys.stderr, flush=True)
+                  + "\n  ".join(ours), file=sys.stderr, flush=True)
+    if ours:
         raise SystemExit(1)
 
 

@@ -19,7 +19,7 @@ def test_megatron_check_passes_within_tolerance_and_flags_a_wrong_variant():
     failures = mb.check_first_step(rows, [8], rtol=1e-2)
     assert [r["check"] for r in rows[:2]] == ["ok", "ok"]
     assert rows[2]["check"].startswith("MISMATCH") and "first_grad_norm" in rows[2]["check"]
-    assert len(failures) == 1 and "zb-v" in failures[0]
+    assert len(failures) == 1 and failures[0][0] == "zb-v" and "zb-v" in failures[0][1]
 
 
 def test_megatron_baseline_is_the_fastest_interleaved_run_that_passed():
@@ -29,7 +29,7 @@ def test_megatron_baseline_is_the_fastest_interleaved_run_that_passed():
             _row("megatron-interleaved", 110.0, 5.5, 1.0, p2p="overlap_p2p_comm", m=16),
             _row("megatron-interleaved", 105.0, 5.5, 1.0, p2p="batch_p2p_comm", m=16)]
     failures = mb.check_first_step(rows, [8, 16], rtol=1e-2)
-    assert len(failures) == 1 and "overlap_p2p_comm" in failures[0]
+    assert len(failures) == 1 and failures[0][0] == "megatron-interleaved" and "overlap_p2p_comm" in failures[0][1]
     m8 = [r for r in rows if r["microbatches"] == 8]
     assert mb._baseline_row(m8)["tokens_per_s"] == 100.0  # the wrong faster run is not the baseline
     m16 = [r for r in rows if r["microbatches"] == 16]
