@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny GPT, fp32 (CPU smoke test)")
     p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16])
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help=f"subset of {sorted(LAYOUT_OF)}")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (auto: + its re-plan steps)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (auto, zb-h1/zb-h2/zb-v: + their measured steps)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
@@ -243,7 +243,8 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device):
 
         megatron_patches.apply(variant)
         func = schedules.get_forward_backward_func()
-        warmup = args.warmup + (AUTO_WARMUP_STEPS if variant == "auto" else 0)
+        # auto plans, zb-h1/zb-h2/zb-v are rebuilt from the per-action timings of their first steps
+        warmup = args.warmup + (AUTO_WARMUP_STEPS if variant in ("auto", "zb-h1", "zb-h2", "zb-v") else 0)
 
     def step():
         for w in wrapped:
@@ -422,7 +423,8 @@ def main(args: argparse.Namespace) -> None:
             f"{megatron.core.__version__}, Python {sys.version.split()[0]}. megatron GPTModel (local spec, unfused "
             f"attention) {shape['layers']}L h{shape['hidden']} {shape['heads']} heads seq {shape['seq']} vocab "
             f"{shape['vocab']}, tied embedding, micro-batch 1, pp={world}, {'bf16 (Float16Module)' if gpu else 'fp32'}, "
-            f"megatron DDP; {args.warmup} warm-up (+3 for auto's re-plan) + {args.steps} timed steps per variant, "
+            f"megatron DDP; {args.warmup} warm-up (+3 timed per action for auto's plan and zb-h2/zb-v's rebuild from "
+            f"measured costs) + {args.steps} timed steps per variant, "
             "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
             "optimizer step. Peak memory: max allocated during the timed steps. megatron interleaved runs with "
             f"{' and with '.join(_p2p_label(*p) for p in (BASELINE_P2P_GPU if gpu else BASELINE_P2P_CPU))}; the "

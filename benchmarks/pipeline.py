@@ -179,7 +179,7 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         hist = runner.history[-args.steps:]
         bubble = sum(h.bubble for h in hist) / len(hist)
         busy_max = sum(h.busy_max_s for h in hist) / len(hist)
-        name = hist[-1].schedule
+        name = hist[-1].schedule + (f" ({runner.tuning} for measured costs)" if runner.tuning else "")
     else:
         # idle share of the schedule part (step time minus reduction + optimizer step), mean over ranks
         per_step_wall = elapsed / args.steps

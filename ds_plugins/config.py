@@ -40,7 +40,13 @@ class PipelineConfig:
     memory_limit_gib: float | None = None
     """Per-rank activation-memory cap for ``auto`` (GiB). None: 1F1B's own peak."""
     auto_warmup_iterations: int = 3
-    """For ``auto``: iterations measured (under zb-h1) before the schedule is re-planned from F/I/W times."""
+    """Iterations timed per action before ``auto`` plans its schedule (running a seed schedule meanwhile) and before
+    zb-h1/zb-h2/zb-v are rebuilt from the measured F/I/W times (``measured_costs``)."""
+    measured_costs: bool = True
+    """zb-h1, zb-h2, zb-v: after ``auto_warmup_iterations`` iterations, rebuild the schedule from every stage's
+    measured F/I/W times with its own generator and memory budget, and run the rebuilt order when the simulator
+    finds it faster (the order built for F = I = W idles far more when, as on GPUs, I costs ~2x F). false: keep
+    the F = I = W order and time nothing. Other schedules: no effect."""
     timeout_s: float = 600.0
     """A p2p wait longer than this fails instead of hanging. gloo: the step raises an error naming the peer.
     NCCL: it is the timeout of the pipeline's p2p process groups, so torch's NCCL watchdog aborts the process when

@@ -73,16 +73,20 @@ def _current_config() -> Optional[MegatronScheduleConfig]:
     return _schedule_from_megatron_args()
 
 
-def apply(schedule: Optional[str] = None, *, memory_limit_gib: Optional[float] = None) -> None:
+def apply(schedule: Optional[str] = None, *, memory_limit_gib: Optional[float] = None,
+          measured_costs: bool = True) -> None:
     """Route megatron's ``get_forward_backward_func()`` to interleaf's ``schedule``.
 
     With ``schedule=None`` the schedule comes from megatron.training's ``--pipeline-schedule`` flag (added by
     :func:`extra_args_provider`); when that is unset too, megatron's own schedules are used. Calling again
-    changes the schedule. Raises ``ValueError`` for an unknown name or a bad flag combination.
+    changes the schedule. ``measured_costs=False`` keeps zb-h1/zb-h2/zb-v in their F = I = W order (default: rebuilt
+    from the F/I/W times measured in the first training steps when that simulates faster). Raises ``ValueError``
+    for an unknown name or a bad flag combination.
     """
     config = None
     if schedule is not None:
-        config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=memory_limit_gib)
+        config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=memory_limit_gib,
+                                        measured_costs=measured_costs)
     elif memory_limit_gib is not None:
         raise ValueError("memory_limit_gib needs schedule='auto'")
     _state["config"] = config

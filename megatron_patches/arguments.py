@@ -31,6 +31,10 @@ class MegatronScheduleConfig:
     """One of :data:`SCHEDULE_NAMES`."""
     memory_limit_gib: Optional[float] = None
     """Per-rank activation-memory budget for ``auto`` (GiB); ``None`` means no limit."""
+    measured_costs: bool = True
+    """zb-h1/zb-h2/zb-v: time the first training steps per action and rebuild the order from the measured F/I/W
+    times when the simulator finds it faster (``--pipeline-uniform-costs`` turns it off: the order built for
+    F = I = W, nothing timed)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_NAMES:
@@ -78,7 +82,8 @@ class MegatronScheduleConfig:
 
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--pipeline-schedule`` and ``--pipeline-memory-limit-gib`` to megatron's argument parser."""
+    """Add ``--pipeline-schedule``, ``--pipeline-memory-limit-gib`` and ``--pipeline-uniform-costs`` to megatron's
+    argument parser."""
     group = parser.add_argument_group(title="interleaf pipeline schedules")
     group.add_argument(
         "--pipeline-schedule",
@@ -92,6 +97,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         type=float,
         default=None,
         help="per-rank activation memory budget (GiB) for --pipeline-schedule auto",
+    )
+    group.add_argument(
+        "--pipeline-uniform-costs",
+        action="store_true",
+        help="zb-h1/zb-h2/zb-v: keep the order built for F = I = W instead of rebuilding it from the F/I/W times "
+             "measured in the first training steps",
     )
     return parser
 
@@ -108,7 +119,8 @@ def config_from_args(args: argparse.Namespace) -> Optional[MegatronScheduleConfi
         if limit is not None:
             raise ValueError("--pipeline-memory-limit-gib needs --pipeline-schedule auto")
         return None
-    config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=limit)
+    config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=limit,
+                                    measured_costs=not getattr(args, "pipeline_uniform_costs", False))
     pp = getattr(args, "pipeline_model_parallel_size", None)
     if pp is not None:
         config.check_parallel_sizes(pp=pp, vp=getattr(args, "virtual_pipeline_model_parallel_size", None))

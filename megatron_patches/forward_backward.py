@@ -109,8 +109,8 @@ def _last_stage_loss(config) -> Callable[[torch.Tensor, Any], torch.Tensor]:
 
 
 AUTO_WARMUP_STEPS = 3
-"""Training steps ``auto`` runs with a seed schedule (timed per action) before it picks its schedule from the
-measured F/I/W times and activation memory of every stage."""
+"""Training steps timed per action before ``auto`` picks its schedule (running a seed schedule meanwhile) and before
+zb-h1/zb-h2/zb-v are rebuilt from the measured F/I/W times and activation memory of every stage."""
 _AUTO_SEED = {"v": "zb-v", "loop-1": "zb-h1", "loop-n": "interleaved-1f1b"}
 
 
@@ -119,7 +119,9 @@ class _Runner:
 
     For ``auto`` the first :data:`AUTO_WARMUP_STEPS` training steps run a seed schedule of the chunks' placement
     with per-action timing; then the timings are gathered from all pipeline ranks, turned into a cost model
-    (:func:`ds_plugins.runtime.measured_costs`) and ``auto`` is built from it.
+    (:func:`ds_plugins.runtime.measured_costs`) and ``auto`` is built from it. zb-h1/zb-h2/zb-v (unless
+    ``measured_costs`` is off) run timed for those steps too, then are rebuilt from the cost model
+    (:func:`ds_plugins.schedule.registry.retune`) when the simulator finds the rebuilt order faster.
     """
 
     def __init__(self, *, schedule_config, build_schedule, chunks, config, pp_group, pp_rank, pp, placement,
@@ -138,14 +140,19 @@ class _Runner:
             self._install(build_schedule(seed, pp=pp, microbatches=num_microbatches, vp=len(chunks)), timing="action")
             self.measuring = True
         else:
+            from ds_plugins.schedule.registry import COST_TUNED
+
             schedule = build_schedule(
                 schedule_config.schedule, pp=pp, microbatches=num_microbatches, vp=len(chunks),
                 memory_limit=_estimated_memory_limit(schedule_config, config, seq_length, micro_batch_size, pp),
             )
-            self._install(schedule, timing="none")
-            self.measuring = False
+            # (a build_schedule of the caller's may hand out an order under another name: not rebuilt)
+            self.measuring = schedule_config.measured_costs and schedule.name in COST_TUNED
+            self._install(schedule, timing="action" if self.measuring else "none")
+        self.tuning: Optional[str] = None
+        """zb-h1/zb-h2/zb-v after the measured warm-up: "rebuilt" or "kept" (None before, or without it)."""
 
-    def _install(self, schedule, *, timing: str) -> None:
+    def _install(self, schedule, *, timing: str, serialize_first: Optional[bool] = None) -> None:
         from ds_plugins.runtime import P2PCommunicator, PipelineExecutor
 
         if schedule.shape.placement != self.placement:
@@ -178,7 +185,8 @@ class _Runner:
         self.schedule = schedule
         self.executor = PipelineExecutor(
             schedule, self.pp_rank, stage_modules, p2p=p2p, loss_fn=_last_stage_loss(self.config),
-            device=self.device, timing=timing, track_memory=timing == "action",  # auto's warm-up reads memory
+            device=self.device, timing=timing, track_memory=timing == "action",  # the warm-up reads memory
+            serialize_first=serialize_first,
         )
         logger.info("interleaf: %s schedule, pp=%d vp=%d m=%d, %s placement", schedule.name, self.pp,
                     len(self.chunks), self.num_microbatches, self.placement)
@@ -204,6 +212,21 @@ class _Runner:
         if self.schedule_config.memory_limit_gib is not None:
             limit = (self.schedule_config.memory_limit_gib * 2**30 if have_memory else _estimated_memory_limit(
                 self.schedule_config, self.config, self.seq_length, self.micro_batch_size, self.pp))
+        # the warm-up loaded every kernel these actions launch: no serialized first step for the new executor
+        if self.schedule_config.schedule != "auto":
+            from ds_plugins.schedule.registry import retune
+
+            outcome = retune(self.schedule, costs)
+            self.tuning = "rebuilt" if outcome.changed else "kept"
+            logger.info("interleaf %s: simulated step %.1f ms (bubble %.1f%%) as built for F = I = W, %.1f ms "
+                        "(bubble %.1f%%) rebuilt for the measured F/I/W times: %s", self.schedule.name,
+                        1e3 * outcome.before.makespan, 100 * outcome.before.bubble_fraction,
+                        1e3 * outcome.after.makespan, 100 * outcome.after.bubble_fraction,
+                        "running the rebuilt order" if outcome.changed else "keeping the current order")
+            self._install(outcome.schedule, timing="none", serialize_first=False)
+            self.measuring = False
+            self.auto_samples = []
+            return
         schedule = self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches,
                                        vp=len(self.chunks), costs=costs, memory_limit=limit)
         if schedule.shape.placement != self.placement:
@@ -212,9 +235,9 @@ class _Runner:
                 "interleaf auto: the best schedule for the measured costs uses %r placement but the model chunks "
                 "are in %r placement; keeping the seed schedule %s", schedule.shape.placement, self.placement,
                 self.schedule.name)
-            self._install(self.schedule, timing="none")
+            self._install(self.schedule, timing="none", serialize_first=False)
         else:
-            self._install(schedule, timing="none")
+            self._install(schedule, timing="none", serialize_first=False)
         self.measuring = False
         self.auto_samples = []
 

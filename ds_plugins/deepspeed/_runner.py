@@ -20,7 +20,7 @@ from deepspeed import comm as dist
 from ..runtime.executor import PipelineExecutor, StepResult, measured_costs
 from ..runtime.p2p import P2PCommunicator
 from ..runtime.weight_grad import WeightGradQueue, accumulate_into_grad, enable_weight_grad_split
-from ..schedule.registry import build_schedule
+from ..schedule.registry import COST_TUNED, build_schedule, retune
 
 __all__ = ["ScheduleRunner", "IterationStats"]
 
@@ -88,9 +88,15 @@ class ScheduleRunner:
         (tests read the final gradients here)."""
         self.steps = 0
         self._tokens_per_microbatch: int | None = None
-        self._auto_pending = self.config.schedule == "auto"
-        self._auto_samples: list[dict] = []
-        self._auto_memory: list[dict] = []
+        # auto and (measured_costs) zb-h1/zb-h2/zb-v: the first auto_warmup_iterations steps are timed per action;
+        # then the schedule is planned (auto) or rebuilt (retune) from every rank's measured F/I/W times
+        self._measuring = self.config.schedule == "auto" or (
+            self.config.measured_costs and self.config.schedule in COST_TUNED)
+        self._samples: list[dict] = []
+        self._memory: list[dict] = []
+        self.tuning: str | None = None
+        """After the measured warm-up of zb-h1/zb-h2/zb-v: ``"rebuilt"`` (running the order rebuilt from measured
+        costs) or ``"kept"`` (the simulator found it no faster); None before or without it."""
 
         opt = engine.optimizer
         self._bf16 = _BF16_OPTIMIZER is not None and isinstance(opt, _BF16_OPTIMIZER)
@@ -106,7 +112,7 @@ class ScheduleRunner:
 
             for chunk in self.chunks.values():
                 chunk.forward_context = lambda eng=engine: autocast_if_enabled(eng)
-        if plan.schedule.splits_backward or self._auto_pending:
+        if plan.schedule.splits_backward or self.config.schedule == "auto":
             for chunk in self.chunks.values():
                 enable_weight_grad_split(chunk)
         self.p2p = P2PCommunicator.for_shape(
@@ -123,7 +129,8 @@ class ScheduleRunner:
             return output
         return loss_fn(output, target)
 
-    def _make_executor(self, schedule: Any, p2p: P2PCommunicator) -> PipelineExecutor:
+    def _make_executor(self, schedule: Any, p2p: P2PCommunicator, *, serialize_first: bool | None = None
+                       ) -> PipelineExecutor:
         return PipelineExecutor(
             schedule,
             self.rank,
@@ -133,7 +140,8 @@ class ScheduleRunner:
             device=self.device,
             weight_grad_queue=self.queue,
             timing="action",
-            track_memory=self._auto_pending,  # only auto's warm-up reads memory figures
+            track_memory=self._measuring,  # only the measured warm-up reads memory figures
+            serialize_first=serialize_first,
         )
 
     def _prepare_bf16(self, opt: Any) -> None:
@@ -233,8 +241,8 @@ class ScheduleRunner:
         wall = time.perf_counter() - t0
         self.steps += 1
         self._record(result, wall, tokens, grad_norm)
-        if self._auto_pending:
-            self._auto_step(result)
+        if self._measuring:
+            self._measure_step(result)
         return eng.agg_train_loss
 
     def _record(self, result: StepResult, wall: float, tokens: int, grad_norm: Any) -> None:
@@ -319,34 +327,58 @@ class ScheduleRunner:
                 t.mul_(coef.to(t.dtype))
         return norm
 
-    # ------------------------------------------------------------------ auto
-    def _auto_step(self, result: StepResult) -> None:
+    # ------------------------------------------------------------------ measured warm-up (auto, retune)
+    def _measure_step(self, result: StepResult) -> None:
         cfg = self.config
-        self._auto_samples.append(result.mean_seconds())
-        self._auto_memory.append(result.mean_memory_bytes())
+        self._samples.append(result.mean_seconds())
+        self._memory.append(result.mean_memory_bytes())
         if self.steps < cfg.auto_warmup_iterations:
             return
-        self._auto_pending = False
+        self._measuring = False
         shape = self.shape
         gathered: list[Any] = [None] * shape.pp
         torch.distributed.all_gather_object(
-            gathered, (self._auto_samples[1:] or self._auto_samples, self._auto_memory), group=self.pipe_group
+            gathered, (self._samples[1:] or self._samples, self._memory), group=self.pipe_group
         )
         schedule_box: list[Any] = [None]
         if self.rank == 0:
-            schedule_box[0] = self._plan_auto(gathered)
+            schedule_box[0] = self._plan_auto(gathered) if cfg.schedule == "auto" else self._plan_retune(gathered)
         torch.distributed.broadcast_object_list(schedule_box, src=self.grid.stage_to_global(0), group=self.pipe_group)
         outcome = schedule_box[0]
         if isinstance(outcome, str):
             raise ValueError(outcome)
-        if outcome is None:
-            return
-        if outcome.splits_backward:
+        schedule = self.executor.schedule if outcome is None else outcome
+        if cfg.schedule != "auto":
+            self.tuning = "kept" if outcome is None else "rebuilt"
+        if schedule.splits_backward:
             for chunk in self.chunks.values():
                 enable_weight_grad_split(chunk)
-        self.executor = self._make_executor(outcome, self.p2p)
-        if self.engine.global_rank == 0:
-            logger.info("interleaf auto: measured costs chose %s; now running it", outcome.name)
+        # a new executor either way: the warm-up one times every action and reads memory around it. Its first step
+        # needs no serialized run: the warm-up steps loaded every kernel these actions launch.
+        self.executor = self._make_executor(schedule, self.p2p, serialize_first=False)
+        if self.engine.global_rank == 0 and cfg.schedule == "auto":
+            logger.info("interleaf auto: measured costs chose %s; now running it", schedule.name)
+
+    def _plan_retune(self, gathered: list[Any]) -> Any:
+        """On pipeline rank 0: ``self.config.schedule`` rebuilt from every rank's measurements when the simulator
+        finds the rebuilt order faster under them (else None: keep running the current one)."""
+        samples = [s for per_rank, _ in gathered for s in per_rank]
+        memory = [m for _, per_rank in gathered for m in per_rank if m]
+        current = self.executor.schedule
+        try:
+            costs = measured_costs(samples, self.shape, memory=memory or None)
+            outcome = retune(current, costs)
+        except ValueError as err:
+            return f"interleaf {current.name}: rebuilding from measured costs failed: {err}"
+        per_stage = ", ".join(f"{1e3 * f:.2f}/{1e3 * i:.2f}/{1e3 * w:.2f}" for f, i, w in
+                              zip(costs.forward, costs.backward_input, costs.backward_weight))
+        logger.info(
+            "interleaf %s: measured F/I/W ms per stage [%s]; simulated step %.1f ms (bubble %.1f%%) as built for "
+            "F = I = W, %.1f ms (bubble %.1f%%) rebuilt for the measured costs: %s",
+            current.name, per_stage, 1e3 * outcome.before.makespan, 100 * outcome.before.bubble_fraction,
+            1e3 * outcome.after.makespan, 100 * outcome.after.bubble_fraction,
+            "running the rebuilt order" if outcome.changed else "keeping the current order")
+        return outcome.schedule if outcome.changed else None
 
     def _plan_auto(self, gathered: list[Any]) -> Any:
         """On pipeline rank 0: build the auto schedule from every rank's measurements (or an error message)."""

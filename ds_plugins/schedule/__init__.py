@@ -40,6 +40,6 @@ __all__ += [
 ]
 
 # Generators by name (one module per schedule under generators/).
-from .registry import SCHEDULE_NAMES, build_schedule, schedule_shape  # noqa: E402
+from .registry import COST_TUNED, SCHEDULE_NAMES, Retuned, build_schedule, retune, schedule_shape  # noqa: E402
 
-__all__ += ["SCHEDULE_NAMES", "build_schedule", "schedule_shape"]
+__all__ += ["COST_TUNED", "Retuned", "SCHEDULE_NAMES", "build_schedule", "retune", "schedule_shape"]

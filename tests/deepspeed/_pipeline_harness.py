@@ -179,6 +179,7 @@ def _run_scenario(sc: Scenario, rank: int, out_dir: str) -> dict[str, Any]:
         record["history"] = [h.__dict__ if hasattr(h, "__dict__") else {s: getattr(h, s) for s in h.__slots__}
                              for h in runner.history]
         record["grad_norms"] = [h["grad_norm"] for h in record["history"]]
+        record["tuning"] = runner.tuning
     if sc.eval_after:
         eval_data = gpt.synthetic_batches(cfg, MICRO_BATCH, sc.microbatches, seed=999 + dp_rank)
         record["eval"] = float(engine.eval_batch(iter(eval_data)))
@@ -252,6 +253,7 @@ def _merge(recs: list[dict[str, Any]]) -> dict[str, Any]:
     if "grad_norms" in recs[0]:
         out["grad_norms"] = recs[0]["grad_norms"]
         out["history"] = recs[0]["history"]
+        out["tuning"] = [r.get("tuning") for r in recs]
     if "eval" in recs[0]:
         out["eval"] = recs[0]["eval"]
     return out

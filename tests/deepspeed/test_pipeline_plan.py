@@ -121,6 +121,48 @@ def test_auto_memory_limit_below_any_schedule_is_a_clear_error():
     assert isinstance(outcome, str) and "memory_limit" in outcome and "raise" in outcome
 
 
+def _measured_fiw(shape, f, i, w):
+    """Every rank's per-action times (seconds) as the runner gathers them; memory: none (CPU)."""
+    out = []
+    for rank in range(shape.pp):
+        times = {}
+        for s in shape.stages_of(rank):
+            times.update({("F", s): f, ("I", s): i, ("W", s): w})
+        out.append(([times], []))
+    return out
+
+
+def _bare_tuned_runner(schedule, microbatches):
+    from types import SimpleNamespace
+
+    from ds_plugins.deepspeed._runner import ScheduleRunner
+
+    plan = plan_pipeline(PipelineConfig(schedule=schedule), pp=2, microbatches=microbatches)
+    runner = ScheduleRunner.__new__(ScheduleRunner)
+    runner.shape, runner.config = plan.shape, plan.config
+    runner.executor = SimpleNamespace(schedule=plan.schedule)
+    return runner, plan.schedule
+
+
+def test_zb_v_rebuilt_from_gpu_like_measured_costs():
+    """H100-like costs (I = 2.16 F, W = 1.12 F): the zb-v order built for F = I = W idles 21% of the step at pp=2,
+    m=8 (simulated), the rebuilt one 7%: the runner switches to it."""
+    runner, built = _bare_tuned_runner("zb-v", 8)
+    rebuilt = runner._plan_retune(_measured_fiw(runner.shape, 4.1e-3, 8.86e-3, 4.59e-3))
+    assert rebuilt is not None and rebuilt is not built
+    assert rebuilt.name == "zb-v" and rebuilt.shape == built.shape
+
+
+def test_retune_keeps_the_order_for_uniform_costs():
+    runner, _ = _bare_tuned_runner("zb-h1", 8)
+    assert runner._plan_retune(_measured_fiw(runner.shape, 1e-3, 1e-3, 1e-3)) is None
+
+
+def test_measured_costs_config():
+    assert PipelineConfig(schedule="zb-v").measured_costs is True
+    assert PipelineConfig.from_dict({"schedule": "zb-v", "measured_costs": False}).measured_costs is False
+
+
 def _run_script(args, timeout):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -132,15 +132,25 @@ def _mixed_backward_func(name):
             programs.append(tuple(new))
         return Schedule(name, schedule.shape, tuple(programs))
 
-    return make_forward_backward_func(MegatronScheduleConfig(schedule=base), build_schedule=mixed,
+    return make_forward_backward_func(MegatronScheduleConfig(schedule=base, measured_costs=False), build_schedule=mixed,
                                       fallback=schedules.forward_backward_pipelining_without_interleaving)
 
 
 def _steps_for(name):
-    """``auto`` picks its schedule from timings of its first steps: check the step after that."""
+    """``auto`` picks its schedule and "<zb schedule>+measured" is rebuilt from measured costs after timing its first
+    steps: check the step after that."""
     from megatron_patches.forward_backward import AUTO_WARMUP_STEPS
 
-    return AUTO_WARMUP_STEPS + 1 if name == "auto" else 1
+    return AUTO_WARMUP_STEPS + 1 if name == "auto" or name.endswith("+measured") else 1
+
+
+def _apply(name):
+    """``megatron_patches.apply`` for a case name: "<schedule>[+B|+measured]". Plain zb-h1/zb-h2/zb-v run their
+    F = I = W order from the first step (measured_costs off); "+measured" runs the measured warm-up and the
+    rebuilt (or kept) order after it."""
+    import megatron_patches
+
+    megatron_patches.apply(name.split("+")[0], measured_costs=name.endswith("+measured"))
 
 
 # --------------------------------------------------------------------------------------------- toy model
@@ -289,7 +299,7 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None):
             if name == "megatron":
                 out["runs"][(placement, vp, name)] = run(_megatron_own())
                 continue
-            megatron_patches.apply(name)
+            _apply(name)
             try:
                 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -450,11 +460,11 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
             if name == "megatron":
                 out[(placement, vp, name)] = run(_megatron_own())
                 continue
-            megatron_patches.apply(name.split("+")[0])
+            _apply(name)
             try:
                 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-                func = get_forward_backward_func() if "+" not in name else _mixed_backward_func(name)
+                func = get_forward_backward_func() if not name.endswith("+B") else _mixed_backward_func(name)
                 for _ in range(_steps_for(name) - 1):
                     run(func)
                 out[(placement, vp, name)] = run(func)

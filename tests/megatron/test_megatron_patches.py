@@ -27,6 +27,9 @@ def test_flags_parse_into_config():
                    "--pipeline-model-parallel-size", "4"])
     assert config_from_args(args) == MegatronScheduleConfig(schedule="auto", memory_limit_gib=20.0)
     assert config_from_args(_parse([])) is None
+    assert config_from_args(args).measured_costs  # zb-h1/zb-h2/zb-v are rebuilt from measured costs by default
+    args = _parse(["--pipeline-schedule", "zb-h2", "--pipeline-uniform-costs", "--pipeline-model-parallel-size", "4"])
+    assert config_from_args(args) == MegatronScheduleConfig(schedule="zb-h2", measured_costs=False)
 
 
 def test_unknown_schedule_is_rejected_by_argparse():
