@@ -330,18 +330,31 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         floor = request.min_gpu_numel if request is not None else 0
         fraction = 0.0 if cfg.mode == "cpu" else cfg.gpu_fraction
         timings = uniform_timings(context.numels, window, context.forward_share)
+
+        def running_plan():
+            """The plan in effect, its prediction refreshed from the measurements."""
+            old = self.last_plan
+            return type(old)(placements=old.placements, cpu_update_order=old.cpu_update_order,
+                             stream_order=old.stream_order, numels=old.numels,
+                             estimate=estimate(old.placements, timings, rates, context.byte_model,
+                                               early_host_start=context.early_host_start,
+                                               per_layer_waits=context.per_layer_waits))
+
+        kept = ""
         if fraction != "auto" and self.last_plan is not None:
-            # a forced split never moves: only its prediction is refreshed from the measurements
-            plan = self.last_plan
-            plan = type(plan)(placements=plan.placements, cpu_update_order=plan.cpu_update_order,
-                              stream_order=plan.stream_order, numels=plan.numels,
-                              estimate=estimate(plan.placements, timings, rates, context.byte_model,
-                                                early_host_start=context.early_host_start,
-                                                per_layer_waits=context.per_layer_waits))
+            plan = running_plan()  # a forced split never moves
         else:
             plan = plan_offload(timings, rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes(),
                                 early_host_start=context.early_host_start, per_layer_waits=context.per_layer_waits,
                                 byte_model=context.byte_model, min_gpu_numel=floor)
+            if request is not None and self.last_plan is not None and plan.placements != self.last_plan.placements:
+                running = running_plan()
+                forced = floor > self._replanner.gpu_numel()
+                if not self._replanner.worth_moving(running.estimate, plan.estimate, window, forced=forced):
+                    kept = (f"; kept the running placement: the re-plan ({100 * plan.gpu_fraction:.1f}% on the GPU) "
+                            f"would save {1e3 * (running.estimate.overhead_s - plan.estimate.overhead_s):.1f} ms "
+                            f"per iteration, under {100 * self._replanner.min_gain_fraction:g}% of the window")
+                    plan = running
         before = self.last_plan.gpu_fraction if self.last_plan is not None else None
         moved = plan.placements != tuple(ex.placements)
         if moved:
@@ -357,7 +370,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             "moved": moved, "predicted_overhead_s": plan.estimate.overhead_s,
             "predicted_stall_s": plan.estimate.forward_stall_s, "window_s": window,
             "host_rate": rates.cpu_update_params_per_s, "min_gpu_numel": floor,
-            "reason": request.reason if request is not None else "first plan (start-up probe, window not measured)",
+            "reason": (request.reason + kept) if request is not None else "first plan (start-up probe, window not measured)",
             "measured": request.measured if request is not None else "",
         }
         self.plan_history.append(record)
