@@ -43,12 +43,12 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from benchmarks.local_ranks import run_local_ranks  # noqa: E402
-from benchmarks.report import merge_from, write_section  # noqa: E402
+from benchmarks.report import merge_from, section_ids, write_section  # noqa: E402
 
 INTERLEAF = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "auto")
 TORCH = ("torch-1f1b", "torch-izb", "torch-zbv", "torch-dualpipev")
 DEFAULT_VARIANTS = ("deepspeed-1f1b", *INTERLEAF, "torch-1f1b", "torch-izb", "torch-dualpipev")
-REPORT_SECTION = "benchmarks/pipeline.py"  # its BENCHMARKS.md section (benchmarks/report.py)
+REPORT_SECTION = "benchmarks/pipeline.py"  # its BENCHMARKS.md sections, one per pp: "benchmarks/pipeline.py pp=4"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -333,7 +333,7 @@ def table(rows: list[Row]) -> str:
         lines.append(f"m = {m} micro-batches:")
         lines.append("")
         lines.append("| variant | schedule run | tokens/s | vs DeepSpeed 1F1B | vs best torch | measured bubble | "
-                     "bubble vs ideal | peak GiB (rank 0..3) |")
+                     "bubble vs ideal | peak GiB per rank |")
         lines.append("|---|---|---|---|---|---|---|---|")
         # ideal tokens/s: the slowest rank's own F+B time per step, no waiting (from the interleaf 1f1b run)
         ideal = ideal_src.extra.get("ideal_tokens_per_s") if ideal_src is not None else None
@@ -367,7 +367,7 @@ def main(args: argparse.Namespace) -> None:
         device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
         world = torch.distributed.get_world_size()
         head = (
-            f"## Pipeline schedules under DeepSpeed (benchmarks/pipeline.py)\n\n"
+            f"## Pipeline schedules under DeepSpeed, pp={world} (benchmarks/pipeline.py)\n\n"
             f"{datetime.date.today().isoformat()}, {world}x {device_name}, torch {torch.__version__}, "
             f"deepspeed {deepspeed.__version__}. GPT {cfg.layers}L h{cfg.hidden} {cfg.heads} heads seq {cfg.seq} "
             f"vocab {cfg.vocab}, micro-batch 1, pp={world}, "
@@ -386,7 +386,7 @@ def main(args: argparse.Namespace) -> None:
         print(text, flush=True)
         out = args.out or (os.path.join(ROOT, "BENCHMARKS.md") if torch.cuda.is_available() else None)
         if out:
-            write_section(out, REPORT_SECTION, text)
+            write_section(out, f"{REPORT_SECTION} pp={world}", text)
             print(f"updated {out}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
@@ -397,7 +397,8 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.merge_from:
-        merge_from(arguments.merge_from, os.path.join(ROOT, "BENCHMARKS.md"), REPORT_SECTION)
+        for section_id in section_ids(arguments.merge_from, REPORT_SECTION) or [REPORT_SECTION]:
+            merge_from(arguments.merge_from, os.path.join(ROOT, "BENCHMARKS.md"), section_id)
         raise SystemExit(0)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/interleaf_torch_extensions"))

@@ -69,6 +69,18 @@ def write_section(path: str | os.PathLike, section_id: str, text: str) -> None:
     path.write_text(new)
 
 
+def section_ids(path: str | os.PathLike, prefix: str) -> list[str]:
+    """Ids of the sections in ``path`` whose id is ``prefix`` or starts with ``prefix + " "`` (a script that writes
+    one section per configuration, e.g. ``benchmarks/pipeline.py pp=2``), in file order."""
+    ids = []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("<!-- ") and line.endswith(" -->") and not line.startswith("<!-- end "):
+            section_id = line[len("<!-- "):-len(" -->")]
+            if section_id == prefix or section_id.startswith(prefix + " "):
+                ids.append(section_id)
+    return ids
+
+
 def merge_from(source: str | os.PathLike, target: str | os.PathLike, section_id: str) -> None:
     """A script's ``--merge-from``: copy ``section_id`` from ``source`` (e.g. a BENCHMARKS.md fetched from the device)
     into ``target``. Exits with a one-line message when ``source`` lacks the section."""

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import markers, merge_from, read_section, write_section
+from benchmarks.report import markers, merge_from, read_section, section_ids, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = "benchmarks/pipeline.py"
@@ -74,3 +74,15 @@ def test_merge_from_copies_one_section(bench, tmp_path):
     assert bench.read_text().startswith(original.rstrip("\n") + "\n\n")
     with pytest.raises(SystemExit, match="no benchmarks/offload.py section"):
         merge_from(bench, device, OFFLOAD)
+
+
+def test_section_ids_of_one_script_per_configuration(tmp_path):
+    """benchmarks/pipeline.py writes one section per pp ("benchmarks/pipeline.py pp=2", "... pp=4"); its
+    --merge-from copies each of them, and no other script's."""
+    path = tmp_path / "B.md"
+    write_section(path, "benchmarks/pipeline.py pp=4", "## pp=4")
+    write_section(path, "benchmarks/offload.py", "## offload")
+    write_section(path, "benchmarks/pipeline.py pp=2", "## pp=2")
+    write_section(path, "benchmarks/pipeline.pyx", "## not this one")
+    assert section_ids(path, "benchmarks/pipeline.py") == ["benchmarks/pipeline.py pp=4", "benchmarks/pipeline.py pp=2"]
+    assert section_ids(path, "benchmarks/offload.py") == ["benchmarks/offload.py"]

@@ -39,6 +39,18 @@ def test_megatron_baseline_is_the_fastest_interleaved_run_that_passed():
     assert "megatron-interleaved (overlap_p2p_comm) | 130 | 1.30x" in text and "MISMATCH" in text
 
 
+def test_megatron_reference_without_megatron_1f1b_is_the_majority_row():
+    """2x H100, pp=2, no megatron-1f1b row: megatron's batched-p2p interleaved run (run first) returned a wrong
+    gradient norm; the three rows that agree are the reference, the wrong one is marked and skipped as baseline."""
+    rows = [_row("zb-h2", 28274.0, 10.78738, 1.45072),
+            _row("megatron-interleaved", 26462.0, 10.78500, 1.34856e12, p2p="batch_p2p_comm"),
+            _row("megatron-interleaved", 28179.0, 10.78738, 1.45072, p2p="overlap_p2p_comm"),
+            _row("zb-v", 23051.0, 10.78738, 1.45072)]
+    failures = mb.check_first_step(rows, [8], rtol=1e-2)
+    assert [v for v, _ in failures] == ["megatron-interleaved"] and "batch_p2p_comm" in failures[0][1]
+    assert mb._baseline_row(rows)["p2p"] == "overlap_p2p_comm"
+
+
 def test_pipeline_vs_best_torch_column():
     rows = [pb.Row("deepspeed-1f1b", 8, 100.0, 0.2, [1.0]),
             pb.Row("zb-v", 8, 150.0, 0.1, [1.0]),
