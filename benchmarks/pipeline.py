@@ -18,9 +18,15 @@ F/I/W/B timings; DeepSpeed: the same from its forward/backward instruction timin
 bubble vs ideal (1 - tokens/s / ideal, where ideal is the slowest rank's own F+B compute measured in the
 interleaf 1f1b run: anchors.md's definition), and peak allocated memory per rank (GiB).
 
-GPU (writes its section of BENCHMARKS.md)::
+GPU (writes its section of BENCHMARKS.md, one per layout: "benchmarks/pipeline.py pp=4")::
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 4 benchmarks/pipeline.py
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 8 benchmarks/pipeline.py --microbatches 16 32         # pp=8
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 8 benchmarks/pipeline.py --pp 4 --microbatches 8 16  # pp=4 x dp=2
+
+With ``--pp`` below the rank count, ranks / pp data-parallel pipelines run side by side (DeepSpeed's topology:
+rank = stage * dp + replica); tokens/s counts every replica, the torch rows average their gradients over the
+replicas with one all-reduce per step.
 
 CPU smoke test (tiny model, gloo, no BENCHMARKS.md)::
 
@@ -60,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="untimed iterations per variant (auto re-plans after 3)")
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
+    p.add_argument("--pp", type=int, default=None,
+                   help="pipeline stages (default: all ranks); data parallel = ranks / pp, e.g. --pp 4 on 8 GPUs")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
     p.add_argument("--merge-from", default=None,
@@ -124,6 +132,33 @@ def _peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def _layout(args) -> tuple[int, int]:
+    """(pp, dp) of this run: --pp stages, the ranks split into world / pp data-parallel pipelines."""
+    world = torch.distributed.get_world_size()
+    pp = args.pp or world
+    if pp < 1 or world % pp:
+        raise ValueError(f"--pp {pp} must divide the {world} ranks (data parallel = ranks / pp)")
+    return pp, world // pp
+
+
+def _torch_groups(pp: int, dp: int):
+    """This rank's pipeline and data-parallel groups in DeepSpeed's topology (rank = stage * dp + replica), for the
+    torch.distributed.pipelining rows; (None, None) without data parallelism. Collective: every rank calls it."""
+    if dp == 1:
+        return None, None
+    rank = torch.distributed.get_rank()
+    mine = [None, None]
+    for d in range(dp):
+        group = torch.distributed.new_group([s * dp + d for s in range(pp)])
+        if rank % dp == d:
+            mine[0] = group
+    for st in range(pp):
+        group = torch.distributed.new_group([st * dp + d for d in range(dp)])
+        if rank // dp == st:
+            mine[1] = group
+    return mine[0], mine[1]
+
+
 def _gather_floats(values: list[float], device) -> list[list[float]]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     out = [torch.zeros_like(t) for _ in range(torch.distributed.get_world_size())]
@@ -154,7 +189,8 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
 
     schedule = None if variant == "deepspeed-1f1b" else variant
     world = torch.distributed.get_world_size()
-    module = PipelineModule(layers=gpt.layer_specs(cfg), num_stages=world, loss_fn=gpt.gpt_loss,
+    pp, _ = _layout(args)
+    module = PipelineModule(layers=gpt.layer_specs(cfg), num_stages=pp, loss_fn=gpt.gpt_loss,
                             partition_method="type:TransformerLayer")
     engine, *_ = deepspeed.initialize(model=module, config=_ds_config(m, schedule, device.type == "cuda"),
                                       model_parameters=module.parameters())
@@ -215,8 +251,9 @@ def run_torch(variant: str, m: int, cfg, args, device) -> Row:
     from benchmarks import gpt
     from ds_plugins.deepspeed.partition import compute_parts
 
-    pp = torch.distributed.get_world_size()
-    rank = torch.distributed.get_rank()
+    pp, dp = _layout(args)
+    pp_group, dp_group = _torch_groups(pp, dp)
+    rank = torch.distributed.get_rank() // dp  # stage rank in DeepSpeed's topology (rank = stage * dp + replica)
     v = 1 if variant == "torch-1f1b" else 2
     n = pp * v
     parts = compute_parts(gpt.layer_specs(cfg), n, "type:TransformerLayer")
@@ -225,7 +262,7 @@ def run_torch(variant: str, m: int, cfg, args, device) -> Row:
     else:
         stage_ids = [rank + c * pp for c in range(v)]
     modules = {s: _torch_stage_module(cfg, parts[s], parts[s + 1], device) for s in stage_ids}
-    stages = [tp.PipelineStage(modules[s], s, n, device) for s in stage_ids]
+    stages = [tp.PipelineStage(modules[s], s, n, device, group=pp_group) for s in stage_ids]
 
     def loss_fn(logits, labels):
         return gpt.gpt_loss(logits, labels)
@@ -258,6 +295,15 @@ def run_torch(variant: str, m: int, cfg, args, device) -> Row:
             schedule.step(x, **kwargs)
         else:
             schedule.step(**kwargs)
+        if dp_group is not None:  # data parallel: average the replicas' gradients, as DeepSpeed's engine does
+            grads = [p.grad for p in params if p.grad is not None]
+            for grad in grads:
+                grad.div_(dp)
+            if grads:
+                flat = torch._utils._flatten_dense_tensors(grads)
+                torch.distributed.all_reduce(flat, group=dp_group)
+                for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    grad.copy_(synced)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -270,10 +316,13 @@ def run_torch(variant: str, m: int, cfg, args, device) -> Row:
         one_step(args.warmup + i)
     _sync(device)
     elapsed = max(r[0] for r in _gather_floats([time.perf_counter() - t0], device))
-    tokens = cfg.seq * m * args.steps
+    tokens = cfg.seq * m * args.steps * dp
     peaks = [r[0] for r in _gather_floats([_peak_gib(device)], device)]
     row = Row(variant, m, tokens / elapsed, None, peaks, schedule=cls.__name__)
     del schedule, stages, modules, opt, params, data
+    for group in (pp_group, dp_group):
+        if group is not None:
+            torch.distributed.destroy_process_group(group)
     return row
 
 
@@ -290,6 +339,7 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=args.nccl_timeout_s))
     rank = torch.distributed.get_rank()
+    _layout(args)  # a --pp that does not divide the ranks fails here, before any variant
     cfg = _gpt_config(args.tiny)
     rows: list[Row] = []
     # DeepSpeed and interleaf first (both m), torch.distributed.pipelining last: if a torch variant breaks the
@@ -360,17 +410,21 @@ def main(args: argparse.Namespace) -> None:
     cfg = _gpt_config(args.tiny)
     for r in rows:  # ideal tokens/s from the interleaf 1f1b run's slowest-rank compute time
         if r.variant == "1f1b" and r.busy_max_s:
-            r.extra["ideal_tokens_per_s"] = cfg.seq * r.microbatches / r.busy_max_s
+            r.extra["ideal_tokens_per_s"] = cfg.seq * r.microbatches * _layout(args)[1] / r.busy_max_s
     if rank == 0:
         import deepspeed
 
         device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
         world = torch.distributed.get_world_size()
+        pp, dp = _layout(args)
+        layout = f"pp={pp}" + (f" dp={dp}" if dp > 1 else "")
         head = (
-            f"## Pipeline schedules under DeepSpeed, pp={world} (benchmarks/pipeline.py)\n\n"
+            f"## Pipeline schedules under DeepSpeed, {layout} (benchmarks/pipeline.py)\n\n"
             f"{datetime.date.today().isoformat()}, {world}x {device_name}, torch {torch.__version__}, "
             f"deepspeed {deepspeed.__version__}. GPT {cfg.layers}L h{cfg.hidden} {cfg.heads} heads seq {cfg.seq} "
-            f"vocab {cfg.vocab}, micro-batch 1, pp={world}, "
+            f"vocab {cfg.vocab}, micro-batch 1, {layout}"
+            + (" (tokens/s of all replicas; torch rows average gradients over the replicas with one all-reduce)"
+               if dp > 1 else "") + ", "
             f"{'bf16' if torch.cuda.is_available() else 'fp32'}, SGD; {args.warmup} warm-up + {args.steps} timed "
             "iterations per variant, all in one process group. DeepSpeed and interleaf rows include DeepSpeed's "
             "optimizer step (on GPU DeepSpeed's BF16_Optimizer: bf16 gradient accumulation, then an fp32 gradient "
@@ -386,7 +440,7 @@ def main(args: argparse.Namespace) -> None:
         print(text, flush=True)
         out = args.out or (os.path.join(ROOT, "BENCHMARKS.md") if torch.cuda.is_available() else None)
         if out:
-            write_section(out, f"{REPORT_SECTION} pp={world}", text)
+            write_section(out, f"{REPORT_SECTION} {layout}", text)
             print(f"updated {out}", flush=True)
         if args.json:
             with open(args.json, "w") as f:

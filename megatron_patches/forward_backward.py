@@ -208,25 +208,18 @@ class _Runner:
         memory = [m for _, rank_mem in everyone for m in rank_mem]
         have_memory = any(memory)
         costs = measured_costs(times, self.schedule.shape, memory=memory if have_memory else None)
+        schedule = self._auto(costs, have_memory) if self.schedule_config.schedule == "auto" else self._retuned(costs)
+        # the warm-up loaded every kernel these actions launch: no serialized first step for the new executor
+        self._install(schedule, timing="none", serialize_first=False)
+        self.measuring = False
+        self.auto_samples = []
+
+    def _auto(self, costs, have_memory: bool):
+        """``auto`` built from the measured costs (the seed schedule when it prefers the other placement)."""
         limit = None
         if self.schedule_config.memory_limit_gib is not None:
             limit = (self.schedule_config.memory_limit_gib * 2**30 if have_memory else _estimated_memory_limit(
                 self.schedule_config, self.config, self.seq_length, self.micro_batch_size, self.pp))
-        # the warm-up loaded every kernel these actions launch: no serialized first step for the new executor
-        if self.schedule_config.schedule != "auto":
-            from ds_plugins.schedule.registry import retune
-
-            outcome = retune(self.schedule, costs)
-            self.tuning = "rebuilt" if outcome.changed else "kept"
-            logger.info("interleaf %s: simulated step %.1f ms (bubble %.1f%%) as built for F = I = W, %.1f ms "
-                        "(bubble %.1f%%) rebuilt for the measured F/I/W times: %s", self.schedule.name,
-                        1e3 * outcome.before.makespan, 100 * outcome.before.bubble_fraction,
-                        1e3 * outcome.after.makespan, 100 * outcome.after.bubble_fraction,
-                        "running the rebuilt order" if outcome.changed else "keeping the current order")
-            self._install(outcome.schedule, timing="none", serialize_first=False)
-            self.measuring = False
-            self.auto_samples = []
-            return
         schedule = self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches,
                                        vp=len(self.chunks), costs=costs, memory_limit=limit)
         if schedule.shape.placement != self.placement:
@@ -235,11 +228,27 @@ class _Runner:
                 "interleaf auto: the best schedule for the measured costs uses %r placement but the model chunks "
                 "are in %r placement; keeping the seed schedule %s", schedule.shape.placement, self.placement,
                 self.schedule.name)
-            self._install(self.schedule, timing="none", serialize_first=False)
-        else:
-            self._install(schedule, timing="none", serialize_first=False)
-        self.measuring = False
-        self.auto_samples = []
+            return self.schedule
+        return schedule
+
+    def _retuned(self, costs):
+        """zb-h1/zb-h2/zb-v rebuilt from the measured costs when that simulates faster, else the running one."""
+        from ds_plugins.schedule.registry import retune
+
+        try:
+            outcome = retune(self.schedule, costs)
+        except ValueError as err:  # an optimisation only: training goes on with the order it has
+            logger.warning("interleaf %s: not rebuilt from measured costs (%s); keeping the current order",
+                           self.schedule.name, err)
+            self.tuning = "kept"
+            return self.schedule
+        self.tuning = "rebuilt" if outcome.changed else "kept"
+        logger.info("interleaf %s: simulated step %.1f ms (bubble %.1f%%) as built for F = I = W, %.1f ms "
+                    "(bubble %.1f%%) rebuilt for the measured F/I/W times: %s", self.schedule.name,
+                    1e3 * outcome.before.makespan, 100 * outcome.before.bubble_fraction,
+                    1e3 * outcome.after.makespan, 100 * outcome.after.bubble_fraction,
+                    "running the rebuilt order" if outcome.changed else "keeping the current order")
+        return outcome.schedule
 
 
 def _placement_of(model: List[torch.nn.Module]) -> str:

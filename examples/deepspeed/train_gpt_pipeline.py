@@ -105,6 +105,8 @@ def run_engine(label, ds_config, cfg, args, log) -> dict:
         rates.append(tokens / wall)
         log(f"[{label:>18}] step {step + 1:2d}  loss {loss:7.4f}  tokens/s {tokens / wall:9.0f}  "
             f"bubble {100 * max(bubble, 0.0):5.1f}%")
+    if runner is not None and runner.tuning:
+        log(f"[{label:>18}] after its timed first steps the order was {runner.tuning} for the measured F/I/W costs")
     picture = None
     if runner is not None and args.png:
         costs = runner.measured_cost_model()

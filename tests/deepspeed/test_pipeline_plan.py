@@ -194,3 +194,30 @@ def test_benchmark_runs_tiny_on_cpu(tmp_path):
     for variant in ("deepspeed-1f1b", "zb-v", "auto", "torch-1f1b", "ideal"):
         assert f"| {variant}" in text, text
     assert "FAILED" not in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_benchmark_runs_pipeline_times_data_parallel_on_cpu(tmp_path):
+    """--pp 2 on 4 ranks: two data-parallel pipelines (issue 6's pp=4 x dp=2 layout, scaled down); the torch rows
+    build their pipeline and data-parallel groups in DeepSpeed's topology."""
+    out_md = tmp_path / "BENCH.md"
+    proc = _run_script(["benchmarks/pipeline.py", "--tiny", "--procs", "4", "--pp", "2", "--microbatches", "4",
+                        "--warmup", "4", "--steps", "1", "--variants", "deepspeed-1f1b", "zb-v", "torch-1f1b",
+                        "--out", str(out_md)], timeout=230)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out_md.read_text()
+    assert "<!-- benchmarks/pipeline.py pp=2 dp=2 -->" in text
+    for variant in ("deepspeed-1f1b", "zb-v", "torch-1f1b"):
+        assert f"| {variant}" in text, text
+    assert "FAILED" not in proc.stdout
+
+
+def test_retune_that_cannot_build_keeps_the_running_order(caplog):
+    """The rebuild is an optimisation: measurements it cannot use (here: no timings at all) log a warning and the
+    runner keeps its order instead of failing the training step."""
+    runner, _ = _bare_tuned_runner("zb-v", 8)
+    empty = [([], []) for _ in range(runner.shape.pp)]
+    with caplog.at_level("WARNING"):
+        assert runner._plan_retune(empty) is None
+    assert "not rebuilt from measured costs" in caplog.text
