@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="untimed iterations per variant (auto re-plans after 3)")
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
+    p.add_argument("--profile", action="store_true",
+                   help="DeepSpeed/interleaf rows: profile one more step per rank after the timed ones and print "
+                        "kernel time vs device busy vs gaps, and the host ops behind the gaps (CUDA; "
+                        "benchmarks/device_gaps.py); the JSON gets every rank's summary")
     p.add_argument("--pp", type=int, default=None,
                    help="pipeline stages (default: all ranks); data parallel = ranks / pp, e.g. --pp 4 on 8 GPUs")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
@@ -196,7 +200,7 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
                                       model_parameters=module.parameters())
     runner = getattr(engine, "interleaf_runner", None)
     timer = DeepSpeedStepTimer(engine) if runner is None else None
-    data = _batches(cfg, m * (args.warmup + args.steps))
+    data = _batches(cfg, m * (args.warmup + args.steps + (1 if args.profile else 0)))
     it = iter(data)
     for _ in range(args.warmup):
         engine.train_batch(it)
@@ -223,8 +227,12 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         bubble = sum(r[0] for r in _gather_floats([mine], device)) / world
         busy_max = None
         name = "1f1b"
+    # after every timed figure is read (the history and the DeepSpeed timer would count the profiled step)
+    profile = _profiled_step(engine, it, device, f"{variant} m={m}") if args.profile else None
     peaks = [r[0] for r in _gather_floats([_peak_gib(device)], device)]
     row = Row(variant, m, tokens / elapsed, bubble, peaks, busy_max_s=busy_max, schedule=name)
+    if profile is not None:
+        row.extra["profile"] = profile
     if hasattr(engine, "destroy"):
         engine.destroy()
     # DeepSpeed's bf16 optimizer binds methods to every parameter (param.get_full_hp_param and friends): cycles
@@ -234,6 +242,29 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         p.__dict__.clear()
     del engine, module, runner, timer, it, data
     return row
+
+
+def _profiled_step(engine, it, device, label: str) -> list | None:
+    """One more train_batch under torch.profiler on every rank (after the timed steps, not timed itself); every
+    rank's device_gaps summary, printed on rank 0 (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.device_gaps import device_gaps, format_gaps
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.train_batch(it)
+        torch.cuda.synchronize(device)
+    summary = device_gaps(prof)
+    summary.pop("by_kernel")
+    summaries: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(summaries, summary)
+    if torch.distributed.get_rank() == 0:
+        for r, s in enumerate(summaries):
+            print(format_gaps(s, f"[pipeline bench] profile {label} rank {r}: "), flush=True)
+    return summaries
 
 
 def _torch_stage_module(cfg, start: int, stop: int, device):

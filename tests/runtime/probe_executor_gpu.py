@@ -477,11 +477,14 @@ def actions_main(args) -> None:
     print(f"\nprobe wall time {time.perf_counter() - t_start:.0f} s")
 
 
-def _profile_step(ex, modules, xs, labels, m, device, trace_dir, name) -> dict[str, tuple[int, float]]:
-    """One executor step under torch.profiler: ``kernel name -> (launches, summed device ms)`` (CUDA only)."""
+def _profile_step(ex, modules, xs, labels, m, device, trace_dir, name) -> dict[str, list]:
+    """One executor step under torch.profiler: prints kernels vs device busy vs gaps (benchmarks/device_gaps.py)
+    and returns ``kernel name -> [launches, summed device ms]`` (CUDA only)."""
     if device.type != "cuda":
         return {}
     from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.device_gaps import device_gaps, format_gaps
 
     for p in modules[0].parameters():
         p.grad = None
@@ -492,33 +495,12 @@ def _profile_step(ex, modules, xs, labels, m, device, trace_dir, name) -> dict[s
     if trace_dir:
         os.makedirs(trace_dir, exist_ok=True)
         prof.export_chrome_trace(os.path.join(trace_dir, f"executor-{name}.json"))
-    out: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    spans = []
-    for e in prof.events():
-        if str(getattr(e, "device_type", "")).endswith("CUDA"):
-            out[e.name][0] += 1
-            out[e.name][1] += e.time_range.elapsed_us() / 1e3
-            spans.append((e.time_range.start, e.time_range.end))
-    # device idle inside the step: gaps between consecutive kernels (union of kernel intervals vs its extent)
-    spans.sort()
-    covered, end, first = 0.0, None, None
-    for a, b in spans:
-        first = a if first is None else first
-        if end is None or a >= end:
-            covered += b - a
-            end = b
-        elif b > end:
-            covered += b - end
-            end = b
-    if spans:
-        extent = (end - first) / 1e3
-        print(f"  {name:<6} profiled step: {sum(v[0] for v in out.values())} kernels, "
-              f"{sum(v[1] for v in out.values()):.2f} ms summed, device busy {covered / 1e3:.2f} of "
-              f"{extent:.2f} ms first-to-last kernel (gaps {extent - covered / 1e3:.2f} ms)")
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    summary = device_gaps(prof)
+    print(format_gaps(summary, f"  {name:<6} profiled step: "))
+    return summary["by_kernel"]
 
 
-def _compare_kernels(kernels: dict[str, dict[str, tuple[int, float]]]) -> None:
+def _compare_kernels(kernels: dict[str, dict[str, list]]) -> None:
     """Kernels whose launches or device time differ most between the two executor variants."""
     (na, a), (nb, b) = kernels.items()
     diff = []
@@ -537,7 +519,7 @@ def _executor_costs(cfg, args, device, dtype, m, xs, labels) -> None:
     """The stage under PipelineExecutor at pp=1: busy per step for 1f1b (nn.Linear) vs zb-h1 (split), and the
     host cost of the executor's per-action extras."""
     print("\nexecutor at pp=1 (the stage above, no communication):")
-    kernels: dict[str, dict[str, tuple[int, float]]] = {}
+    kernels: dict[str, dict[str, list]] = {}
     for name in ("1f1b", "zb-h1"):
         schedule = build_schedule(name, pp=1, microbatches=m)
         indices = list(range(cfg.layers + 1 - args.stage_layers, cfg.layers + 1))
