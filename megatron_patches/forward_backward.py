@@ -207,8 +207,12 @@ class _Runner:
         times = [t for rank_times, _ in everyone for t in rank_times]
         memory = [m for _, rank_mem in everyone for m in rank_mem]
         have_memory = any(memory)
-        costs = measured_costs(times, self.schedule.shape, memory=memory if have_memory else None)
-        schedule = self._auto(costs, have_memory) if self.schedule_config.schedule == "auto" else self._retuned(costs)
+
+        def measured():
+            return measured_costs(times, self.schedule.shape, memory=memory if have_memory else None)
+
+        schedule = (self._auto(measured(), have_memory) if self.schedule_config.schedule == "auto"
+                    else self._retuned(measured))
         # the warm-up loaded every kernel these actions launch: no serialized first step for the new executor
         self._install(schedule, timing="none", serialize_first=False)
         self.measuring = False
@@ -231,12 +235,13 @@ class _Runner:
             return self.schedule
         return schedule
 
-    def _retuned(self, costs):
-        """zb-h1/zb-h2/zb-v rebuilt from the measured costs when that simulates faster, else the running one."""
+    def _retuned(self, measured):
+        """zb-h1/zb-h2/zb-v rebuilt from the measured costs (``measured()``) when that simulates faster, else the
+        running one."""
         from ds_plugins.schedule.registry import retune
 
         try:
-            outcome = retune(self.schedule, costs)
+            outcome = retune(self.schedule, measured())
         except ValueError as err:  # an optimisation only: training goes on with the order it has
             logger.warning("interleaf %s: not rebuilt from measured costs (%s); keeping the current order",
                            self.schedule.name, err)
