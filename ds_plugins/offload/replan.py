@@ -160,7 +160,7 @@ class Replanner:
         placement no longer hides its host half (predicted stall beyond the margin) - or save more than
         ``min_gain_fraction`` of the window per iteration. Without this, noise in the measured window (+-15%
         between iterations on the H100 host) moved a few percent of the state back and forth every few steps,
-        each move costing a 0.2 s iteration (1x H100, 1.34B GPT)."""
+        each move turning a 0.2 s iteration into a 0.4 s one (1x H100, 1.34B GPT)."""
         if forced:
             return True
         if running.forward_stall_s > max(self.stall_margin_s, self.stall_margin_fraction * window_s):
