@@ -15,7 +15,9 @@ Launch (4 GPUs, pp=4, ZB-V)::
 Drop ``--pipeline-schedule`` to get megatron's own schedule (1F1B, or interleaved with
 ``--virtual-pipeline-model-parallel-size``). Other choices: 1f1b, interleaved-1f1b, zb-h1, zb-h2 (no
 ``--virtual-pipeline-model-parallel-size``), zb-v, v-half, v-min (``--virtual-pipeline-model-parallel-size 2``),
-auto (``--pipeline-memory-limit-gib`` caps activation memory per rank).
+auto (``--pipeline-memory-limit-gib`` caps activation memory per rank). zb-h1, zb-h2 and zb-v time their first 3
+steps and then run their order rebuilt for the measured F/I/W times (``--pipeline-uniform-costs`` keeps the
+F = I = W order).
 
 The data is random tokens (the script shows the integration, not a data pipeline). ``--cpu`` runs it on the CPU
 with gloo through the repository's test-only CUDA shim (tests/megatron/cpu_shim.py), e.g.::
@@ -128,10 +130,11 @@ def forward_step(data_iterator, model):
 
 
 def main():
-    args = parse_args(megatron_patches.extra_args_provider)  # interleaf: --pipeline-schedule, --pipeline-memory-limit-gib
+    args = parse_args(megatron_patches.extra_args_provider)  # interleaf: --pipeline-schedule and its options
     schedule = megatron_patches.config_from_args(args)  # interleaf: checks the flags, None = megatron's own
     if schedule is not None:
-        megatron_patches.apply(schedule.schedule, memory_limit_gib=schedule.memory_limit_gib)  # interleaf
+        megatron_patches.apply(schedule.schedule, memory_limit_gib=schedule.memory_limit_gib,  # interleaf
+                               measured_costs=schedule.measured_costs)
     if args.cpu:
         sys.path.insert(0, os.path.join(ROOT, "tests", "megatron"))
         import cpu_shim
