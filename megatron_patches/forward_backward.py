@@ -202,8 +202,11 @@ class _Runner:
 
         timed = self.auto_samples[1:]  # the first step pays one-off costs (allocations, p2p metadata)
         mine = ([t for t, _ in timed], [mem for _, mem in timed])
-        everyone: List[Any] = [None] * self.pp
-        dist.all_gather_object(everyone, mine, group=self.pp_group)
+        # from every rank, not just this pipeline: each rank then builds the same schedule from the same data.
+        # Tensor-parallel ranks of a stage must run one order (their collectives inside layers pair up), and so
+        # must data-parallel replicas (DDP's overlapped grad-sync collectives follow the order chunks finish in).
+        everyone: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
         times = [t for rank_times, _ in everyone for t in rank_times]
         memory = [m for _, rank_mem in everyone for m in rank_mem]
         have_memory = any(memory)

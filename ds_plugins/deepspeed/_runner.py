@@ -335,11 +335,11 @@ class ScheduleRunner:
         if self.steps < cfg.auto_warmup_iterations:
             return
         self._measuring = False
-        shape = self.shape
-        gathered: list[Any] = [None] * shape.pp
-        torch.distributed.all_gather_object(
-            gathered, (self._samples[1:] or self._samples, self._memory), group=self.pipe_group
-        )
+        # every rank's measurements, from all pipelines (data-parallel replicas, model-parallel slices): each
+        # pipeline's rank 0 then plans from the same data, so all pipelines run the same schedule (ranks of one
+        # stage in different pipelines would otherwise pick orders from their own noise)
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (self._samples[1:] or self._samples, self._memory))
         schedule_box: list[Any] = [None]
         if self.rank == 0:
             schedule_box[0] = self._plan_auto(gathered) if cfg.schedule == "auto" else self._plan_retune(gathered)

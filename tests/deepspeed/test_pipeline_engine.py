@@ -64,7 +64,8 @@ TWO_RANK = [
 
 FOUR_RANK = [
     Scenario(name="dp2-deepspeed", schedule=None, dp=2),
-    Scenario(name="dp2-zb-v", schedule="zb-v", dp=2),
+    # rebuilt from measured costs after step 1: both data-parallel pipelines must take the same decision
+    Scenario(name="dp2-zb-v", schedule="zb-v", dp=2, extra={"auto_warmup_iterations": 1}),
     Scenario(name="dp2-1f1b-zero1", schedule="1f1b", dp=2, zero_stage=1),
     Scenario(name="dp2-zb-v-zero1-clip", schedule="zb-v", dp=2, zero_stage=1, clip=0.05),
     Scenario(name="pp4-zb-v", schedule="zb-v"),
@@ -270,6 +271,13 @@ def test_four_ranks(four_rank, name):
         ref = reference_run(sc)
         assert r["grad_norms"] == pytest.approx(ref["norms"], rel=1e-5)
         assert min(ref["norms"]) > sc.clip
+
+
+@pytest.mark.slow
+def test_data_parallel_pipelines_take_one_decision_from_measured_costs(four_rank):
+    """Every rank gathers the measurements of all ranks, so both dp replicas rebuild (or keep) zb-v alike."""
+    tuning = _ok(four_rank, "dp2-zb-v")["tuning"]
+    assert len(tuning) == 4 and len(set(tuning)) == 1 and tuning[0] in ("rebuilt", "kept"), tuning
 
 
 @pytest.mark.slow
