@@ -198,8 +198,6 @@ class _Runner:
         self.auto_samples.append((result.mean_seconds(), result.mean_memory_bytes()))
         if len(self.auto_samples) < AUTO_WARMUP_STEPS:
             return
-        from ds_plugins.runtime import measured_costs
-
         timed = self.auto_samples[1:]  # the first step pays one-off costs (allocations, p2p metadata)
         mine = ([t for t, _ in timed], [mem for _, mem in timed])
         # from every rank, not just this pipeline: each rank then builds the same schedule from the same data.
@@ -207,25 +205,20 @@ class _Runner:
         # must data-parallel replicas (DDP's overlapped grad-sync collectives follow the order chunks finish in).
         everyone: List[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-        times = [t for rank_times, _ in everyone for t in rank_times]
-        memory = [m for _, rank_mem in everyone for m in rank_mem]
-        have_memory = any(memory)
-
-        def measured():
-            return measured_costs(times, self.schedule.shape, memory=memory if have_memory else None)
-
-        schedule = (self._auto(measured(), have_memory) if self.schedule_config.schedule == "auto"
-                    else self._retuned(measured))
+        schedule = self._auto(everyone) if self.schedule_config.schedule == "auto" else self._retuned(everyone)
         # the warm-up loaded every kernel these actions launch: no serialized first step for the new executor
         self._install(schedule, timing="none", serialize_first=False)
         self.measuring = False
         self.auto_samples = []
 
-    def _auto(self, costs, have_memory: bool):
-        """``auto`` built from the measured costs (the seed schedule when it prefers the other placement)."""
+    def _auto(self, everyone):
+        """``auto`` built from every rank's measurements (the seed schedule when it prefers the other placement)."""
+        from ds_plugins.runtime import costs_from_ranks
+
+        costs, measured_memory = costs_from_ranks(everyone, self.schedule.shape)
         limit = None
         if self.schedule_config.memory_limit_gib is not None:
-            limit = (self.schedule_config.memory_limit_gib * 2**30 if have_memory else _estimated_memory_limit(
+            limit = (self.schedule_config.memory_limit_gib * 2**30 if measured_memory else _estimated_memory_limit(
                 self.schedule_config, self.config, self.seq_length, self.micro_batch_size, self.pp))
         schedule = self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches,
                                        vp=len(self.chunks), costs=costs, memory_limit=limit)
@@ -238,24 +231,21 @@ class _Runner:
             return self.schedule
         return schedule
 
-    def _retuned(self, measured):
-        """zb-h1/zb-h2/zb-v rebuilt from the measured costs (``measured()``) when that simulates faster, else the
-        running one."""
+    def _retuned(self, everyone):
+        """zb-h1/zb-h2/zb-v rebuilt from every rank's measurements when that simulates faster, else the running
+        one."""
+        from ds_plugins.runtime import costs_from_ranks
         from ds_plugins.schedule.registry import retune
 
         try:
-            outcome = retune(self.schedule, measured())
+            outcome = retune(self.schedule, costs_from_ranks(everyone, self.schedule.shape)[0])
         except ValueError as err:  # an optimisation only: training goes on with the order it has
             logger.warning("interleaf %s: not rebuilt from measured costs (%s); keeping the current order",
                            self.schedule.name, err)
             self.tuning = "kept"
             return self.schedule
         self.tuning = "rebuilt" if outcome.changed else "kept"
-        logger.info("interleaf %s: simulated step %.1f ms (bubble %.1f%%) as built for F = I = W, %.1f ms "
-                    "(bubble %.1f%%) rebuilt for the measured F/I/W times: %s", self.schedule.name,
-                    1e3 * outcome.before.makespan, 100 * outcome.before.bubble_fraction,
-                    1e3 * outcome.after.makespan, 100 * outcome.after.bubble_fraction,
-                    "running the rebuilt order" if outcome.changed else "keeping the current order")
+        logger.info("interleaf %s: %s", self.schedule.name, outcome.summary())
         return outcome.schedule
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from deepspeed import comm as dist
 
-from ..runtime.executor import PipelineExecutor, StepResult, measured_costs
+from ..runtime.executor import PipelineExecutor, StepResult, costs_from_ranks, measured_costs
 from ..runtime.p2p import P2PCommunicator
 from ..runtime.weight_grad import WeightGradQueue, accumulate_into_grad, enable_weight_grad_split
 from ..schedule.registry import COST_TUNED, build_schedule, retune
@@ -362,11 +362,9 @@ class ScheduleRunner:
     def _plan_retune(self, gathered: list[Any]) -> Any:
         """On pipeline rank 0: ``self.config.schedule`` rebuilt from every rank's measurements when the simulator
         finds the rebuilt order faster under them (else None: keep running the current one)."""
-        samples = [s for per_rank, _ in gathered for s in per_rank]
-        memory = [m for _, per_rank in gathered for m in per_rank if m]
         current = self.executor.schedule
         try:
-            costs = measured_costs(samples, self.shape, memory=memory or None)
+            costs, _ = costs_from_ranks(gathered, self.shape)
             outcome = retune(current, costs)
         except ValueError as err:  # an optimisation only: training goes on with the order it has
             logger.warning("interleaf %s: not rebuilt from measured costs (%s); keeping the current order",
@@ -374,23 +372,16 @@ class ScheduleRunner:
             return None
         per_stage = ", ".join(f"{1e3 * f:.2f}/{1e3 * i:.2f}/{1e3 * w:.2f}" for f, i, w in
                               zip(costs.forward, costs.backward_input, costs.backward_weight))
-        logger.info(
-            "interleaf %s: measured F/I/W ms per stage [%s]; simulated step %.1f ms (bubble %.1f%%) as built for "
-            "F = I = W, %.1f ms (bubble %.1f%%) rebuilt for the measured costs: %s",
-            current.name, per_stage, 1e3 * outcome.before.makespan, 100 * outcome.before.bubble_fraction,
-            1e3 * outcome.after.makespan, 100 * outcome.after.bubble_fraction,
-            "running the rebuilt order" if outcome.changed else "keeping the current order")
+        logger.info("interleaf %s: measured F/I/W ms per stage [%s]; %s", current.name, per_stage, outcome.summary())
         return outcome.schedule if outcome.changed else None
 
     def _plan_auto(self, gathered: list[Any]) -> Any:
         """On pipeline rank 0: build the auto schedule from every rank's measurements (or an error message)."""
         shape = self.shape
-        samples = [s for per_rank, _ in gathered for s in per_rank]
-        memory = [m for _, per_rank in gathered for m in per_rank if m]
         try:
-            costs = measured_costs(samples, shape, memory=memory or None)
+            costs, measured_memory = costs_from_ranks(gathered, shape)
             limit = None
-            if self.config.memory_limit_gib is not None and memory:
+            if self.config.memory_limit_gib is not None and measured_memory:
                 limit = self.config.memory_limit_gib * 2**30
             elif self.config.memory_limit_gib is not None:
                 logger.warning("interleaf auto: no device memory measurements here (CPU); memory_limit_gib ignored")

@@ -2,7 +2,7 @@
 
 See docs/runtime.md.
 """
-from .executor import PipelineExecutor, StepResult, Timing, measured_costs
+from .executor import PipelineExecutor, StepResult, Timing, costs_from_ranks, measured_costs
 from .p2p import MessageKey, P2PCommunicator
 from .stages import StageModule, build_stage_modules, partition_layers
 from .weight_grad import (
@@ -27,6 +27,7 @@ __all__ = [
     "build_stage_modules",
     "disable_weight_grad_split",
     "enable_weight_grad_split",
+    "costs_from_ranks",
     "measured_costs",
     "partition_layers",
     "split_linear",

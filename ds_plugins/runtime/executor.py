@@ -36,7 +36,7 @@ from ..schedule.lowering import add_communication, serialize
 from .p2p import MessageKey, MessageSpec, P2PCommunicator, PendingRecv, TensorSpec
 from .weight_grad import WeightGradQueue
 
-__all__ = ["PipelineExecutor", "StepResult", "measured_costs", "Timing"]
+__all__ = ["PipelineExecutor", "StepResult", "costs_from_ranks", "measured_costs", "Timing"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,16 @@ def measured_costs(
         activation_memory=tuple(activation),
         weight_grad_memory=tuple(kept_final),
     )
+
+
+def costs_from_ranks(gathered: Sequence[tuple[Sequence[Mapping], Sequence[Mapping]]],
+                     shape: PipelineShape) -> tuple[CostModel, bool]:
+    """The cost model from every rank's warm-up measurements, as the adapters gather them (one
+    ``(mean_seconds() dicts, mean_memory_bytes() dicts)`` pair per rank, e.g. ``dist.all_gather_object``), and
+    whether any device memory was measured (CPU runs measure none: activation memory then defaults)."""
+    samples = [s for per_rank, _ in gathered for s in per_rank]
+    memory = [m for _, per_rank in gathered for m in per_rank if m]
+    return measured_costs(samples, shape, memory=memory or None), bool(memory)
 
 
 @dataclass(slots=True)

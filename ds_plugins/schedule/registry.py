@@ -149,10 +149,20 @@ class Retuned:
     """The given schedule simulated under the measured costs."""
     after: SimulationResult
     """The rebuilt schedule simulated under the measured costs."""
+    given: Schedule
+    """The schedule :func:`retune` was given."""
 
     @property
     def changed(self) -> bool:
-        return self.after.makespan < self.before.makespan * (1 - _RETUNE_MIN_GAIN)
+        """Whether :attr:`schedule` is the rebuilt order."""
+        return self.schedule is not self.given
+
+    def summary(self) -> str:
+        """For logs, with costs in seconds (what ``measured_costs`` builds)."""
+        return (f"simulated step {1e3 * self.before.makespan:.1f} ms (bubble {100 * self.before.bubble_fraction:.1f}%) "
+                f"as built for F = I = W, {1e3 * self.after.makespan:.1f} ms (bubble "
+                f"{100 * self.after.bubble_fraction:.1f}%) rebuilt for the measured costs: "
+                + ("running the rebuilt order" if self.changed else "keeping the current order"))
 
 
 _RETUNE_MIN_GAIN = 1e-3
@@ -170,5 +180,6 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     shape = schedule.shape
     costs.for_shape(shape)
     rebuilt = _GENERATORS[schedule.name](shape, costs)
-    result = Retuned(schedule, simulate(schedule, costs), simulate(rebuilt, costs))
-    return Retuned(rebuilt, result.before, result.after) if result.changed else result
+    before, after = simulate(schedule, costs), simulate(rebuilt, costs)
+    faster = after.makespan < before.makespan * (1 - _RETUNE_MIN_GAIN)
+    return Retuned(rebuilt if faster else schedule, before, after, schedule)

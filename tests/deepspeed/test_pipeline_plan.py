@@ -182,18 +182,25 @@ def test_demo_runs_on_cpu(tmp_path):
     assert png.exists() and png.stat().st_size > 1000
 
 
+def _tiny_benchmark(tmp_path, args, variants) -> str:
+    """benchmarks/pipeline.py --tiny on 4 CPU processes; its BENCHMARKS.md section, after checking every variant
+    ran."""
+    out_md = tmp_path / "BENCH.md"
+    proc = _run_script(["benchmarks/pipeline.py", "--tiny", "--procs", "4", *args, "--warmup", "4", "--steps", "1",
+                        "--variants", *variants, "--out", str(out_md)], timeout=230)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED" not in proc.stdout
+    text = out_md.read_text()
+    for variant in variants:
+        assert f"| {variant}" in text, text
+    return text
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_benchmark_runs_tiny_on_cpu(tmp_path):
-    out_md = tmp_path / "BENCH.md"
-    proc = _run_script(["benchmarks/pipeline.py", "--tiny", "--procs", "4", "--microbatches", "8", "--warmup", "4",
-                        "--steps", "1", "--variants", "deepspeed-1f1b", "1f1b", "zb-v", "auto", "torch-1f1b",
-                        "--out", str(out_md)], timeout=230)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out_md.read_text()
-    for variant in ("deepspeed-1f1b", "zb-v", "auto", "torch-1f1b", "ideal"):
-        assert f"| {variant}" in text, text
-    assert "FAILED" not in proc.stdout
+    text = _tiny_benchmark(tmp_path, ["--microbatches", "8"], ["deepspeed-1f1b", "1f1b", "zb-v", "auto", "torch-1f1b"])
+    assert "| ideal" in text, text
 
 
 @pytest.mark.slow
@@ -201,16 +208,8 @@ def test_benchmark_runs_tiny_on_cpu(tmp_path):
 def test_benchmark_runs_pipeline_times_data_parallel_on_cpu(tmp_path):
     """--pp 2 on 4 ranks: two data-parallel pipelines (issue 6's pp=4 x dp=2 layout, scaled down); the torch rows
     build their pipeline and data-parallel groups in DeepSpeed's topology."""
-    out_md = tmp_path / "BENCH.md"
-    proc = _run_script(["benchmarks/pipeline.py", "--tiny", "--procs", "4", "--pp", "2", "--microbatches", "4",
-                        "--warmup", "4", "--steps", "1", "--variants", "deepspeed-1f1b", "zb-v", "torch-1f1b",
-                        "--out", str(out_md)], timeout=230)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out_md.read_text()
+    text = _tiny_benchmark(tmp_path, ["--pp", "2", "--microbatches", "4"], ["deepspeed-1f1b", "zb-v", "torch-1f1b"])
     assert "<!-- benchmarks/pipeline.py pp=2 dp=2 -->" in text
-    for variant in ("deepspeed-1f1b", "zb-v", "torch-1f1b"):
-        assert f"| {variant}" in text, text
-    assert "FAILED" not in proc.stdout
 
 
 def test_retune_that_cannot_build_keeps_the_running_order(caplog):
