@@ -23,7 +23,7 @@ import tempfile
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["device_gaps", "format_gaps", "gaps_from_trace"]
+__all__ = ["device_gaps", "format_gaps", "gaps_from_file", "gaps_from_trace"]
 
 GAP_US = 20.0
 """Idle time between two kernels below this is launch latency, not a gap."""
@@ -43,22 +43,35 @@ def device_gaps(prof: Any, *, top: int = 8) -> dict[str, Any]:
     return gaps_from_trace(trace, top=top)
 
 
+def gaps_from_file(path: str, *, top: int = 8) -> dict[str, Any]:
+    """:func:`gaps_from_trace` of a chrome trace file (``.json`` or ``.json.gz``, as ``export_chrome_trace``
+    writes them)."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return gaps_from_trace(json.load(f), top=top)
+
+
 def gaps_from_trace(trace: dict[str, Any], *, top: int = 8) -> dict[str, Any]:
     """Summary of one profiled step: ``kernels`` (count), ``kernel_ms`` (summed device time of kernels, copies and
-    memsets), ``busy_ms`` (union
+    memsets; NCCL kernels not included: ``nccl_ms`` is theirs), ``busy_ms`` (union
     of kernel intervals), ``extent_ms`` (first kernel start to last kernel end), ``gap_ms`` (extent - busy),
     ``host_bound_gap_ms`` (gaps whose closing kernel was launched during the gap), ``by_kernel`` (name ->
     [launches, ms]) and ``host_ops`` (the ``top`` outermost CPU ops running at those late launches, with the gap
     time they account for). All zeros when the trace holds no kernel (CPU runs)."""
     events = trace.get("traceEvents", [])
-    # device work: kernels, and the copies/memsets the GPU runs between them
-    kernels = sorted((e for e in events if e.get("cat") in _DEVICE_CATS and e.get("dur", 0) > 0), key=lambda e: e["ts"])
+    # device work: kernels, and the copies/memsets the GPU runs between them; NCCL kernels apart (a receive
+    # kernel runs from its launch until the peer's data arrives: waiting, not computing)
+    device = [e for e in events if e.get("cat") in _DEVICE_CATS and e.get("dur", 0) > 0]
+    nccl_ms = sum(e["dur"] for e in device if _is_nccl(e)) / 1e3
+    kernels = sorted((e for e in device if not _is_nccl(e)), key=lambda e: e["ts"])
     by_kernel: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for k in kernels:
         by_kernel[k["name"]][0] += 1
         by_kernel[k["name"]][1] += k["dur"] / 1e3
     summary: dict[str, Any] = {"kernels": sum(1 for k in kernels if k["cat"] == "kernel"),
-                               "kernel_ms": sum(v[1] for v in by_kernel.values()),
+                               "kernel_ms": sum(v[1] for v in by_kernel.values()), "nccl_ms": nccl_ms,
                                "busy_ms": 0.0, "extent_ms": 0.0, "gap_ms": 0.0, "host_bound_gap_ms": 0.0,
                                "by_kernel": {k: list(v) for k, v in by_kernel.items()}, "host_ops": []}
     if not kernels:
@@ -93,6 +106,10 @@ def gaps_from_trace(trace: dict[str, Any], *, top: int = 8) -> dict[str, Any]:
     return summary
 
 
+def _is_nccl(event: dict) -> bool:
+    return "nccl" in event["name"].lower()
+
+
 def _by_thread(ops) -> dict[Any, list[dict]]:
     threads: dict[Any, list[dict]] = defaultdict(list)
     for op in ops:
@@ -104,7 +121,8 @@ def _by_thread(ops) -> dict[Any, list[dict]]:
 
 def format_gaps(summary: dict[str, Any], label: str = "") -> str:
     """One line plus the host ops behind host-bound gaps, for logs."""
-    head = (f"{label}{summary['kernels']} kernels, {summary['kernel_ms']:.2f} ms of kernels, device busy "
+    head = (f"{label}{summary['kernels']} kernels, {summary['kernel_ms']:.2f} ms of kernels "
+            f"(+ {summary.get('nccl_ms', 0.0):.2f} ms in NCCL kernels), device busy "
             f"{summary['busy_ms']:.2f} of {summary['extent_ms']:.2f} ms (gaps {summary['gap_ms']:.2f} ms, "
             f"{summary['host_bound_gap_ms']:.2f} ms waiting for the host)")
     ops = "; ".join(f"{name[:60]} {ms:.2f} ms" for name, ms in summary["host_ops"])

@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DeepSpeed/interleaf rows: profile one more step per rank after the timed ones and print "
                         "kernel time vs device busy vs gaps, and the host ops behind the gaps (CUDA; "
                         "benchmarks/device_gaps.py); the JSON gets every rank's summary")
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile: also write each rank's chrome trace of the profiled step here "
+                        "(<variant>_m<m>_rank<r>.json.gz, for chrome://tracing or Perfetto)")
     p.add_argument("--pp", type=int, default=None,
                    help="pipeline stages (default: all ranks); data parallel = ranks / pp, e.g. --pp 4 on 8 GPUs")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
@@ -209,8 +212,12 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
     _sync(device)
     torch.distributed.barrier()
     t0 = time.perf_counter()
+    host_share = []  # interleaf: host time issuing the executor's step / its device time, per step
     for _ in range(args.steps):
         engine.train_batch(it)
+        if runner is not None:
+            result = runner.last_result
+            host_share.append(result.host_wall_s / max(result.wall_s, 1e-9))
     _sync(device)
     elapsed = time.perf_counter() - t0
     elapsed = max(r[0] for r in _gather_floats([elapsed], device))
@@ -228,9 +235,13 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         busy_max = None
         name = "1f1b"
     # after every timed figure is read (the history and the DeepSpeed timer would count the profiled step)
-    profile = _profiled_step(engine, it, device, f"{variant} m={m}") if args.profile else None
+    profile = (_profiled_step(engine, it, device, f"{variant} m={m}", args.trace_dir and os.path.join(
+        args.trace_dir, f"{variant}_m{m}_rank{torch.distributed.get_rank()}.json.gz")) if args.profile else None)
     peaks = [r[0] for r in _gather_floats([_peak_gib(device)], device)]
     row = Row(variant, m, tokens / elapsed, bubble, peaks, busy_max_s=busy_max, schedule=name)
+    if host_share:
+        # ~1.0: the host was still enqueueing when the GPU finished (host-bound); well below 1: it ran ahead
+        row.extra["host_issue_share"] = [r[0] for r in _gather_floats([sum(host_share) / len(host_share)], device)]
     if profile is not None:
         row.extra["profile"] = profile
     if hasattr(engine, "destroy"):
@@ -244,20 +255,26 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
     return row
 
 
-def _profiled_step(engine, it, device, label: str) -> list | None:
+def _profiled_step(engine, it, device, label: str, trace_path: str | None = None) -> list | None:
     """One more train_batch under torch.profiler on every rank (after the timed steps, not timed itself); every
-    rank's device_gaps summary, printed on rank 0 (CUDA only; None on CPU)."""
+    rank's device_gaps summary, printed on rank 0 (CUDA only; None on CPU). ``trace_path``: also export the
+    chrome trace there."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.device_gaps import device_gaps, format_gaps
+    from benchmarks.device_gaps import device_gaps, format_gaps, gaps_from_file
 
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.train_batch(it)
         torch.cuda.synchronize(device)
-    summary = device_gaps(prof)
+    if trace_path:  # a profile exports its trace once: summarise the written file
+        os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
+        prof.export_chrome_trace(trace_path)
+        summary = gaps_from_file(trace_path)
+    else:
+        summary = device_gaps(prof)
     summary.pop("by_kernel")
     summaries: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(summaries, summary)
@@ -370,6 +387,15 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=args.nccl_timeout_s))
     rank = torch.distributed.get_rank()
+    if rank == 0:  # what auto picked and what the measured-cost rebuilds simulated, in the log
+        import logging
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[interleaf] %(message)s"))
+        for name in ("ds_plugins.schedule.generators.auto", "ds_plugins.deepspeed._runner"):
+            log = logging.getLogger(name)
+            log.setLevel(logging.INFO)
+            log.addHandler(handler)
     _layout(args)  # a --pp that does not divide the ranks fails here, before any variant
     cfg = _gpt_config(args.tiny)
     rows: list[Row] = []
@@ -393,7 +419,9 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         if rank == 0:
             print(f"[pipeline bench] m={m:2d} {variant:>16}: {row.tokens_per_s:10.0f} tokens/s  "
                   f"bubble {_pct(row.bubble):>6}  peak GiB {'/'.join(f'{p:.1f}' for p in row.peak_gib)}  "
-                  f"({time.perf_counter() - t0:.0f} s; {resident:.2f} GiB still allocated before it)", flush=True)
+                  f"({time.perf_counter() - t0:.0f} s; {resident:.2f} GiB still allocated before it)"
+                  + (f"  host issue / device step {'/'.join(f'{h:.2f}' for h in row.extra['host_issue_share'])}"
+                     if "host_issue_share" in row.extra else ""), flush=True)
     rows.sort(key=lambda r: (r.microbatches, args.variants.index(r.variant)))
     return rows
 

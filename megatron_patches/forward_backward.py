@@ -220,16 +220,9 @@ class _Runner:
         if self.schedule_config.memory_limit_gib is not None:
             limit = (self.schedule_config.memory_limit_gib * 2**30 if measured_memory else _estimated_memory_limit(
                 self.schedule_config, self.config, self.seq_length, self.micro_batch_size, self.pp))
-        schedule = self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches,
-                                       vp=len(self.chunks), costs=costs, memory_limit=limit)
-        if schedule.shape.placement != self.placement:
-            # auto searched both placements and liked the other one better; the model is already built.
-            logger.warning(
-                "interleaf auto: the best schedule for the measured costs uses %r placement but the model chunks "
-                "are in %r placement; keeping the seed schedule %s", schedule.shape.placement, self.placement,
-                self.schedule.name)
-            return self.schedule
-        return schedule
+        # the model chunks are built: search their placement only
+        return self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches, vp=len(self.chunks),
+                                   costs=costs, memory_limit=limit, placement=self.placement)
 
     def _retuned(self, everyone):
         """zb-h1/zb-h2/zb-v rebuilt from every rank's measurements when that simulates faster, else the running

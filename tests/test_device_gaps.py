@@ -34,6 +34,20 @@ def test_gaps_split_into_host_bound_and_not():
     assert "waiting for the host" in format_gaps(s)
 
 
+def test_nccl_kernels_are_waiting_not_compute():
+    """A receive kernel spins from its launch until the peer's data arrives: it must not fill a compute gap."""
+    trace = {"traceEvents": [
+        _launch(0, 1), _k("gemm", 5, 10, 1),
+        _launch(1, 2), _k("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)", 15, 100, 2),
+        _launch(2, 3), _k("gemm", 115, 10, 3),
+    ]}
+    s = gaps_from_trace(trace)
+    assert s["kernels"] == 2 and s["kernel_ms"] == 20 / 1e3 and s["nccl_ms"] == 100 / 1e3
+    assert s["busy_ms"] == 20 / 1e3 and abs(s["gap_ms"] - 100 / 1e3) < 1e-12
+    assert s["host_bound_gap_ms"] == 0.0  # launched long before the gap: the GPU waited on the peer
+    assert "100.00" not in format_gaps(s).split("device busy")[1]
+
+
 def test_cpu_trace_has_no_device_figures():
     s = gaps_from_trace({"traceEvents": [_op("aten::mm", 0, 10)]})
     assert s["kernels"] == 0 and s["busy_ms"] == 0.0 and s["host_ops"] == []

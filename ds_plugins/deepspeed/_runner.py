@@ -32,6 +32,12 @@ _LAYOUT_JSON = "interleaf_layout.json"
 _OPTIM_SUFFIX = "interleaf_optim_states.pt"
 
 
+def _per_stage(costs: Any) -> str:
+    """Measured F/I/W milliseconds per stage, for logs."""
+    return ", ".join(f"{1e3 * f:.2f}/{1e3 * i:.2f}/{1e3 * w:.2f}"
+                     for f, i, w in zip(costs.forward, costs.backward_input, costs.backward_weight))
+
+
 def register_optimizer_types(bf16: type, zero: type) -> None:
     global _BF16_OPTIMIZER, _ZERO_OPTIMIZER
     _BF16_OPTIMIZER, _ZERO_OPTIMIZER = bf16, zero
@@ -142,19 +148,54 @@ class ScheduleRunner:
             timing="action",
             track_memory=self._measuring,  # only the measured warm-up reads memory figures
             serialize_first=serialize_first,
+            after_backward=self._flush_bf16_grads if self._bf16 else None,
         )
 
     def _prepare_bf16(self, opt: Any) -> None:
-        """BF16_Optimizer accumulates in fp32 "hp" buffers. Autograd-made gradients go there per parameter as
-        soon as they are accumulated (DeepSpeed's own ``immediate_grad_update`` hooks); deferred W gradients go
-        there directly from the queue, so every micro-batch is summed in fp32 as DeepSpeed's 1F1B does."""
-        self._bf16_index = {}
+        """BF16_Optimizer sums the micro-batches' gradients in fp32 "hp" buffers: each micro-batch's bf16
+        gradient, converted, added once (``hp.add_(lp_grad.to(fp32))`` in its ``_update_hp_grad``). DeepSpeed
+        does that with one Python call per parameter per micro-batch (its ``immediate_grad_update`` hooks, or its
+        loop after each backward): ~200 host calls and 400 kernel launches per stage per micro-batch, host time
+        the GPU waits for when kernels are short. Here the same sums run as one ``torch._foreach_add_`` over the
+        stage's parameters after each I/B action (:meth:`_flush_bf16_grads`, the executor's ``after_backward``),
+        and deferred W gradients go into the buffers straight from the queue (:meth:`_bf16_accumulate`). Same
+        additions in the same order as DeepSpeed's 1F1B: every micro-batch is summed in fp32."""
+        index: dict[int, tuple[int, int, torch.Tensor]] = {}
         for i, group in enumerate(opt.bf16_groups):
             for j, p in enumerate(group):
-                self._bf16_index[id(p)] = (i, j)
-        if not opt.immediate_grad_update:
-            opt.immediate_grad_update = True
-            opt.create_grad_acc_hooks()
+                hp = opt.fp32_groups_gradients[i][j].view(p.shape)  # a view of DeepSpeed's flat fp32 buffer
+                index[id(p)] = (i, j, hp)
+                p._hp_grad = opt.fp32_groups_gradients[i][j]
+        self._bf16_index = index
+        self._bf16_stage_params: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor, int, int]]] = {}
+        for stage, chunk in self.chunks.items():
+            entries = []
+            for p in chunk.parameters():
+                where = index.get(id(p))
+                if where is not None and p.requires_grad:
+                    entries.append((p, where[2], where[0], where[1]))
+            self._bf16_stage_params[stage] = entries
+        for hook in getattr(opt, "_grad_acc_hooks", ()):  # "immediate_grad_update": true in the user's config
+            hook.remove()
+        opt._grad_acc_hooks = []
+        # keeps DeepSpeed's own update_hp_grads (run by its engine/optimizer after a backward) a no-op
+        opt.immediate_grad_update = True
+
+    @torch.no_grad()
+    def _flush_bf16_grads(self, stage: int) -> None:
+        """Add the bf16 gradients autograd left on ``stage``'s parameters to their fp32 buffers and release them
+        (after every I/B action of the stage: one micro-batch's gradients at a time)."""
+        hps, grads = [], []
+        has = self.engine.optimizer.fp32_groups_has_gradients
+        for p, hp, i, j in self._bf16_stage_params[stage]:
+            g = p.grad
+            if g is not None:
+                hps.append(hp)
+                grads.append(g)
+                p.grad = None
+                has[i][j] = True
+        if hps:
+            torch._foreach_add_(hps, grads)
 
     def _bf16_accumulate(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
         """``hp += grad`` as DeepSpeed's ``_update_hp_grad`` does (``hp.add_(lp_grad.to(fp32))``), the same sum
@@ -164,12 +205,9 @@ class ScheduleRunner:
         if where is None:  # not optimized (frozen): keep autograd's behaviour
             accumulate_into_grad(param, grad)
             return
-        i, j = where
-        opt = self.engine.optimizer
-        hp = opt.fp32_groups_gradients[i][j]
-        hp.add_(grad.detach().view(hp.shape))
-        param._hp_grad = hp
-        opt.fp32_groups_has_gradients[i][j] = True
+        i, j, hp = where
+        hp.add_(grad)
+        self.engine.optimizer.fp32_groups_has_gradients[i][j] = True
 
     # ------------------------------------------------------------------ data
     def _load(self, microbatches: int) -> tuple[list[Any] | None, list[Any] | None]:
@@ -370,9 +408,8 @@ class ScheduleRunner:
             logger.warning("interleaf %s: not rebuilt from measured costs (%s); keeping the current order",
                            current.name, err)
             return None
-        per_stage = ", ".join(f"{1e3 * f:.2f}/{1e3 * i:.2f}/{1e3 * w:.2f}" for f, i, w in
-                              zip(costs.forward, costs.backward_input, costs.backward_weight))
-        logger.info("interleaf %s: measured F/I/W ms per stage [%s]; %s", current.name, per_stage, outcome.summary())
+        logger.info("interleaf %s: measured F/I/W ms per stage [%s]; %s", current.name, _per_stage(costs),
+                    outcome.summary())
         return outcome.schedule if outcome.changed else None
 
     def _plan_auto(self, gathered: list[Any]) -> Any:
@@ -385,17 +422,13 @@ class ScheduleRunner:
                 limit = self.config.memory_limit_gib * 2**30
             elif self.config.memory_limit_gib is not None:
                 logger.warning("interleaf auto: no device memory measurements here (CPU); memory_limit_gib ignored")
+            # the model is partitioned already: search its placement only (a winner in the other one could not
+            # run, and the warm-up's seed order, built for F = I = W, would stay)
+            logger.info("interleaf auto: measured F/I/W ms per stage [%s]", _per_stage(costs))
             schedule = build_schedule("auto", pp=shape.pp, microbatches=shape.microbatches, vp=shape.vp, costs=costs,
-                                      memory_limit=limit)
+                                      memory_limit=limit, placement=shape.placement)
         except ValueError as err:
             return f"interleaf auto schedule: {err}"
-        if schedule.shape.placement != shape.placement:
-            logger.warning(
-                "interleaf auto: the best schedule (%s) uses %s placement but the model is partitioned for %s; "
-                "keeping %s. Set virtual_stages to pick the other placement's family.",
-                schedule.name, schedule.shape.placement, shape.placement, self.executor.schedule.name,
-            )
-            return None
         return schedule
 
     def measured_cost_model(self) -> Any:

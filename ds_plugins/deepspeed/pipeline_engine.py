@@ -161,7 +161,8 @@ def plan_pipeline(
     """Check the ``interleaf.pipeline`` block against the DeepSpeed setup and build the (first) schedule.
 
     Torch-free and collective-free: every rank raises the same ``ValueError`` before any process-group work.
-    ``auto`` starts from ``zb-h1`` (its warm-up schedule) with the same shape the final plan will use.
+    ``auto`` starts from ``zb-v`` (its warm-up schedule; ``zb-h1`` with ``virtual_stages`` 1, interleaved-1f1b
+    with more) with the same shape the final plan will use.
     """
     from ..schedule.registry import build_schedule
 
@@ -186,7 +187,9 @@ def plan_pipeline(
             f"memory_limit_gib applies to schedule 'auto' only (schedule is {cfg.schedule!r}): set "
             '"schedule": "auto" or "memory_limit_gib": null'
         )
-    vp = cfg.virtual_stages if cfg.virtual_stages is not None else _default_vp(name if name != "auto" else "zb-h1")
+    # auto: 2 chunks in V by default (its search then covers zb-v, v-half, v-min and greedy V orders: on 2x H100
+    # zb-v ran fastest of all; one chunk per rank leaves it zb-h1/zb-h2-like orders only)
+    vp = cfg.virtual_stages if cfg.virtual_stages is not None else (2 if name == "auto" else _default_vp(name))
     if name == "auto":
         name = "zb-h1" if vp == 1 else ("zb-v" if vp == 2 else "interleaved-1f1b")
     if name in ("1f1b", "zb-h1", "zb-h2") and vp != 1:

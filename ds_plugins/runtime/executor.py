@@ -123,6 +123,13 @@ class StepResult:
         return self._wall
 
     @property
+    def host_wall_s(self) -> float:
+        """Host time from the start of :meth:`PipelineExecutor.run` until its last action was issued. On CUDA,
+        close to :attr:`wall_s` means the GPU waited for the host to enqueue work (host-bound); much smaller
+        means the host ran ahead of the GPU."""
+        return self._host_wall_s
+
+    @property
     def busy_s(self) -> float:
         """Time this rank spent computing (sum of its F/I/W/B actions); 0 when timing is off."""
         return sum(sum(v) for v in self.action_seconds.values())
@@ -287,6 +294,9 @@ class PipelineExecutor:
             (:meth:`StepResult.mean_memory_bytes`, what ``auto`` builds its memory model from). Off by default:
             ``torch.cuda.memory_allocated`` builds the allocator's whole statistics dict on the host, twice per
             action, time the host then does not spend launching kernels.
+        after_backward: called with the stage after the autograd pass of every I and B action, once that
+            micro-batch's gradients (all of them for B; all but the deferred weight gradients for I) are on the
+            parameters (DeepSpeed's bf16 optimizer moves them into its fp32 buffers there).
     """
 
     def __init__(
@@ -305,6 +315,7 @@ class PipelineExecutor:
         backward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         serialize_first: bool | None = None,
         track_memory: bool = False,
+        after_backward: Callable[[int], None] | None = None,
     ) -> None:
         shape = schedule.shape
         if not 0 <= rank < shape.pp:
@@ -332,6 +343,7 @@ class PipelineExecutor:
         self.timing = timing
         self.log_every = log_every
         self.backward_context = backward_context
+        self.after_backward = after_backward
         self.track_memory = bool(track_memory)
         self.last_stage = shape.num_stages - 1
         ordered = p2p is not None and p2p.ordered
@@ -727,6 +739,8 @@ class PipelineExecutor:
             ctx = self.queue.deferring(stage, mb) if defer_weight else contextlib.nullcontext()
             with ctx:
                 torch.autograd.backward(roots, grads)
+        if self.after_backward is not None:
+            self.after_backward(stage)
         if stage == 0:
             return
         input_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in saved.input_leaves]

@@ -104,15 +104,23 @@ def build_schedule(
     vp: int | None = None,
     costs: CostModel | None = None,
     memory_limit: float | None = None,
+    placement: str | None = None,
 ) -> Schedule:
     """Build schedule ``name`` (compute actions only: F/B/I/W).
 
     ``costs`` defaults to :meth:`CostModel.uniform` of the shape; its stage count must be pp * vp. Without
     ``vp``, a given ``costs`` fixes it (stages / pp) for schedules that allow that vp. ``memory_limit`` is a
     per-rank activation-memory cap in the cost model's units: ``auto`` searches under it (default: 1F1B's peak);
-    a handcrafted schedule whose peak exceeds it raises ``ValueError`` naming what fits.
+    a handcrafted schedule whose peak exceeds it raises ``ValueError`` naming what fits. ``placement``
+    (``"loop"`` or ``"v"``, ``auto`` only): the placement the model is already partitioned for; ``auto`` then
+    searches that placement alone instead of both (with vp = 2).
     """
     _check_name(name)
+    if placement is not None:
+        if name != "auto":
+            raise ValueError(f"placement applies to 'auto' only; {name} fixes its own placement")
+        if placement not in ("loop", "v"):
+            raise ValueError(f"placement must be 'loop' or 'v', got {placement!r}")
     if memory_limit is not None and not memory_limit > 0:
         raise ValueError(f"memory_limit must be a positive number (activation memory per rank), got {memory_limit}")
     if costs is not None and vp is None and name in ("auto", "interleaved-1f1b") and pp >= 1:
@@ -127,7 +135,11 @@ def build_schedule(
             f"{shape.num_stages}; give one cost per stage (pp * vp = {shape.num_stages}) or change vp"
         )
     if name == "auto":
-        return auto(shape, costs, memory_limit)
+        if placement is not None and placement != shape.placement:
+            if placement == "v" and shape.vp != 2:
+                raise ValueError(f"V placement needs vp=2 chunks per rank (got vp={shape.vp})")
+            shape = PipelineShape(pp=shape.pp, microbatches=shape.microbatches, vp=shape.vp, placement=placement)
+        return auto(shape, costs, memory_limit, fixed_placement=placement is not None)
     schedule = _GENERATORS[name](shape, costs)
     if memory_limit is not None:
         peak = max(simulate(schedule, costs).peak_activation_memory)

@@ -50,19 +50,19 @@ def test_unknown_schedule_is_rejected_by_the_config_block():
         ("zb-v", 2, "v", 8),
         ("v-half", 2, "v", 8),
         ("v-min", 2, "v", 8),
-        ("auto", 1, "loop", 4),  # warm-up under zb-h1, one chunk per rank
+        ("auto", 2, "v", 8),  # warm-up under zb-v, two chunks per rank in V
     ],
 )
 def test_plan_shapes(name, vp, placement, stages):
     plan = plan_pipeline(PipelineConfig(schedule=name), pp=4, microbatches=8)
     assert plan.shape.vp == vp and plan.shape.placement == placement and plan.shape.num_stages == stages
     if name == "auto":
-        assert plan.schedule.name == "zb-h1"
+        assert plan.schedule.name == "zb-v"
 
 
-def test_auto_with_two_chunks_warms_up_under_zb_v():
-    plan = plan_pipeline(PipelineConfig(schedule="auto", virtual_stages=2), pp=4, microbatches=8)
-    assert plan.schedule.name == "zb-v"
+def test_auto_with_one_chunk_warms_up_under_zb_h1():
+    plan = plan_pipeline(PipelineConfig(schedule="auto", virtual_stages=1), pp=4, microbatches=8)
+    assert plan.schedule.name == "zb-h1" and plan.shape.placement == "loop"
 
 
 def test_install_swaps_and_uninstall_restores_deepspeed_engine():

@@ -121,6 +121,30 @@ def test_auto_respects_memory_limit_and_takes_costs_vp() -> None:
     assert loose.makespan <= tight.makespan
 
 
+def test_auto_searches_only_the_given_placement() -> None:
+    """A partitioned model fixes the placement: with ``placement=`` auto must not return the other one, even
+    where the other one simulates faster (here the unrestricted search picks a looped order)."""
+    pp, m = 2, 8
+    f, i, w = 2.05, 4.45, 2.3
+    costs = CostModel(forward=(f + 0.1, f, f, f + 0.6), backward_input=(i, i, i, i + 0.8),
+                      backward_weight=(w, w, w, w + 0.5), comm=0.1, activation_memory=(1.1, 1.1, 1.1, 1.5),
+                      weight_grad_memory=(0.4, 0.4, 0.4, 0.6))
+    free = build_schedule("auto", pp=pp, microbatches=m, costs=costs)
+    assert free.shape.placement == "loop"
+    for placement in ("v", "loop"):
+        fixed = build_schedule("auto", pp=pp, microbatches=m, costs=costs, placement=placement)
+        assert fixed.shape.placement == placement and fixed.shape.vp == 2
+        validate(fixed, costs)
+        # never slower than the handcrafted schedules of that placement that fit 1F1B's memory
+        zb_v = simulate(build_schedule("zb-v", pp=pp, microbatches=m, costs=costs), costs).makespan
+        if placement == "v":
+            assert simulate(fixed, costs).makespan <= zb_v + 1e-9
+    with pytest.raises(ValueError, match="applies to 'auto' only"):
+        build_schedule("zb-v", pp=pp, microbatches=m, placement="v")
+    with pytest.raises(ValueError, match="'loop' or 'v'"):
+        build_schedule("auto", pp=pp, microbatches=m, costs=costs, placement="zigzag")
+
+
 @pytest.mark.parametrize(
     "kwargs,fix",
     [

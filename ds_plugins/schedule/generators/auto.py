@@ -77,11 +77,25 @@ def _greedy_policies(shape: PipelineShape, limit: float) -> list[GreedyPolicy]:
     return policies
 
 
-def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = None) -> Schedule:
-    """Search for the shortest schedule under ``memory_limit`` (per rank; default: 1F1B's peak)."""
+def _describe(policy: GreedyPolicy) -> str:
+    return ", ".join((
+        "I first" if policy.backward_first else "F first",
+        f"{policy.weight} W",
+        "wait for the critical path" if policy.fill_only_if_fits else "fill",
+        "deepest F first" if policy.forward_deepest_first else "new micro-batches first",
+        "1F1B warm-up depth" if policy.max_in_flight else "free warm-up depth",
+    ))
+
+
+def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = None, *,
+         fixed_placement: bool = False) -> Schedule:
+    """Search for the shortest schedule under ``memory_limit`` (per rank; default: 1F1B's peak).
+
+    ``fixed_placement``: search ``shape.placement`` only (a runtime whose model is already partitioned: with 2
+    chunks per rank the search otherwise covers both placements, and a winner in the other one cannot run)."""
     costs.for_shape(shape)
     limit = default_memory_limit(shape, costs) if memory_limit is None else float(memory_limit)
-    placements = [shape.placement] if shape.vp != 2 else ["v", "loop"]
+    placements = [shape.placement] if shape.vp != 2 or fixed_placement else ["v", "loop"]
     footprint = {  # one micro-batch's activations on the fullest rank, per placement
         p: max(rank_footprint(replace(shape, placement=p), costs, r) for r in range(shape.pp)) for p in placements
     }
@@ -91,24 +105,29 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
             f"auto: memory_limit {limit:g} cannot hold one micro-batch's activations ({need:g} on the fullest "
             f"rank); raise memory_limit to at least {need:g}"
         )
-    best: tuple[tuple[float, float], Schedule] | None = None
+    best: tuple[tuple[float, float], Schedule, str] | None = None
+    best_handcrafted: tuple[float, str] | None = None
 
-    def consider(schedule: Schedule, result: SimulationResult) -> None:
-        nonlocal best
+    def consider(schedule: Schedule, result: SimulationResult, origin: str) -> None:
+        nonlocal best, best_handcrafted
         peak = max(result.peak_activation_memory)
         if peak > limit + _EPS:
             return
         key = (result.makespan, peak)
         if best is None or key < best[0]:
-            best = (key, schedule)
+            best = (key, schedule, origin)
+        if not origin.startswith("greedy") and (best_handcrafted is None or result.makespan < best_handcrafted[0]):
+            best_handcrafted = (result.makespan, origin)
 
     for hshape, generator in handcrafted_candidates(shape):
+        if hshape.placement not in placements:
+            continue
         try:
             schedule = generator(hshape, costs)
         except ValueError as err:  # e.g. a budget that cannot hold one micro-batch
             logger.debug("auto: skipping %s: %s", generator.__name__, err)
             continue
-        consider(schedule, simulate(schedule, costs))
+        consider(schedule, simulate(schedule, costs), schedule.name)
 
     for placement in placements:
         if limit + _EPS < footprint[placement]:  # this placement cannot hold one micro-batch on some rank
@@ -116,10 +135,12 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
         pshape = replace(shape, placement=placement)
         for policy in _greedy_policies(pshape, limit):
             schedule = list_schedule("auto", pshape, costs, policy)
-            consider(schedule, simulate(schedule, costs))
+            consider(schedule, simulate(schedule, costs), f"greedy {placement} ({_describe(policy)})")
 
     if best is None:  # cannot happen: the greedy candidates respect the limit checked above
         raise RuntimeError(f"auto found no schedule within memory_limit {limit:g} (internal error)")
-    (makespan, peak), schedule = best
-    logger.debug("auto: picked %s (makespan %g, peak %g)", schedule.name, makespan, peak)
+    (makespan, peak), schedule, origin = best
+    logger.info("auto: picked %s, simulated makespan %g, peak activation memory %g (cap %g); best handcrafted "
+                "schedule under the cap: %s", origin, makespan, peak, limit,
+                "none" if best_handcrafted is None else f"{best_handcrafted[1]} {best_handcrafted[0]:g}")
     return Schedule("auto", schedule.shape, schedule.actions)
