@@ -210,6 +210,9 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
     if timer is not None:
         timer.reset()
     _sync(device)
+    warmup_peak = _peak_gib(device)  # the warm-up (first, serialized step; measured steps) apart from the timed ones
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.distributed.barrier()
     t0 = time.perf_counter()
     host_share = []  # interleaf: host time issuing the executor's step / its device time, per step
@@ -237,8 +240,10 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
     # after every timed figure is read (the history and the DeepSpeed timer would count the profiled step)
     profile = (_profiled_step(engine, it, device, f"{variant} m={m}", args.trace_dir and os.path.join(
         args.trace_dir, f"{variant}_m{m}_rank{torch.distributed.get_rank()}.json.gz")) if args.profile else None)
-    peaks = [r[0] for r in _gather_floats([_peak_gib(device)], device)]
+    both = _gather_floats([warmup_peak, _peak_gib(device)], device)
+    peaks = [max(r) for r in both]
     row = Row(variant, m, tokens / elapsed, bubble, peaks, busy_max_s=busy_max, schedule=name)
+    row.extra["peak_gib_warmup_timed"] = both
     if host_share:
         # ~1.0: the host was still enqueueing when the GPU finished (host-bound); well below 1: it ran ahead
         row.extra["host_issue_share"] = [r[0] for r in _gather_floats([sum(host_share) / len(host_share)], device)]
@@ -420,6 +425,8 @@ def run_all(args: argparse.Namespace) -> list[Row]:
             print(f"[pipeline bench] m={m:2d} {variant:>16}: {row.tokens_per_s:10.0f} tokens/s  "
                   f"bubble {_pct(row.bubble):>6}  peak GiB {'/'.join(f'{p:.1f}' for p in row.peak_gib)}  "
                   f"({time.perf_counter() - t0:.0f} s; {resident:.2f} GiB still allocated before it)"
+                  + (f"  peak warm-up/timed {' '.join(f'{w:.1f}/{t:.1f}' for w, t in row.extra['peak_gib_warmup_timed'])}"
+                     if "peak_gib_warmup_timed" in row.extra else "")
                   + (f"  host issue / device step {'/'.join(f'{h:.2f}' for h in row.extra['host_issue_share'])}"
                      if "host_issue_share" in row.extra else ""), flush=True)
     rows.sort(key=lambda r: (r.microbatches, args.variants.index(r.variant)))
