@@ -175,6 +175,13 @@ class ScheduleRunner:
                 if where is not None and p.requires_grad:
                     entries.append((p, where[2], where[0], where[1]))
             self._bf16_stage_params[stage] = entries
+        # a trained parameter outside every chunk's modules (none in DeepSpeed's own layouts) is still summed:
+        # every stage's flush looks at it
+        covered = {id(e[0]) for entries in self._bf16_stage_params.values() for e in entries}
+        stray = [(p, index[id(p)][2], i, j) for i, group in enumerate(opt.bf16_groups) for j, p in enumerate(group)
+                 if p.requires_grad and id(p) not in covered]
+        for entries in self._bf16_stage_params.values():
+            entries.extend(stray)
         for hook in getattr(opt, "_grad_acc_hooks", ()):  # "immediate_grad_update": true in the user's config
             hook.remove()
         opt._grad_acc_hooks = []

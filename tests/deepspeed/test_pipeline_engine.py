@@ -50,6 +50,8 @@ TWO_RANK = [
     # bf16: DeepSpeed's BF16_Optimizer, ours vs DeepSpeed's 1F1B
     Scenario(name="deepspeed-bf16", schedule=None, bf16=True, steps=6, lr=0.1, memorize=True),
     Scenario(name="1f1b-bf16", schedule="1f1b", bf16=True, steps=6, lr=0.1, memorize=True),
+    Scenario(name="deepspeed-bf16-tied", schedule=None, bf16=True, steps=3, lr=0.1, memorize=True, tied=True),
+    Scenario(name="1f1b-bf16-tied", schedule="1f1b", bf16=True, steps=3, lr=0.1, memorize=True, tied=True),
     Scenario(name="zb-v-bf16", schedule="zb-v", bf16=True, steps=6, lr=0.1, memorize=True),
     Scenario(name="zb-h2-bf16", schedule="zb-h2", bf16=True, steps=6, lr=0.1, memorize=True),
     # bad input: ValueError naming the fix, on every rank
@@ -250,13 +252,16 @@ def test_bf16_trains_and_tracks_deepspeed(two_rank, name):
 
 
 @pytest.mark.slow
-def test_bf16_1f1b_equals_deepspeed_bit_for_bit(two_rank):
+@pytest.mark.parametrize("ours_name,theirs_name", [("1f1b-bf16", "deepspeed-bf16"),
+                                                   ("1f1b-bf16-tied", "deepspeed-bf16-tied")])
+def test_bf16_1f1b_equals_deepspeed_bit_for_bit(two_rank, ours_name, theirs_name):
     """Same order of micro-batches, same kernels: our fp32 accumulation of the bf16 micro-batch gradients (one
-    foreach add per stage after each backward, instead of DeepSpeed's per-parameter hooks) must give DeepSpeed's
-    fp32 gradient sums exactly, hence the same parameters after every step."""
-    ours, theirs = _ok(two_rank, "1f1b-bf16"), _ok(two_rank, "deepspeed-bf16")
+    foreach add per stage after each backward, instead of DeepSpeed's per-parameter loop) must give DeepSpeed's
+    fp32 gradient sums exactly, hence the same parameters after every step; with tied embedding / LM head too
+    (their fp32 gradients are all-reduced between the two stages)."""
+    ours, theirs = _ok(two_rank, ours_name), _ok(two_rank, theirs_name)
     assert ours["losses"] == theirs["losses"]
-    for s in range(6):
+    for s in range(len(theirs["losses"])):
         d, where = max_abs_diff(ours["grads"][s], theirs["grads"][s])
         assert d == 0.0, f"step {s + 1}: fp32 gradient differs by {d} at {where}"
         d, where = max_abs_diff(ours["params"][s], theirs["params"][s])
