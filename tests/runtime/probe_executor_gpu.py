@@ -223,8 +223,9 @@ class _Stage:
             enable_weight_grad_split(self.module)
         self.hp: dict[int, torch.Tensor] = {}
         if args.accumulate == "hp":
-            # DeepSpeed BF16_Optimizer with immediate_grad_update: a post-accumulate-grad hook per parameter adds
-            # its gradient into an fp32 buffer (``hp.add_(lp.grad.to(fp32).view(...))``) and drops ``lp.grad``;
+            # DeepSpeed BF16_Optimizer's own way (immediate_grad_update): a post-accumulate-grad hook per parameter
+            # adds its gradient into an fp32 buffer (``hp.add_(lp.grad.to(fp32).view(...))``) and drops
+            # ``lp.grad`` (the DeepSpeed runner now does these sums with one foreach add per stage instead);
             # deferred W gradients go into the same buffer as ds_plugins/deepspeed/_runner.py _bf16_accumulate
             # adds them (``hp.add_(grad.view(...))``).
             for p in self.module.parameters():
