@@ -30,17 +30,20 @@ GAP_US = 20.0
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def device_gaps(prof: Any, *, top: int = 8) -> dict[str, Any]:
-    """:func:`gaps_from_trace` of a finished ``torch.profiler.profile``."""
+def device_gaps(prof: Any, *, top: int = 8, trace_path: str | None = None) -> dict[str, Any]:
+    """:func:`gaps_from_trace` of a finished ``torch.profiler.profile``. ``trace_path``: keep the exported chrome
+    trace there (``.json`` or ``.json.gz``); else it goes to a temporary file."""
+    if trace_path:
+        os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
+        prof.export_chrome_trace(trace_path)  # a profile exports its trace once: summarise the written file
+        return gaps_from_file(trace_path, top=top)
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
         prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
+        return gaps_from_file(path, top=top)
     finally:
         os.unlink(path)
-    return gaps_from_trace(trace, top=top)
 
 
 def gaps_from_file(path: str, *, top: int = 8) -> dict[str, Any]:

@@ -268,18 +268,13 @@ def _profiled_step(engine, it, device, label: str, trace_path: str | None = None
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.device_gaps import device_gaps, format_gaps, gaps_from_file
+    from benchmarks.device_gaps import device_gaps, format_gaps
 
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.train_batch(it)
         torch.cuda.synchronize(device)
-    if trace_path:  # a profile exports its trace once: summarise the written file
-        os.makedirs(os.path.dirname(trace_path) or ".", exist_ok=True)
-        prof.export_chrome_trace(trace_path)
-        summary = gaps_from_file(trace_path)
-    else:
-        summary = device_gaps(prof)
+    summary = device_gaps(prof, trace_path=trace_path)
     summary.pop("by_kernel")
     summaries: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(summaries, summary)

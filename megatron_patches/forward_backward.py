@@ -212,7 +212,7 @@ class _Runner:
         self.auto_samples = []
 
     def _auto(self, everyone):
-        """``auto`` built from every rank's measurements (the seed schedule when it prefers the other placement)."""
+        """``auto`` built from every rank's measurements, searched in the chunks' placement."""
         from ds_plugins.runtime import costs_from_ranks
 
         costs, measured_memory = costs_from_ranks(everyone, self.schedule.shape)

@@ -402,7 +402,7 @@ class ScheduleRunner:
         # needs no serialized run: the warm-up steps loaded every kernel these actions launch.
         self.executor = self._make_executor(schedule, self.p2p, serialize_first=False)
         if self.engine.global_rank == 0 and cfg.schedule == "auto":
-            logger.info("interleaf auto: measured costs chose %s; now running it", schedule.name)
+            logger.info("interleaf auto: now running the schedule planned from the measured costs")
 
     def _plan_retune(self, gathered: list[Any]) -> Any:
         """On pipeline rank 0: ``self.config.schedule`` rebuilt from every rank's measurements when the simulator
@@ -429,9 +429,8 @@ class ScheduleRunner:
                 limit = self.config.memory_limit_gib * 2**30
             elif self.config.memory_limit_gib is not None:
                 logger.warning("interleaf auto: no device memory measurements here (CPU); memory_limit_gib ignored")
-            # the model is partitioned already: search its placement only (a winner in the other one could not
-            # run, and the warm-up's seed order, built for F = I = W, would stay)
             logger.info("interleaf auto: measured F/I/W ms per stage [%s]", _per_stage(costs))
+            # the model is partitioned already: search its placement only (a winner in the other one could not run)
             schedule = build_schedule("auto", pp=shape.pp, microbatches=shape.microbatches, vp=shape.vp, costs=costs,
                                       memory_limit=limit, placement=shape.placement)
         except ValueError as err:

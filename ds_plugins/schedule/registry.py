@@ -23,7 +23,7 @@ budget and keeps whichever of the two the simulator finds faster under those cos
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .costs import CostModel
@@ -116,11 +116,8 @@ def build_schedule(
     searches that placement alone instead of both (with vp = 2).
     """
     _check_name(name)
-    if placement is not None:
-        if name != "auto":
-            raise ValueError(f"placement applies to 'auto' only; {name} fixes its own placement")
-        if placement not in ("loop", "v"):
-            raise ValueError(f"placement must be 'loop' or 'v', got {placement!r}")
+    if placement is not None and name != "auto":
+        raise ValueError(f"placement applies to 'auto' only; {name} fixes its own placement")
     if memory_limit is not None and not memory_limit > 0:
         raise ValueError(f"memory_limit must be a positive number (activation memory per rank), got {memory_limit}")
     if costs is not None and vp is None and name in ("auto", "interleaved-1f1b") and pp >= 1:
@@ -135,10 +132,8 @@ def build_schedule(
             f"{shape.num_stages}; give one cost per stage (pp * vp = {shape.num_stages}) or change vp"
         )
     if name == "auto":
-        if placement is not None and placement != shape.placement:
-            if placement == "v" and shape.vp != 2:
-                raise ValueError(f"V placement needs vp=2 chunks per rank (got vp={shape.vp})")
-            shape = PipelineShape(pp=shape.pp, microbatches=shape.microbatches, vp=shape.vp, placement=placement)
+        if placement is not None:
+            shape = replace(shape, placement=placement)  # PipelineShape checks the name and V's vp = 2
         return auto(shape, costs, memory_limit, fixed_placement=placement is not None)
     schedule = _GENERATORS[name](shape, costs)
     if memory_limit is not None:
