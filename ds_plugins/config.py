@@ -85,6 +85,10 @@ class OffloadConfig:
     """Iterations between re-plans from measured timings (``gpu_fraction: auto`` only)."""
     gpu_memory_budget_gib: float | None = None
     """GPU memory the GPU-updated groups' optimizer state may use. None: what is free after warm-up."""
+    host_threads: int | Literal["auto"] = "auto"
+    """Threads of the host-side AdamW. ``auto``: the CPUs this process may run on (its affinity mask), shared
+    evenly among the local ranks (``LOCAL_WORLD_SIZE``), minus one left for the training thread. Independent of
+    ``OMP_NUM_THREADS``, which launchers such as torchrun set to 1 when they start several processes."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("interleaved", "cpu"):
@@ -96,6 +100,15 @@ class OffloadConfig:
                 raise ValueError(f'gpu_fraction must be in [0, 1] or "auto", got {self.gpu_fraction}')
         if self.replan_interval < 1:
             raise ValueError(f"replan_interval must be >= 1, got {self.replan_interval}")
+        if self.host_threads != "auto" and (
+                isinstance(self.host_threads, bool) or not isinstance(self.host_threads, int) or self.host_threads < 1):
+            raise ValueError(f'host_threads must be an integer >= 1 or "auto", got {self.host_threads!r}')
+
+    def resolved_host_threads(self, cpus: int, local_ranks: int) -> int:
+        """Threads for the host AdamW given ``cpus`` usable CPUs shared by ``local_ranks`` processes."""
+        if self.host_threads != "auto":
+            return int(self.host_threads)
+        return max(1, cpus // max(1, local_ranks) - 1)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OffloadConfig":

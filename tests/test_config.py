@@ -22,3 +22,23 @@ def test_unknown_key_names_its_section(block, typo, where, allowed):
 def test_no_block_is_no_feature():
     cfg = InterleafConfig.from_ds_config({"train_batch_size": 8})
     assert cfg.pipeline is None and cfg.offload is None
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "all"])
+def test_host_threads_must_be_a_positive_integer_or_auto(bad):
+    with pytest.raises(ValueError, match='host_threads must be an integer >= 1 or "auto"'):
+        InterleafConfig.from_ds_config({"interleaf": {"offload": {"host_threads": bad}}})
+
+
+@pytest.mark.parametrize(
+    "setting, cpus, local_ranks, expected",
+    [
+        ("auto", 16, 1, 15),  # one CPU left for the training thread
+        ("auto", 16, 4, 3),  # shared among the ranks of one host
+        ("auto", 2, 4, 1),  # never below one
+        (6, 16, 4, 6),  # an explicit count wins
+    ],
+)
+def test_host_threads_resolution(setting, cpus, local_ranks, expected):
+    offload = InterleafConfig.from_ds_config({"interleaf": {"offload": {"host_threads": setting}}}).offload
+    assert offload.resolved_host_threads(cpus, local_ranks) == expected

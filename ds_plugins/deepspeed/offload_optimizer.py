@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -207,7 +208,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                     get_accelerator().pin_memory(buffer) if self.cpu_offload_pin_memory else buffer)
         self._executor = HybridAdamExecutor(
             subgroups, self._flat_buffers(), device=torch.device(get_accelerator().current_device_name()),
-            pin_memory=self.cpu_offload_pin_memory, host_threads=max(1, torch.get_num_threads() - 1),
+            pin_memory=self.cpu_offload_pin_memory, host_threads=_host_threads(self.interleaf_config),
         )
         if self._module is not None and self._dp_world_size() == 1:
             self._install_forward_waits()
@@ -317,8 +318,9 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         ex = self._executor
         if self._rates is None:
             self._rates = probed = self._probe_rates()
-            logger.info("interleaf offload start-up probe: host AdamW %.2f G params/s, GPU AdamW %.1f G params/s, "
-                        "H2D %.1f GB/s, D2H %.1f GB/s, both %.1f GB/s", probed.cpu_update_params_per_s / 1e9,
+            logger.info("interleaf offload start-up probe: host AdamW %.2f G params/s (%d threads), GPU AdamW "
+                        "%.1f G params/s, H2D %.1f GB/s, D2H %.1f GB/s, both %.1f GB/s",
+                        probed.cpu_update_params_per_s / 1e9, ex._host_threads,
                         probed.gpu_update_params_per_s / 1e9, probed.h2d_bytes_per_s / 1e9,
                         probed.d2h_bytes_per_s / 1e9, probed.duplex_bytes_per_s / 1e9)
         context = self._planning_context()
@@ -694,6 +696,22 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         if self._executor is not None:
             self._executor.close()
         super().destroy()
+
+
+def _host_threads(config: OffloadConfig) -> int:
+    """The host AdamW's thread count: ``config.host_threads``, or with ``auto`` this process's CPUs (affinity
+    mask) shared among the local ranks, one left for the training thread."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    threads = config.resolved_host_threads(cpus, local_ranks)
+    if config.host_threads == "auto" and threads != torch.get_num_threads():
+        logger.info("interleaf offload: host AdamW on %d threads (%d CPUs in this process's affinity mask, %d local "
+                    "rank(s); torch.get_num_threads() is %d); set interleaf.offload.host_threads to override",
+                    threads, cpus, local_ranks, torch.get_num_threads())
+    return threads
 
 
 def _configure_optimizer(self, client_optimizer, model_parameters):
