@@ -33,6 +33,14 @@ GPU (writes its section of BENCHMARKS.md)::
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 4 benchmarks/megatron.py
 
+Why a variant is slow (``--profile``): one more step per variant after its timed ones under torch.profiler; per
+rank kernel time, NCCL-kernel time, device busy and gaps, host issue time and step span, and for interleaf rows
+kernel time per action kind and stage (benchmarks/device_gaps.py), plus the F/I/W costs interleaf's runner
+measured in its warm-up; ``--trace-dir`` keeps every rank's chrome trace::
+
+    torchrun --nproc_per_node 2 benchmarks/megatron.py --microbatches 8 --variants megatron-interleaved zb-h2 zb-v \
+        --interleaved-p2p overlap_p2p_comm --profile --trace-dir traces --out megatron_profile.md
+
 CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
 
     OMP_NUM_THREADS=1 python benchmarks/megatron.py --tiny --procs 4
@@ -68,7 +76,7 @@ DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "a
 BASELINE = "megatron-interleaved"
 # (batch_p2p_comm, overlap_p2p_comm) runs of the baseline: both of megatron's p2p modes on GPU; on gloo only
 # unbatched, non-overlapped p2p (batched same-tag messages mismatch at pp = 2, ../shared/docs/integration-notes.md)
-BASELINE_P2P_GPU = ((True, False), (False, True))
+P2P_MODES = {"batch_p2p_comm": (True, False), "overlap_p2p_comm": (False, True)}
 BASELINE_P2P_CPU = ((False, False),)
 # first-step loss / grad norm agreement required between variants (relative)
 CHECK_RTOL_BF16 = 1e-2
@@ -88,7 +96,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
     p.add_argument("--json", default=None, help="also write the raw results as JSON here")
+    p.add_argument("--interleaved-p2p", nargs="+", choices=sorted(P2P_MODES), default=list(P2P_MODES),
+                   help="GPU: the p2p modes megatron-interleaved runs with (default: both; the faster correct one "
+                        "is the baseline). CPU/gloo always runs unbatched, non-overlapped p2p")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step per variant after its timed ones (torch.profiler, not timed) and "
+                        "print per rank: kernel ms, NCCL-kernel ms, device busy/gaps, host issue time, step span "
+                        "and, for interleaf rows, kernel time per action kind and stage (benchmarks/device_gaps.py); "
+                        "the JSON gets every rank's summary")
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile: also write each rank's chrome trace of the profiled step here "
+                        "(<variant>_m<m>_rank<r>.json.gz; megatron-interleaved gets its p2p mode in the name)")
     args = p.parse_args(argv)
+    if args.trace_dir and not args.profile:
+        p.error("--trace-dir needs --profile")
     unknown = [v for v in args.variants if v not in LAYOUT_OF]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}")
@@ -216,18 +237,20 @@ def _measure(variant, wrapped, config, shape, m, args, device, p2p=None):
     """One variant at one m. ``p2p = (batch_p2p_comm, overlap_p2p_comm)`` overrides the config for this run only
     (megatron's interleaved schedule reads both from the model's config at every call)."""
     if p2p is None:
-        return _measure_with_config(variant, wrapped, config, shape, m, args, device)
+        return _measure_with_config(variant, wrapped, config, shape, m, args, device, tag=variant)
     saved = (config.batch_p2p_comm, config.overlap_p2p_comm)
     config.batch_p2p_comm, config.overlap_p2p_comm = p2p
     try:
-        row = _measure_with_config(variant, wrapped, config, shape, m, args, device)
+        row = _measure_with_config(variant, wrapped, config, shape, m, args, device,
+                                   tag=f"{variant}-{_p2p_label(*p2p).replace(' ', '_')}")
     finally:
         config.batch_p2p_comm, config.overlap_p2p_comm = saved
     row["p2p"] = _p2p_label(*p2p)
     return row
 
 
-def _measure_with_config(variant, wrapped, config, shape, m, args, device):
+def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, tag: str):
+    """``tag``: the run's name in trace files."""
     import megatron_patches
     from megatron.core.pipeline_parallel import schedules
 
@@ -273,14 +296,26 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    issued = []  # host time until step() returned (~ the step: the host was the bottleneck or waited inside)
     for _ in range(args.steps):
         _sync(device)
         dist.barrier()
         t0 = time.perf_counter()
         step()
+        issued.append(time.perf_counter() - t0)
         _sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    runner = next(iter(getattr(func, "runners", {}).values()), None)  # interleaf's, after its last rebuild
+    measured = _measured_costs(runner)
+    profile = None
+    if args.profile:  # after the timed steps and the peak memory: one more step, not timed
+        from benchmarks.device_gaps import profile_step
+
+        profile = profile_step(step, device, label=f"[megatron bench] profile {tag} m={m}",
+                               trace_path=args.trace_dir and os.path.join(
+                                   args.trace_dir, f"{tag}_m{m}_rank{dist.get_rank()}.json.gz"),
+                               annotate=[runner.executor] if runner is not None else [])
     megatron_patches.remove()
     # One figure per step: the slowest rank's time.
     t = torch.tensor(times, dtype=torch.float64, device=device)
@@ -290,10 +325,43 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device):
     losses = [None] * dist.get_world_size()
     dist.all_gather_object(losses, first_loss)
     loss = next((x for x in losses if x is not None), None)
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, sum(i / max(s, 1e-9) for i, s in zip(issued, times)) / len(times))
     mean_s = float(t.mean())
-    return {"variant": variant, "microbatches": m, "step_s": mean_s,
-            "tokens_per_s": m * shape["seq"] / mean_s, "peak_gib": peaks, "first_loss": loss,
-            "first_grad_norm": first_grad_norm}
+    row = {"variant": variant, "microbatches": m, "step_s": mean_s,
+           "tokens_per_s": m * shape["seq"] / mean_s, "peak_gib": peaks, "first_loss": loss,
+           "first_grad_norm": first_grad_norm, "host_issue_share": shares}
+    if runner is not None:
+        row["schedule"] = runner.schedule.name + (f" ({runner.tuning} for measured costs)" if runner.tuning else "")
+    if measured is not None:
+        row["measured_costs"] = measured
+    if profile is not None:
+        row["profile"] = profile
+    return row
+
+
+def _measured_costs(runner) -> dict | None:
+    """What interleaf's runner measured in its warm-up (``runner.measured_costs``, the cost model its rebuild or
+    auto's plan came from): mean F/I/W milliseconds per stage, and per pipeline rank its stages and the compute
+    one step asks of it (micro-batches x the sum of F + I + W over its stages). None for megatron's own
+    schedules and for interleaf schedules run without the measured warm-up."""
+    costs = getattr(runner, "measured_costs", None)
+    if costs is None:
+        return None
+    shape = runner.schedule.shape
+    per_stage = {s: [1e3 * costs.forward[s], 1e3 * costs.backward_input[s], 1e3 * costs.backward_weight[s]]
+                 for s in range(shape.num_stages)}
+    ranks = {r: list(shape.stages_of(r)) for r in range(shape.pp)}
+    step_ms = {r: shape.microbatches * sum(sum(per_stage[s]) for s in stages) for r, stages in ranks.items()}
+    return {"fiw_ms_per_stage": per_stage, "stages_of_rank": ranks, "compute_ms_per_step_of_rank": step_ms}
+
+
+def _format_measured(costs: dict) -> str:
+    parts = []
+    for r, stages in costs["stages_of_rank"].items():
+        own = ", ".join(f"stage {s} {'/'.join(f'{x:.2f}' for x in costs['fiw_ms_per_stage'][s])}" for s in stages)
+        parts.append(f"rank {r}: {own} -> {costs['compute_ms_per_step_of_rank'][r]:.1f} ms of F+I+W per step")
+    return "measured F/I/W ms per action (its warm-up; CUDA events on GPU): " + "; ".join(parts)
 
 
 def run_all(args):
@@ -311,7 +379,7 @@ def run_all(args):
             runs = []
             for variant in variants:
                 if variant == BASELINE:
-                    runs += [(variant, p2p) for p2p in (BASELINE_P2P_GPU if gpu else BASELINE_P2P_CPU)]
+                    runs += [(variant, p2p) for p2p in _interleaved_modes(args, gpu)]
                 else:
                     runs.append((variant, None))
             for variant, p2p in runs:
@@ -321,12 +389,21 @@ def run_all(args):
                     print(f"{_name(row):40s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
                           f"{row['step_s'] * 1e3:8.1f} ms, first loss {row['first_loss']:.5f}, grad norm "
                           f"{row['first_grad_norm']:.6g}, peak GiB "
-                          f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])}", flush=True)
+                          f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])}, host issue / step "
+                          f"{' / '.join(f'{h:.2f}' for h in row['host_issue_share'])}"
+                          + (f", ran {row['schedule']}" if row.get("schedule") else ""), flush=True)
+                    if row.get("measured_costs"):
+                        print(f"    {_format_measured(row['measured_costs'])}", flush=True)
         del wrapped, config
         gc.collect()
         if gpu:
             torch.cuda.empty_cache()
     return rows
+
+
+def _interleaved_modes(args, gpu: bool):
+    """(batch_p2p_comm, overlap_p2p_comm) of each megatron-interleaved run."""
+    return [P2P_MODES[name] for name in args.interleaved_p2p] if gpu else BASELINE_P2P_CPU
 
 
 def _name(row) -> str:
@@ -419,6 +496,14 @@ def main(args: argparse.Namespace) -> None:
 
         cpu_shim.install()
     dist.init_process_group("nccl" if gpu else "gloo")
+    if dist.get_rank() == 0:  # interleaf's schedule choices and rebuilds from measured costs, in the log
+        import logging
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[interleaf] %(message)s"))
+        log = logging.getLogger("megatron_patches.forward_backward")
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
     rows = run_all(args)
     rtol = CHECK_RTOL_BF16 if gpu else CHECK_RTOL_FP32
     failures = check_first_step(rows, args.microbatches, rtol)  # the same rows on every rank
@@ -438,7 +523,7 @@ def main(args: argparse.Namespace) -> None:
             f"measured costs) + {args.steps} timed steps per variant, "
             "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
             "optimizer step. Peak memory: max allocated during the timed steps. megatron interleaved runs with "
-            f"{' and with '.join(_p2p_label(*p) for p in (BASELINE_P2P_GPU if gpu else BASELINE_P2P_CPU))}; the "
+            f"{' and with '.join(_p2p_label(*p) for p in _interleaved_modes(args, gpu))}; the "
             "faster at each m is the baseline. Every variant starts from the same weights (seeded by model-global "
             f"parameter name) and data; loss/grad check: first-step loss and grad norm within {rtol:g} relative of "
             "megatron 1F1B's (else the row most rows agree with); the baseline is the faster interleaved run "

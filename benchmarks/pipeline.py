@@ -68,8 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
     p.add_argument("--profile", action="store_true",
                    help="DeepSpeed/interleaf rows: profile one more step per rank after the timed ones and print "
-                        "kernel time vs device busy vs gaps, and the host ops behind the gaps (CUDA; "
-                        "benchmarks/device_gaps.py); the JSON gets every rank's summary")
+                        "kernel time vs device busy vs gaps, the host ops behind the gaps and, for interleaf rows, "
+                        "kernel time per action kind and stage (benchmarks/device_gaps.py; kernel figures need "
+                        "CUDA); the JSON gets every rank's summary")
     p.add_argument("--trace-dir", default=None,
                    help="with --profile: also write each rank's chrome trace of the profiled step here "
                         "(<variant>_m<m>_rank<r>.json.gz, for chrome://tracing or Perfetto)")
@@ -238,8 +239,15 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         busy_max = None
         name = "1f1b"
     # after every timed figure is read (the history and the DeepSpeed timer would count the profiled step)
-    profile = (_profiled_step(engine, it, device, f"{variant} m={m}", args.trace_dir and os.path.join(
-        args.trace_dir, f"{variant}_m{m}_rank{torch.distributed.get_rank()}.json.gz")) if args.profile else None)
+    profile = None
+    if args.profile:
+        from benchmarks.device_gaps import profile_step
+
+        profile = profile_step(lambda: engine.train_batch(it), device,
+                               label=f"[pipeline bench] profile {variant} m={m}",
+                               trace_path=args.trace_dir and os.path.join(
+                                   args.trace_dir, f"{variant}_m{m}_rank{torch.distributed.get_rank()}.json.gz"),
+                               annotate=[runner.executor] if runner is not None else [])
     both = _gather_floats([warmup_peak, _peak_gib(device)], device)
     peaks = [max(r) for r in both]
     row = Row(variant, m, tokens / elapsed, bubble, peaks, busy_max_s=busy_max, schedule=name)
@@ -258,30 +266,6 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         p.__dict__.clear()
     del engine, module, runner, timer, it, data
     return row
-
-
-def _profiled_step(engine, it, device, label: str, trace_path: str | None = None) -> list | None:
-    """One more train_batch under torch.profiler on every rank (after the timed steps, not timed itself); every
-    rank's device_gaps summary, printed on rank 0 (CUDA only; None on CPU). ``trace_path``: also export the
-    chrome trace there."""
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    from benchmarks.device_gaps import device_gaps, format_gaps
-
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        engine.train_batch(it)
-        torch.cuda.synchronize(device)
-    summary = device_gaps(prof, trace_path=trace_path)
-    summary.pop("by_kernel")
-    summaries: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(summaries, summary)
-    if torch.distributed.get_rank() == 0:
-        for r, s in enumerate(summaries):
-            print(format_gaps(s, f"[pipeline bench] profile {label} rank {r}: "), flush=True)
-    return summaries
 
 
 def _torch_stage_module(cfg, start: int, stop: int, device):

@@ -151,6 +151,9 @@ class _Runner:
             self._install(schedule, timing="action" if self.measuring else "none")
         self.tuning: Optional[str] = None
         """zb-h1/zb-h2/zb-v after the measured warm-up: "rebuilt" or "kept" (None before, or without it)."""
+        self.measured_costs = None
+        """The cost model (mean F/I/W seconds per stage, from every pipeline rank) that the measured warm-up built
+        auto's plan or the rebuild from; None before it, or without it."""
 
     def _install(self, schedule, *, timing: str, serialize_first: Optional[bool] = None) -> None:
         from ds_plugins.runtime import P2PCommunicator, PipelineExecutor
@@ -216,6 +219,7 @@ class _Runner:
         from ds_plugins.runtime import costs_from_ranks
 
         costs, measured_memory = costs_from_ranks(everyone, self.schedule.shape)
+        self.measured_costs = costs
         limit = None
         if self.schedule_config.memory_limit_gib is not None:
             limit = (self.schedule_config.memory_limit_gib * 2**30 if measured_memory else _estimated_memory_limit(
@@ -231,7 +235,8 @@ class _Runner:
         from ds_plugins.schedule.registry import retune
 
         try:
-            outcome = retune(self.schedule, costs_from_ranks(everyone, self.schedule.shape)[0])
+            self.measured_costs = costs_from_ranks(everyone, self.schedule.shape)[0]
+            outcome = retune(self.schedule, self.measured_costs)
         except ValueError as err:  # an optimisation only: training goes on with the order it has
             logger.warning("interleaf %s: not rebuilt from measured costs (%s); keeping the current order",
                            self.schedule.name, err)

@@ -36,12 +36,16 @@ from ..schedule.lowering import add_communication, serialize
 from .p2p import MessageKey, MessageSpec, P2PCommunicator, PendingRecv, TensorSpec
 from .weight_grad import WeightGradQueue
 
-__all__ = ["PipelineExecutor", "StepResult", "costs_from_ranks", "measured_costs", "Timing"]
+__all__ = ["ACTION_ANNOTATION_PREFIX", "PipelineExecutor", "StepResult", "costs_from_ranks", "measured_costs", "Timing"]
 
 logger = logging.getLogger(__name__)
 
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _SEND_F, _RECV_F, _SEND_B, _RECV_B = ActionKind.SEND_F, ActionKind.RECV_F, ActionKind.SEND_B, ActionKind.RECV_B
+
+ACTION_ANNOTATION_PREFIX = "interleaf "
+"""Name prefix of the profiler range around each compute action when ``annotate_actions`` is on; the rest of the
+name is the action (``str(Action)``, e.g. ``"interleaf 0F3"``)."""
 
 Timing = Literal["none", "action", "sync"]
 """How the executor times compute: ``"none"`` (wall time only), ``"action"`` (every compute action; CUDA events
@@ -297,6 +301,13 @@ class PipelineExecutor:
         after_backward: called with the stage after the autograd pass of every I and B action, once that
             micro-batch's gradients (all of them for B; all but the deferred weight gradients for I) are on the
             parameters (DeepSpeed's bf16 optimizer moves them into its fp32 buffers there).
+        annotate_actions: run every compute action inside ``torch.profiler.record_function("interleaf <action>")``
+            (e.g. ``"interleaf 0F3"``: stage 0, forward, micro-batch 3), so a profiler trace shows which stage,
+            micro-batch and kind each kernel belongs to (``benchmarks/device_gaps.py`` sums kernel time per kind
+            and stage from these ranges). Also an attribute: a benchmark turns it on for its profiled step only.
+            Off by default because ``record_function`` is not free without a profiler: it enters and leaves a
+            dispatcher op per call (~11 us per action on this repo's CI host, against ~0.1 us for the flag check),
+            host time taken from kernel launches in exactly the host-bound steps one profiles.
     """
 
     def __init__(
@@ -316,6 +327,7 @@ class PipelineExecutor:
         serialize_first: bool | None = None,
         track_memory: bool = False,
         after_backward: Callable[[int], None] | None = None,
+        annotate_actions: bool = False,
     ) -> None:
         shape = schedule.shape
         if not 0 <= rank < shape.pp:
@@ -344,6 +356,7 @@ class PipelineExecutor:
         self.log_every = log_every
         self.backward_context = backward_context
         self.after_backward = after_backward
+        self.annotate_actions = bool(annotate_actions)
         self.track_memory = bool(track_memory)
         self.last_stage = shape.num_stages - 1
         ordered = p2p is not None and p2p.ordered
@@ -651,6 +664,13 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------ compute
     def _compute(self, action: Action, received: dict) -> None:
+        if self.annotate_actions:
+            with torch.profiler.record_function(f"{ACTION_ANNOTATION_PREFIX}{action}"):
+                self._run_action(action, received)
+        else:
+            self._run_action(action, received)
+
+    def _run_action(self, action: Action, received: dict) -> None:
         kind = action.kind
         if kind is _F:
             self._forward(action.stage, action.microbatch, received)
