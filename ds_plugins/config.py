@@ -86,9 +86,11 @@ class OffloadConfig:
     gpu_memory_budget_gib: float | None = None
     """GPU memory the GPU-updated groups' optimizer state may use. None: what is free after warm-up."""
     host_threads: int | Literal["auto"] = "auto"
-    """Threads of the host-side AdamW. ``auto``: the CPUs this process may run on (its affinity mask), shared
-    evenly among the local ranks (``LOCAL_WORLD_SIZE``), minus one left for the training thread. Independent of
-    ``OMP_NUM_THREADS``, which launchers such as torchrun set to 1 when they start several processes."""
+    """Threads of the host-side AdamW. ``auto``: half of this rank's share of the CPUs it may run on (affinity
+    mask divided by ``LOCAL_WORLD_SIZE``); the other half stays with the training thread, which issues the GPU
+    work, and the transfers. Independent of ``OMP_NUM_THREADS``, which launchers such as torchrun set to 1 when
+    they start several processes. (1x H100, 16 CPUs: 15 host threads made the GPU-resident part of the
+    iteration 1.4x slower, with no stall on the host update itself; 7 threads did not.)"""
 
     def __post_init__(self) -> None:
         if self.mode not in ("interleaved", "cpu"):
@@ -108,7 +110,7 @@ class OffloadConfig:
         """Threads for the host AdamW given ``cpus`` usable CPUs shared by ``local_ranks`` processes."""
         if self.host_threads != "auto":
             return int(self.host_threads)
-        return max(1, cpus // max(1, local_ranks) - 1)
+        return max(1, cpus // max(1, local_ranks) // 2)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "OffloadConfig":

@@ -33,8 +33,8 @@ def test_host_threads_must_be_a_positive_integer_or_auto(bad):
 @pytest.mark.parametrize(
     "setting, cpus, local_ranks, expected",
     [
-        ("auto", 16, 1, 15),  # one CPU left for the training thread
-        ("auto", 16, 4, 3),  # shared among the ranks of one host
+        ("auto", 16, 1, 8),  # half the CPUs: the rest for the training thread and the transfers
+        ("auto", 16, 4, 2),  # shared among the ranks of one host
         ("auto", 2, 4, 1),  # never below one
         (6, 16, 4, 6),  # an explicit count wins
     ],

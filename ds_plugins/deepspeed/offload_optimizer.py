@@ -699,8 +699,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
 
 
 def _host_threads(config: OffloadConfig) -> int:
-    """The host AdamW's thread count: ``config.host_threads``, or with ``auto`` this process's CPUs (affinity
-    mask) shared among the local ranks, one left for the training thread."""
+    """The host AdamW's thread count: ``config.host_threads``, or with ``auto`` half of this rank's share of the
+    CPUs in its affinity mask (see :attr:`OffloadConfig.host_threads`)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
