@@ -272,6 +272,7 @@ def profile_step(step: Callable[[], Any], device: Any, *, label: str, trace_path
     try:
         if cuda:
             torch.cuda.synchronize(device)
+        dist.barrier()  # the ranks start together, as before each timed step
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             step()

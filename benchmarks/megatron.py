@@ -370,7 +370,9 @@ def run_all(args):
     shape = TINY if args.tiny else ANCHOR
     pp = dist.get_world_size()
     rows = []
-    for layout in ("loop1", "loop2", "v"):
+    # one model build per layout, the layouts in the order --variants first names them (what is listed first has
+    # printed its numbers even if a later layout fails or the run is cut off)
+    for layout in dict.fromkeys(LAYOUT_OF[v] for v in args.variants):
         variants = [v for v in args.variants if LAYOUT_OF[v] == layout]
         if not variants:
             continue
