@@ -119,14 +119,17 @@ def gaps_from_trace(trace: dict[str, Any], *, top: int = 8) -> dict[str, Any]:
     if not kernels:
         summary["actions"] = _sorted_actions(actions) if ranges else None
         return summary
-    # outermost CPU ops per thread: the ones not inside another op of the same thread
-    outer: list[dict] = []
+    # outermost CPU ops per thread: the ones not inside another op of the same thread (per thread sorted and
+    # disjoint, so the one running at a time is found by bisection: a host-bound step has thousands of late launches)
+    outer: list[tuple[list[float], list[dict]]] = []
     for tid_ops in _by_thread(e for e in events if e.get("cat") == "cpu_op").values():
+        mine: list[dict] = []
         end = float("-inf")
         for op in tid_ops:
             if op["ts"] >= end:
-                outer.append(op)
+                mine.append(op)
                 end = op["ts"] + op.get("dur", 0)
+        outer.append(([op["ts"] for op in mine], mine))
     busy = host_bound = 0.0
     end = kernels[0]["ts"]
     late: dict[str, float] = defaultdict(float)
@@ -146,8 +149,7 @@ def gaps_from_trace(trace: dict[str, Any], *, top: int = 8) -> dict[str, Any]:
             launched = launch_at.get(k.get("args", {}).get("correlation"))
             if launched is not None and launched > end:  # the GPU sat idle until the host enqueued this kernel
                 host_bound += gap
-                owners = [op["name"] for op in outer if op["ts"] <= launched <= op["ts"] + op.get("dur", 0)]
-                late[owners[0] if owners else "(no op)"] += gap
+                late[_running_op(outer, launched)] += gap
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     summary.update(busy_ms=busy / 1e3, extent_ms=(end - kernels[0]["ts"]) / 1e3, host_bound_gap_ms=host_bound / 1e3)
@@ -159,6 +161,15 @@ def gaps_from_trace(trace: dict[str, Any], *, top: int = 8) -> dict[str, Any]:
             actions[(action.stage, action.kind.value)]["span_ms"] += (last - first) / 1e3
         summary["actions"] = _sorted_actions(actions)
     return summary
+
+
+def _running_op(outer: list[tuple[list[float], list[dict]]], at: float) -> str:
+    """Name of the outermost CPU op running at ``at`` (the first thread's that has one), or "(no op)"."""
+    for starts, ops in outer:
+        i = bisect.bisect_right(starts, at) - 1
+        if i >= 0 and at <= ops[i]["ts"] + ops[i].get("dur", 0):
+            return ops[i]["name"]
+    return "(no op)"
 
 
 def _action_totals() -> dict[str, float]:
