@@ -62,3 +62,25 @@ def test_pipeline_vs_best_torch_column():
     assert "| zb-v |  | 150 | 1.50x | 1.20x |" in text
     assert "| torch-dualpipev |  | 125 | 1.25x | 1.00x |" in text
     assert "| deepspeed-1f1b |  | 100 | 1.00x | 0.80x |" in text
+
+
+def test_megatron_measured_costs_per_rank_follow_the_placement():
+    """The F/I/W log of interleaf rows: a V-placed rank holds stages r and 2pp-1-r, and its compute per step is
+    m x the F+I+W of both."""
+    from types import SimpleNamespace
+
+    from ds_plugins.schedule.costs import CostModel
+    from ds_plugins.schedule.registry import build_schedule
+
+    costs = CostModel(forward=(0.001, 0.002, 0.003, 0.004), backward_input=(0.001, 0.001, 0.001, 0.002),
+                      backward_weight=(0.0005, 0.0005, 0.0005, 0.001), comm=0.0,
+                      activation_memory=(1.0,) * 4, weight_grad_memory=(0.5,) * 4)
+    runner = SimpleNamespace(measured_costs=costs, schedule=build_schedule("zb-v", pp=2, microbatches=8))
+    got = mb._measured_costs(runner)
+    assert got["stages_of_rank"] == {0: [0, 3], 1: [1, 2]}
+    assert got["fiw_ms_per_stage"][3] == [4.0, 2.0, 1.0]
+    assert abs(got["compute_ms_per_step_of_rank"][0] - 8 * (2.5 + 7.0)) < 1e-9
+    assert abs(got["compute_ms_per_step_of_rank"][1] - 8 * (3.5 + 4.5)) < 1e-9
+    assert "rank 0: stage 0 1.00/1.00/0.50, stage 3 4.00/2.00/1.00 -> 76.0 ms" in mb._format_measured(got)
+    assert mb._measured_costs(SimpleNamespace(measured_costs=None)) is None  # no measured warm-up
+    assert mb._measured_costs(None) is None  # megatron's own schedules
