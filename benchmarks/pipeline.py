@@ -257,15 +257,39 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         row.extra["host_issue_share"] = [r[0] for r in _gather_floats([sum(host_share) / len(host_share)], device)]
     if profile is not None:
         row.extra["profile"] = profile
-    if hasattr(engine, "destroy"):
-        engine.destroy()
-    # DeepSpeed's bf16 optimizer binds methods to every parameter (param.get_full_hp_param and friends): cycles
-    # through the parameter's __dict__ that the garbage collector does not free. Left alone, the baseline's
-    # weights and gradients (3.3 GiB per rank at pp=2) stayed allocated under every later row's peak.
-    for p in module.parameters():
-        p.__dict__.clear()
+    release_engine(engine, module)
     del engine, module, runner, timer, it, data
     return row
+
+
+def release_engine(engine, module) -> None:
+    """Make a finished row's engine collectable, so the next row's peak does not include it (call ``gc.collect()``
+    afterwards; ``_cleanup`` does).
+
+    Two reference cycles the garbage collector cannot break on its own:
+
+    - DeepSpeed's bf16 optimizer binds methods to every parameter (``param.get_full_hp_param`` and friends): the
+      parameter's ``__dict__`` is cleared. Left alone, the baseline's weights and gradients (3.3 GiB per rank at
+      pp=2) stayed allocated under every later row's peak.
+    - ``DeepSpeedEngine.forward`` hooks its outputs with a closure over the engine
+      (``register_output_backward_hooks(..., backward_prologue)``). DeepSpeed's pipeline engine keeps the last
+      stage's outputs (``pipe_buffers['outputs']``) and its loss, whose autograd graph reaches those hooks, after
+      the step: engine -> outputs -> autograd node (C++) -> hook -> engine, a cycle the collector cannot see
+      through the C++ node. Only the last stage keeps them (the others drop their outputs after backward), so
+      DeepSpeed 1F1B's whole engine (weights, fp32 master weights and gradient sums) stayed alive on the last
+      pipeline rank under every later row's peak: on 2x H100 at pp=2 ~6.8 GiB on rank 1 per DeepSpeed row run
+      before (the m=16 DeepSpeed row after the m=8 rows peaked at 18.5 GiB there instead of 11.7), which made
+      every interleaf and torch row look ~5 GiB heavier than DeepSpeed's own on the last rank. The references are
+      dropped here (tests/deepspeed/test_pipeline_memory.py).
+    """
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    state = vars(engine)
+    for name in ("pipe_buffers", "loss", "outputs", "total_loss", "fwd_outputs", "agg_train_loss", "dp_group_loss"):
+        if name in state:
+            state[name] = None
+    for p in module.parameters():
+        p.__dict__.clear()
 
 
 def _torch_stage_module(cfg, start: int, stop: int, device):
@@ -389,7 +413,9 @@ def run_all(args: argparse.Namespace) -> list[Row]:
     order += [(m, v) for m in args.microbatches for v in args.variants if v.startswith("torch-")]
     for m, variant in order:
         _cleanup(device)
-        resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        # every rank's: a previous row's state left allocated on one rank shows up under this row's peak there
+        resident = [r[0] for r in _gather_floats(
+            [torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0], device)]
         t0 = time.perf_counter()
         try:
             if variant.startswith("torch-"):
@@ -403,7 +429,8 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         if rank == 0:
             print(f"[pipeline bench] m={m:2d} {variant:>16}: {row.tokens_per_s:10.0f} tokens/s  "
                   f"bubble {_pct(row.bubble):>6}  peak GiB {'/'.join(f'{p:.1f}' for p in row.peak_gib)}  "
-                  f"({time.perf_counter() - t0:.0f} s; {resident:.2f} GiB still allocated before it)"
+                  f"({time.perf_counter() - t0:.0f} s; {'/'.join(f'{r:.2f}' for r in resident)} GiB per rank "
+                  "still allocated before it)"
                   + (f"  peak warm-up/timed {' '.join(f'{w:.1f}/{t:.1f}' for w, t in row.extra['peak_gib_warmup_timed'])}"
                      if "peak_gib_warmup_timed" in row.extra else "")
                   + (f"  host issue / device step {'/'.join(f'{h:.2f}' for h in row.extra['host_issue_share'])}"
