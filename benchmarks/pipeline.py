@@ -276,11 +276,13 @@ def release_engine(engine, module) -> None:
       stage's outputs (``pipe_buffers['outputs']``) and its loss, whose autograd graph reaches those hooks, after
       the step: engine -> outputs -> autograd node (C++) -> hook -> engine, a cycle the collector cannot see
       through the C++ node. Only the last stage keeps them (the others drop their outputs after backward), so
-      DeepSpeed 1F1B's whole engine (weights, fp32 master weights and gradient sums) stayed alive on the last
-      pipeline rank under every later row's peak: on 2x H100 at pp=2 ~6.8 GiB on rank 1 per DeepSpeed row run
-      before (the m=16 DeepSpeed row after the m=8 rows peaked at 18.5 GiB there instead of 11.7), which made
-      every interleaf and torch row look ~5 GiB heavier than DeepSpeed's own on the last rank. The references are
-      dropped here (tests/deepspeed/test_pipeline_memory.py).
+      DeepSpeed 1F1B's whole engine stayed alive on the last pipeline rank under every later row's peak: bf16
+      weights, fp32 master weights and BF16_Optimizer's gradient sums (bf16: DeepSpeed's default
+      ``grad_accum_dtype`` is the model dtype), 8 bytes per parameter, plus its two output buffers (logits). On 2x
+      H100 at pp=2 that is 871 M parameters x 8 B + 2 x 2048 x 32000 bf16 logits = ~6.8 GiB on rank 1 per
+      DeepSpeed row run before (the m=16 DeepSpeed row after the m=8 rows peaked at 18.5 GiB there instead of
+      11.7), which made every interleaf and torch row look ~5 GiB heavier than DeepSpeed's own on the last rank.
+      The references are dropped here (tests/deepspeed/test_pipeline_memory.py).
     """
     if hasattr(engine, "destroy"):
         engine.destroy()
@@ -499,11 +501,12 @@ def main(args: argparse.Namespace) -> None:
                if dp > 1 else "") + ", "
             f"{'bf16' if torch.cuda.is_available() else 'fp32'}, SGD; {args.warmup} warm-up + {args.steps} timed "
             "iterations per variant, all in one process group. DeepSpeed and interleaf rows include DeepSpeed's "
-            "optimizer step (on GPU DeepSpeed's BF16_Optimizer: each micro-batch's bf16 gradients added into fp32 "
-            "buffers - DeepSpeed by a Python loop over the parameters, interleaf by one foreach add per stage - "
-            "then the step on fp32 master weights, copied back to bf16); torch rows run "
-            f"{'bf16' if torch.cuda.is_available() else 'fp32'} weights with plain torch SGD stepping them "
-            "directly (on GPU: no fp32 master weights, no fp32 gradient sums), a cheaper optimizer step than "
+            "optimizer step (on GPU DeepSpeed's BF16_Optimizer: each micro-batch's bf16 gradients added into its "
+            "gradient-sum buffers, bf16 by DeepSpeed's default grad_accum_dtype - DeepSpeed by a Python loop over "
+            "the parameters, interleaf by one foreach add per stage - then the step on fp32 master weights, copied "
+            f"back to bf16); torch rows run {'bf16' if torch.cuda.is_available() else 'fp32'} weights with plain "
+            "torch SGD stepping them directly (on GPU: no fp32 master weights, no gradient-sum buffers besides "
+            ".grad), a cheaper optimizer step than "
             "DeepSpeed's, which favours the torch rows. vs best torch: tokens/s over the best "
             "torch.distributed.pipelining "
             "row at the same m (issue 3 target >= 1.15x). Measured bubble: idle share of the "

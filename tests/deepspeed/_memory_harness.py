@@ -84,8 +84,9 @@ def _row(variant: str, data: list, release: Any) -> dict[str, Any]:
                                           model_parameters=module.parameters())
         del _  # (optimizer, data loader, scheduler): only the engine is kept, as in the benchmark
         engine.train_batch(it)  # warm-up (interleaf: first step of the executor)
-        # interleaf adds every micro-batch's bf16 gradients into the fp32 buffers and drops them: none may be left
-        # on the parameters when the optimizer step comes (DeepSpeed's step would free them, hiding the cost)
+        # interleaf adds every micro-batch's bf16 gradients into BF16_Optimizer's gradient-sum buffers and drops
+        # them: none may be left on the parameters when the optimizer step comes (DeepSpeed's step would free them,
+        # hiding the cost)
         grads_left: list[int] = []
         runner = getattr(engine, "interleaf_runner", None)
         if runner is not None:

@@ -5,7 +5,8 @@ anything a finished row leaves allocated counts under every later row's peak. De
 collectable on its last stage after a step (its outputs and loss keep the autograd hook ``DeepSpeedEngine.forward``
 registers, a closure over the engine): until ``benchmarks.pipeline.release_engine`` dropped those references, the
 DeepSpeed 1F1B row's whole engine stayed allocated on the last rank and every later row looked heavier there (2x
-H100, pp=2: interleaf 1f1b 16.6 GiB vs DeepSpeed's 11.7 on rank 1, ~6.8 GiB of it DeepSpeed's leftover engine).
+H100, pp=2: interleaf 1f1b 16.6 GiB vs DeepSpeed's 11.7 on rank 1, ~6.8 GiB of it DeepSpeed's leftover engine:
+8 bytes per parameter - bf16 weights, fp32 master weights, bf16 gradient sums - plus its two logits buffers).
 
 Here the same rows run on 2 gloo ranks with a scaled-down GPT, bf16 with DeepSpeed's BF16_Optimizer, under the
 CPU allocator's profiled total (``_memory_harness``). Before the fix these numbers were, per rank (MiB): DeepSpeed
@@ -51,8 +52,8 @@ def test_every_row_is_freed_after_release(rows):
 def test_interleaf_steps_keep_nothing(rows):
     """An interleaf step frees what it allocates (outputs, losses' graphs, received activations) before it
     returns, and no bf16 gradient is left on a parameter when the optimizer step comes: each micro-batch's went
-    into the fp32 buffers and was dropped right after its I/B action (kept instead, they would cost 2 bytes per
-    parameter from the first backward to the step: ~1.6 GiB on the benchmark's rank)."""
+    into BF16_Optimizer's gradient-sum buffers and was dropped right after its I/B action (kept instead, they
+    would cost 2 bytes per parameter from the first backward to the step: ~1.6 GiB on the benchmark's rank)."""
     for rank, per_row in enumerate(rows):
         for name in ROWS:
             if name == "deepspeed-1f1b":
