@@ -330,6 +330,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         rates = request.rates if request is not None else self._rates
         window = request.window_s if request is not None else 0.0
         floor = request.min_gpu_numel if request is not None else 0
+        interference = request.interference_s_per_param if request is not None else 0.0
         fraction = 0.0 if cfg.mode == "cpu" else cfg.gpu_fraction
         timings = uniform_timings(context.numels, window, context.forward_share)
 
@@ -340,7 +341,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                              stream_order=old.stream_order, numels=old.numels,
                              estimate=estimate(old.placements, timings, rates, context.byte_model,
                                                early_host_start=context.early_host_start,
-                                               per_layer_waits=context.per_layer_waits))
+                                               per_layer_waits=context.per_layer_waits,
+                                               host_interference_s_per_param=interference))
 
         kept = ""
         if fraction != "auto" and self.last_plan is not None:
@@ -348,7 +350,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         else:
             plan = plan_offload(timings, rates, gpu_fraction=fraction, gpu_memory_budget_bytes=self._budget_bytes(),
                                 early_host_start=context.early_host_start, per_layer_waits=context.per_layer_waits,
-                                byte_model=context.byte_model, min_gpu_numel=floor)
+                                byte_model=context.byte_model, min_gpu_numel=floor,
+                                host_interference_s_per_param=interference)
             if request is not None and self.last_plan is not None and plan.placements != self.last_plan.placements:
                 running = running_plan()
                 forced = floor > self._replanner.gpu_numel()
@@ -365,13 +368,15 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             else:
                 ex.apply_plan(plan)
         self._rates = rates
-        self._replanner.planned(plan, rates, window, settle=moved and not carry_grads)
+        self._replanner.planned(plan, rates, window, settle=moved and not carry_grads,
+                                interference_s_per_param=interference)
         self.last_plan = plan
         record = {
             "step": self._steps_done, "gpu_fraction": plan.gpu_fraction, "host_state": plan.host_state_fraction,
             "moved": moved, "predicted_overhead_s": plan.estimate.overhead_s,
             "predicted_stall_s": plan.estimate.forward_stall_s, "window_s": window,
             "host_rate": rates.cpu_update_params_per_s, "min_gpu_numel": floor,
+            "interference_s_per_param": interference,
             "reason": (request.reason + kept) if request is not None else "first plan (start-up probe, window not measured)",
             "measured": request.measured if request is not None else "",
         }

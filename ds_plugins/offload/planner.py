@@ -23,6 +23,13 @@ and the plan made from the probe (17% on the GPU, 5 ms predicted) cost 109 ms pe
 to :func:`plan_offload` are re-measured in training (``ds_plugins.offload.replan``): the host rate from the
 worker's busy time, corrected by :func:`fit_host_rate` when the measured GPU stall exceeds the prediction.
 
+Nor does the time line know that host work slows the GPU-side part itself: the host AdamW threads compete with
+the Python thread that issues the kernels and with the gradient/weight copies for CPUs and memory bandwidth. On
+the same host with 15 host threads, 55% of the state on the host stretched forward + backward from 156.6 ms
+(nothing on the host) to 220-267 ms with no stall at all. The re-planner measures that stretch against the
+window measured without host work and feeds it back as a cost per host-updated parameter
+(``host_interference_s_per_param``), which the estimate adds to the overhead (``interference_s``).
+
 The planner puts a forward-order prefix of subgroups on the GPU (the first layers are needed first by the next
 forward and their gradients arrive last in backward) and the rest on the host, resident within the GPU memory
 budget and streamed beyond it. ``gpu_fraction="auto"`` picks the smallest prefix whose predicted iteration
@@ -137,11 +144,15 @@ class PlanEstimate:
     """Time the next forward waits for host-updated weights."""
     gpu_state_bytes: int
     """GPU memory the placement needs for optimizer state, GPU gradients and streaming buffers."""
+    interference_s: float = 0.0
+    """How much longer forward + backward take because host work runs next to them (the host AdamW threads compete
+    with the thread that issues the kernels and with the gradient/weight copies for CPUs and memory bandwidth):
+    host-updated parameters times the measured interference per parameter (0 when not measured)."""
 
     @property
     def overhead_s(self) -> float:
-        """Time added to forward + backward by the optimizer step."""
-        return self.backward_tail_s + self.gpu_step_s + self.forward_stall_s
+        """Time added to forward + backward by the optimizer step (and by its host half running next to them)."""
+        return self.backward_tail_s + self.gpu_step_s + self.forward_stall_s + self.interference_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +194,7 @@ def estimate(
     *,
     early_host_start: bool = False,
     per_layer_waits: bool = True,
+    host_interference_s_per_param: float = 0.0,
 ) -> PlanEstimate:
     """Simulate one iteration's optimizer-related time line for a placement (see the module docstring).
 
@@ -191,9 +203,13 @@ def estimate(
     start, the one the next forward needs first (the executor's priority queue). ``per_layer_waits``: each layer
     of the next forward waits for its own subgroup's upload (the executor's forward pre-hooks); False: the forward
     starts only after every upload (``step`` waits for the whole host half, as with dp > 1).
+    ``host_interference_s_per_param``: seconds that forward + backward grow per host-updated parameter (measured
+    by ``ds_plugins.offload.replan``; the estimate's ``interference_s``).
     """
     if len(placements) != len(subgroups):
         raise ValueError(f"{len(placements)} placements for {len(subgroups)} subgroups")
+    if not host_interference_s_per_param >= 0:
+        raise ValueError(f"host_interference_s_per_param must be >= 0, got {host_interference_s_per_param}")
     bm = byte_model
     # 1. backward: reverse order; CPU subgroups' gradients go down as they appear.
     total_backward = sum(s.backward_s for s in subgroups)
@@ -275,6 +291,8 @@ def estimate(
         cpu_busy_s=cpu_busy,
         forward_stall_s=max(0.0, forward_stall),
         gpu_state_bytes=int(gpu_bytes),
+        interference_s=host_interference_s_per_param * sum(
+            s.numel for s, w in zip(subgroups, placements) if w is Placement.CPU),
     )
 
 
@@ -382,6 +400,7 @@ def plan_offload(
     per_layer_waits: bool = True,
     rate_margin: float = 0.1,
     min_gpu_numel: int = 0,
+    host_interference_s_per_param: float = 0.0,
 ) -> OffloadPlan:
     """Choose GPU/CPU placement per subgroup (``subgroups`` in forward order).
 
@@ -393,7 +412,9 @@ def plan_offload(
     costs the whole excess host time; one a little before it costs GPU memory only). ``min_gpu_numel`` (``auto``
     only; the re-planner's safety rail): prefixes with fewer GPU-updated parameters are not considered, unless
     none with as many fits the budget (then the largest that fits). The plan's ``estimate`` is at the nominal
-    rates. ``early_host_start`` / ``per_layer_waits``: see :func:`estimate`.
+    rates. ``early_host_start`` / ``per_layer_waits`` / ``host_interference_s_per_param``: see :func:`estimate`;
+    the interference makes every host-updated parameter cost that much on top of the time line, so ``auto`` keeps
+    state on the GPU wherever the host half would slow forward + backward more than it saves.
     """
     if not subgroups:
         raise ValueError("plan_offload needs at least one subgroup")
@@ -411,7 +432,7 @@ def plan_offload(
 
     def evaluate(placements: list[Placement], r: HardwareRates) -> PlanEstimate:
         return estimate(placements, subgroups, r, byte_model, early_host_start=early_host_start,
-                        per_layer_waits=per_layer_waits)
+                        per_layer_waits=per_layer_waits, host_interference_s_per_param=host_interference_s_per_param)
 
     candidates: list[tuple[int, list[Placement]]] = []
     for count in range(len(subgroups) + 1):

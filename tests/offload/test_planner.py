@@ -308,3 +308,49 @@ def test_without_per_layer_waits_the_forward_waits_for_everything():
     assert per_layer.forward_stall_s == pytest.approx(0.056 - (0.044 + 1e-5 + 0.01))
     assert global_wait.forward_stall_s == pytest.approx(0.056 - (0.044 + 1e-5))
     assert global_wait.forward_stall_s > per_layer.forward_stall_s
+
+
+def test_host_interference_charges_each_host_updated_parameter():
+    subs = uniform(n=10, numel=10 * M)
+    r = rates()
+    half = [Placement.GPU_RESIDENT] * 5 + [Placement.CPU] * 5
+    plain = estimate(half, subs, r)
+    charged = estimate(half, subs, r, host_interference_s_per_param=1e-10)
+    assert plain.interference_s == 0.0
+    assert charged.interference_s == pytest.approx(50 * M * 1e-10)  # 5 ms for 50 M host-updated parameters
+    assert charged.overhead_s == pytest.approx(plain.overhead_s + 0.005)
+    assert charged.forward_stall_s == plain.forward_stall_s  # the time line itself is unchanged
+    gpu_only = estimate([Placement.GPU_RESIDENT] * 10, subs, r, host_interference_s_per_param=1e-10)
+    assert gpu_only.interference_s == 0.0
+    with pytest.raises(ValueError, match="host_interference_s_per_param"):
+        estimate(half, subs, r, host_interference_s_per_param=-1e-12)
+
+
+def test_auto_moves_to_the_gpu_as_far_as_host_interference_makes_it_pay():
+    """The 15-thread H100 run: forward + backward grew ~0.1 ns per host-updated parameter, ten times what updating
+    it on the GPU costs (1 / 98 G params/s): auto keeps everything on the GPU. An interference under the GPU
+    update's cost changes little; more interference never puts more on the host; the budget still rules."""
+    from ds_plugins.offload.planner import uniform_timings
+
+    subs = uniform_timings(gpt_1_3b_numels(), 0.1566)
+    r = rates(cpu=4.1e9, gpu=98.3e9, h2d=54.9e9, d2h=55.0e9, duplex=95.0e9)
+
+    def auto(c, **kwargs):
+        return plan_offload(subs, r, early_host_start=True, byte_model=BF16_GRADS,
+                            host_interference_s_per_param=c, **kwargs)
+
+    free = auto(0.0)
+    assert 0.4 < free.gpu_fraction < 0.8
+    shares = [auto(c).gpu_fraction for c in (0.0, 0.002e-9, 0.01e-9, 0.02e-9, 0.05e-9, 0.1e-9)]
+    assert shares == sorted(shares)
+    assert auto(0.002e-9).gpu_fraction - free.gpu_fraction < 0.1
+    measured = auto(0.095e-9)
+    assert measured.gpu_fraction == 1.0
+    assert measured.estimate.interference_s == 0.0
+    # a budget that holds half the state resident: the plan stays within it and puts at least as much on the GPU
+    budget = 0.5 * sum(s.numel for s in subs) * 16
+    capped = auto(0.095e-9, gpu_memory_budget_bytes=budget)
+    assert capped.estimate.gpu_state_bytes <= budget
+    assert capped.gpu_fraction >= auto(0.0, gpu_memory_budget_bytes=budget).gpu_fraction
+    with pytest.raises(ValueError, match="host_interference_s_per_param"):
+        auto(-1.0)
