@@ -152,18 +152,20 @@ class ScheduleRunner:
         )
 
     def _prepare_bf16(self, opt: Any) -> None:
-        """BF16_Optimizer sums the micro-batches' gradients in fp32 "hp" buffers: each micro-batch's bf16
-        gradient, converted, added once (``hp.add_(lp_grad.to(fp32))`` in its ``_update_hp_grad``). DeepSpeed
+        """BF16_Optimizer sums the micro-batches' gradients in its "hp" gradient buffers, of dtype
+        ``data_types.grad_accum_dtype`` (DeepSpeed's default: the model dtype, so bf16 under bf16; fp32 when the
+        config asks for it): each micro-batch's gradient added once (``hp.add_(lp_grad.to(hp.dtype))`` in its
+        ``_update_hp_grad``). DeepSpeed
         does that with one Python call per parameter per micro-batch (its ``immediate_grad_update`` hooks, or its
         loop after each backward): ~200 host calls and 400 kernel launches per stage per micro-batch, host time
         the GPU waits for when kernels are short. Here the same sums run as one ``torch._foreach_add_`` over the
         stage's parameters after each I/B action (:meth:`_flush_bf16_grads`, the executor's ``after_backward``),
         and deferred W gradients go into the buffers straight from the queue (:meth:`_bf16_accumulate`). Same
-        additions in the same order as DeepSpeed's 1F1B: every micro-batch is summed in fp32."""
+        additions in the same order and dtype as DeepSpeed's 1F1B."""
         index: dict[int, tuple[int, int, torch.Tensor]] = {}
         for i, group in enumerate(opt.bf16_groups):
             for j, p in enumerate(group):
-                hp = opt.fp32_groups_gradients[i][j].view(p.shape)  # a view of DeepSpeed's flat fp32 buffer
+                hp = opt.fp32_groups_gradients[i][j].view(p.shape)  # view of DeepSpeed's flat buffer (grad_accum_dtype)
                 index[id(p)] = (i, j, hp)
                 p._hp_grad = opt.fp32_groups_gradients[i][j]
         self._bf16_index = index
@@ -190,7 +192,7 @@ class ScheduleRunner:
 
     @torch.no_grad()
     def _flush_bf16_grads(self, stage: int) -> None:
-        """Add the bf16 gradients autograd left on ``stage``'s parameters to their fp32 buffers and release them
+        """Add the gradients autograd left on ``stage``'s parameters to DeepSpeed's accumulation buffers and release them
         (after every I/B action of the stage: one micro-batch's gradients at a time)."""
         hps, grads = [], []
         has = self.engine.optimizer.fp32_groups_has_gradients
@@ -205,8 +207,8 @@ class ScheduleRunner:
             torch._foreach_add_(hps, grads)
 
     def _bf16_accumulate(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        """``hp += grad`` as DeepSpeed's ``_update_hp_grad`` does (``hp.add_(lp_grad.to(fp32))``), the same sum
-        (bf16 -> fp32 is exact); on CUDA the conversion happens inside the add kernel, no fp32 temporary. Runs
+        """``hp += grad`` as DeepSpeed's ``_update_hp_grad`` does (``hp.add_(lp_grad.to(hp.dtype))``), the same
+        sum (a bf16 -> fp32 conversion is exact); on CUDA a conversion happens inside the add kernel. Runs
         in the W action, under ``no_grad`` (``WeightGradQueue.run``)."""
         where = self._bf16_index.get(id(param))
         if where is None:  # not optimized (frozen): keep autograd's behaviour

@@ -38,6 +38,7 @@ class Scenario:
     tied: bool = False
     checkpoint_interval: int = 0
     bf16: bool = False
+    grad_accum_fp32: bool = False  # "data_types": {"grad_accum_dtype": "fp32"} (DeepSpeed allows it with ZeRO-1)
     zero_stage: int = 0
     steps: int = STEPS
     eval_after: bool = False
@@ -67,6 +68,8 @@ class Scenario:
             cfg["zero_allow_untested_optimizer"] = True
         if self.bf16:
             cfg["bf16"] = {"enabled": True}
+        if self.grad_accum_fp32:
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
         if self.schedule is not None:
             block: dict[str, Any] = {"schedule": self.schedule}
             if self.virtual_stages is not None:
@@ -154,6 +157,8 @@ def _run_scenario(sc: Scenario, rank: int, out_dir: str) -> dict[str, Any]:
 
     grads: list[dict[str, torch.Tensor]] = []
     record["engine"] = type(engine).__name__
+    record["optimizer"] = type(engine.optimizer).__name__
+    record["grad_accum_dtype"] = str(engine.get_data_types()[1])
 
     runner = getattr(engine, "interleaf_runner", None)
     if runner is not None:

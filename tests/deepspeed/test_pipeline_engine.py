@@ -53,6 +53,11 @@ TWO_RANK = [
     Scenario(name="deepspeed-bf16-tied", schedule=None, bf16=True, steps=3, lr=0.1, memorize=True, tied=True),
     Scenario(name="1f1b-bf16-tied", schedule="1f1b", bf16=True, steps=3, lr=0.1, memorize=True, tied=True),
     Scenario(name="zb-v-bf16", schedule="zb-v", bf16=True, steps=6, lr=0.1, memorize=True),
+    # bf16 with fp32 gradient sums: DeepSpeed's BF16_Optimizer under ZeRO-1 with grad_accum_dtype fp32
+    Scenario(name="deepspeed-bf16-z1-fp32acc", schedule=None, bf16=True, grad_accum_fp32=True, zero_stage=1, steps=4,
+             lr=0.1, memorize=True),
+    Scenario(name="1f1b-bf16-z1-fp32acc", schedule="1f1b", bf16=True, grad_accum_fp32=True, zero_stage=1, steps=4,
+             lr=0.1, memorize=True),
     Scenario(name="zb-h2-bf16", schedule="zb-h2", bf16=True, steps=6, lr=0.1, memorize=True),
     # bad input: ValueError naming the fix, on every rank
     Scenario(name="bad-schedule", schedule="zb-x", expect_error="unknown pipeline schedule"),
@@ -253,17 +258,24 @@ def test_bf16_trains_and_tracks_deepspeed(two_rank, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ours_name,theirs_name", [("1f1b-bf16", "deepspeed-bf16"),
-                                                   ("1f1b-bf16-tied", "deepspeed-bf16-tied")])
+                                                   ("1f1b-bf16-tied", "deepspeed-bf16-tied"),
+                                                   ("1f1b-bf16-z1-fp32acc", "deepspeed-bf16-z1-fp32acc")])
 def test_bf16_1f1b_equals_deepspeed_bit_for_bit(two_rank, ours_name, theirs_name):
-    """Same order of micro-batches, same kernels: our fp32 accumulation of the bf16 micro-batch gradients (one
-    foreach add per stage after each backward, instead of DeepSpeed's per-parameter loop) must give DeepSpeed's
-    fp32 gradient sums exactly, hence the same parameters after every step; with tied embedding / LM head too
-    (their fp32 gradients are all-reduced between the two stages)."""
+    """Same order of micro-batches, same kernels: our accumulation of the bf16 micro-batch gradients into
+    BF16_Optimizer's buffers (one foreach add per stage after each backward, instead of DeepSpeed's per-parameter
+    loop) must give DeepSpeed's sums exactly, hence the same parameters after every step: with DeepSpeed's default
+    bf16 sums, with fp32 sums (grad_accum_dtype fp32, ZeRO-1), and with tied embedding / LM head (their gradients
+    are all-reduced between the two stages)."""
     ours, theirs = _ok(two_rank, ours_name), _ok(two_rank, theirs_name)
+    sums = "torch.float32" if "fp32acc" in ours_name else "torch.bfloat16"
+    for r in (ours, theirs):
+        rank0 = r["ranks"][0]
+        assert (rank0["optimizer"], rank0["grad_accum_dtype"]) == ("BF16_Optimizer", sums), rank0["grad_accum_dtype"]
+        assert all(r["grads"]) and len(r["grads"]) == len(r["losses"])  # gradients were read at every step
     assert ours["losses"] == theirs["losses"]
     for s in range(len(theirs["losses"])):
         d, where = max_abs_diff(ours["grads"][s], theirs["grads"][s])
-        assert d == 0.0, f"step {s + 1}: fp32 gradient differs by {d} at {where}"
+        assert d == 0.0, f"step {s + 1}: gradient differs by {d} at {where}"
         d, where = max_abs_diff(ours["params"][s], theirs["params"][s])
         assert d == 0.0, f"step {s + 1}: parameter differs by {d} at {where}"
 
