@@ -242,13 +242,43 @@ def _host_numel(plan):
     return sum(n for n, p in zip(plan.numels, plan.placements) if p is Placement.CPU)
 
 
+def _measure_reference(replanner, period_ms):
+    """The all-GPU iterations before the first plan with host work: the runs logged one (they planned from it);
+    the re-planner now waits for `history` of them, so the logged one is fed that many times."""
+    for _ in range(replanner.history - 1):
+        assert replanner.observe(IterationObservation(period_s=period_ms / 1e3)) is None
+    request = replanner.observe(IterationObservation(period_s=period_ms / 1e3))
+    assert request is not None and "window measured" in request.reason
+    return request
+
+
+def test_a_slow_first_iteration_does_not_become_the_reference():
+    """1x H100, third run of 2026-11-26: the first all-GPU iteration took 240.0 ms (window 225.9 ms) against ~176
+    ms steady; planned from it alone, the stretch host work later caused stayed under the 15% margin of that
+    reference and was never charged (auto 1.29x GPU-resident). The reference is the median of `history`
+    iterations without host work, and the first plan with host work waits for them."""
+    ctx, probe = _h100_context_of(H100_8_THREADS_PROBE)
+    replanner = Replanner(ctx, replan_interval=50)
+    replanner.planned(plan_for(ctx, probe, 0.0, gpu_fraction=1.0), probe, 0.0, settle=False)
+    requests = [replanner.observe(IterationObservation(period_s=p / 1e3)) for p in (240.0, 176.2, 175.8)]
+    assert requests[:2] == [None, None]
+    assert requests[2] is not None and "median of 3 iterations without host work" in requests[2].reason
+    steady = replanner.reference_window_s
+    assert steady == pytest.approx(requests[2].window_s) and steady < 0.176  # the steady window, not 225.9 ms
+    # with host work from the first plan on (a fixed gpu_fraction) the first window is taken at once
+    fixed = Replanner(ctx, replan_interval=50)
+    half = plan_for(ctx, probe, 0.0, gpu_fraction=0.5)
+    fixed.planned(half, probe, 0.0, settle=False)
+    first = fixed.observe(IterationObservation(period_s=0.44, host_numel=_host_numel(half), host_busy_s=0.195))
+    assert first is not None and "window measured" in first.reason
+
+
 def _replay_holding(ctx, probe, first_period_ms, stretches):
     """Feed logged observations to a re-planner while the logged placements hold (the runs kept them), as the
     optimizer does; returns the requests (None where none was asked for) and the re-planner."""
     replanner = Replanner(ctx, replan_interval=50)
     replanner.planned(plan_for(ctx, probe, 0.0, gpu_fraction=1.0), probe, 0.0, settle=False)
-    first = replanner.observe(IterationObservation(period_s=first_period_ms / 1e3))
-    assert first is not None and "window measured" in first.reason
+    first = _measure_reference(replanner, first_period_ms)
     requests, last = [], first
     for fraction, settle, observations in stretches:
         plan = plan_for(ctx, last.rates, last.window_s, gpu_fraction=fraction)
@@ -312,7 +342,7 @@ def test_h100_15_threads_without_interference_accounting_keeps_the_host_share():
     host = _host_numel(plan_for(ctx, probe, 0.1566))
     replanner = Replanner(ctx, replan_interval=50, interference_margin=float("inf"))
     replanner.planned(plan_for(ctx, probe, 0.0, gpu_fraction=1.0), probe, 0.0, settle=False)
-    last = replanner.observe(IterationObservation(period_s=period / 1e3))
+    last = _measure_reference(replanner, period)
     replanner.planned(plan_for(ctx, probe, last.window_s, gpu_fraction=fraction), probe, last.window_s, settle=True)
     for p, b in H100_15_THREADS_AFTER:
         request = replanner.observe(IterationObservation(period_s=p / 1e3, host_numel=host, host_busy_s=b / 1e3))
@@ -395,7 +425,7 @@ def test_window_jitter_alone_is_not_charged_to_host_work():
     assert replanner.reference_window_s == pytest.approx(H100_WINDOW)
     unaccounted = _closed_loop(window, interference_margin=float("inf"))
     assert (moves, fractions) == unaccounted[:2]
-    assert moves[0] == 0 and len(moves) <= 2 and max(moves) < 10, moves
+    assert moves[0] == 2 and len(moves) <= 2 and max(moves) < 12, moves  # first move after 3 reference iterations
     assert 0.45 < fractions[-1] < 0.75  # still offloading about half the state
 
 
@@ -407,7 +437,7 @@ def test_interference_moves_once_and_stays():
         return H100_WINDOW + 0.1e-9 * host * _jitter(i)
 
     moves, fractions, requests, replanner = _closed_loop(window, iterations=120)
-    assert len(moves) == 2 and moves[0] == 0 and moves[1] <= 6, moves
+    assert len(moves) == 2 and moves[0] == 2 and moves[1] <= 8, moves
     assert fractions[-1] == 1.0
     assert replanner.interference_s_per_param == pytest.approx(0.1e-9, rel=0.2)
     assert all(r.interference_s_per_param > 0 for r in requests[1:])
