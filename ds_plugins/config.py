@@ -87,8 +87,9 @@ class OffloadConfig:
     """GPU memory the GPU-updated groups' optimizer state may use. None: what is free after warm-up."""
     host_threads: int | Literal["auto"] = "auto"
     """Threads of the host-side AdamW. ``auto``: half of this rank's share of the CPUs it may run on (affinity
-    mask divided by ``LOCAL_WORLD_SIZE``); the other half stays with the training thread, which issues the GPU
-    work, and the transfers. Independent of ``OMP_NUM_THREADS``, which launchers such as torchrun set to 1 when
+    mask divided by the processes on this host: ``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE`` from
+    DeepSpeed's launcher, or the MPI launchers' local size); the other half stays with the training thread, which
+    issues the GPU work, and the transfers. Independent of ``OMP_NUM_THREADS``, which launchers such as torchrun set to 1 when
     they start several processes. (1x H100, 16 CPUs: 15 host threads made the GPU-resident part of the
     iteration 1.4x slower, with no stall on the host update itself; 7 threads did not.)"""
 

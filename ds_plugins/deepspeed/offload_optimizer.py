@@ -703,6 +703,32 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         super().destroy()
 
 
+LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
+                        "MPI_LOCALNRANKS")
+"""Environment variables that give the number of processes on this host, first one set wins: torchrun
+(``LOCAL_WORLD_SIZE``), DeepSpeed's own launcher ``deepspeed`` (``LOCAL_SIZE``; it sets no ``LOCAL_WORLD_SIZE``),
+Open MPI, MVAPICH2, MPICH / Intel MPI (Hydra)."""
+
+
+def _local_ranks(environ: Any = None) -> tuple[int, str]:
+    """(processes on this host, the variable that said so) from :data:`LOCAL_SIZE_VARIABLES`; (1, "") when none
+    is set. A value that is not a positive integer is skipped with a warning."""
+    environ = os.environ if environ is None else environ
+    for name in LOCAL_SIZE_VARIABLES:
+        value = str(environ.get(name, "")).strip()
+        if not value:
+            continue
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if count >= 1:
+            return count, name
+        logger.warning("interleaf offload: ignoring %s=%r (not a positive integer) for the host AdamW's thread count",
+                       name, value)
+    return 1, ""
+
+
 def _host_threads(config: OffloadConfig) -> int:
     """The host AdamW's thread count: ``config.host_threads``, or with ``auto`` half of this rank's share of the
     CPUs in its affinity mask (see :attr:`OffloadConfig.host_threads`)."""
@@ -710,12 +736,13 @@ def _host_threads(config: OffloadConfig) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    local_ranks, source = _local_ranks()
     threads = config.resolved_host_threads(cpus, local_ranks)
     if config.host_threads == "auto" and threads != torch.get_num_threads():
         logger.info("interleaf offload: host AdamW on %d threads (%d CPUs in this process's affinity mask, %d local "
-                    "rank(s); torch.get_num_threads() is %d); set interleaf.offload.host_threads to override",
-                    threads, cpus, local_ranks, torch.get_num_threads())
+                    "rank(s)%s; torch.get_num_threads() is %d); set interleaf.offload.host_threads to override",
+                    threads, cpus, local_ranks, f" from {source}" if source else ", no launcher variable set",
+                    torch.get_num_threads())
     return threads
 
 

@@ -298,6 +298,25 @@ def test_checkpoint_roundtrip_with_changed_split(tmp_path):
             assert H.max_rel_diff(got, runs["straight"]["params"][STEPS // 2 + k]) <= TOL, (name, k)
 
 
+# ---------------------------------------------------------------------------------------------- host threads
+@pytest.mark.parametrize("env, expected", [
+    ({}, (1, "")),
+    ({"LOCAL_WORLD_SIZE": "4"}, (4, "LOCAL_WORLD_SIZE")),  # torchrun
+    ({"LOCAL_SIZE": "8"}, (8, "LOCAL_SIZE")),  # DeepSpeed's launcher sets no LOCAL_WORLD_SIZE
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, (2, "OMPI_COMM_WORLD_LOCAL_SIZE")),
+    ({"LOCAL_WORLD_SIZE": "4", "LOCAL_SIZE": "8"}, (4, "LOCAL_WORLD_SIZE")),  # torchrun's wins
+    ({"LOCAL_WORLD_SIZE": "", "LOCAL_SIZE": "8"}, (8, "LOCAL_SIZE")),
+    ({"LOCAL_WORLD_SIZE": "four", "MPI_LOCALNRANKS": "3"}, (3, "MPI_LOCALNRANKS")),  # not a number: skipped
+    ({"LOCAL_WORLD_SIZE": "0"}, (1, "")),
+])
+def test_local_ranks_from_the_launchers_variables(env, expected):
+    """host_threads auto divides the CPUs by the processes on this host, whichever launcher started them: with
+    `deepspeed --num_gpus 8` and only LOCAL_WORLD_SIZE read, each of 8 ranks took half of the host's CPUs."""
+    from ds_plugins.deepspeed.offload_optimizer import _local_ranks
+
+    assert _local_ranks(env) == expected
+
+
 # ---------------------------------------------------------------------------------------------- bad configs
 def test_bad_config_errors_torch_free():
     from ds_plugins.offload.settings import offload_config_from_ds_config as check
