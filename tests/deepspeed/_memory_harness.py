@@ -28,18 +28,11 @@ _STEP = "interleaf_memory_probe_step"
 
 
 def _ds_config(schedule: str | None) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": MICROBATCHES,
-        "gradient_clipping": 0.0,
-        "steps_per_print": 10**9,
-        "optimizer": {"type": "SGD", "params": {"lr": 1e-4}},
-        "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": True},  # DeepSpeed's BF16_Optimizer, as the GPU benchmark runs it
-    }
-    if schedule is not None:
-        cfg["interleaf"] = {"pipeline": {"schedule": schedule}}
-    return cfg
+    """The benchmark's own DeepSpeed config for a row (bf16: DeepSpeed's BF16_Optimizer, as the GPU benchmark runs
+    it)."""
+    from benchmarks.pipeline import _ds_config as benchmark_config
+
+    return benchmark_config(MICROBATCHES, schedule, bf16=True)
 
 
 def _allocations(prof: Any) -> tuple[list[tuple[int, int, int]], tuple[int, int]]:
