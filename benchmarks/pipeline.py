@@ -238,7 +238,8 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
         bubble = sum(r[0] for r in _gather_floats([mine], device)) / world
         busy_max = None
         name = "1f1b"
-    # after every timed figure is read (the history and the DeepSpeed timer would count the profiled step)
+    timed_peak = _peak_gib(device)
+    # after every timed figure is read (the history, the DeepSpeed timer and the peak would count the profiled step)
     profile = None
     if args.profile:
         from benchmarks.device_gaps import profile_step
@@ -248,7 +249,7 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
                                trace_path=args.trace_dir and os.path.join(
                                    args.trace_dir, f"{variant}_m{m}_rank{torch.distributed.get_rank()}.json.gz"),
                                annotate=[runner.executor] if runner is not None else [])
-    both = _gather_floats([warmup_peak, _peak_gib(device)], device)
+    both = _gather_floats([warmup_peak, timed_peak], device)
     peaks = [max(r) for r in both]
     row = Row(variant, m, tokens / elapsed, bubble, peaks, busy_max_s=busy_max, schedule=name)
     row.extra["peak_gib_warmup_timed"] = both
