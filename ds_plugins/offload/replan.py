@@ -35,7 +35,7 @@ a scaling pass) nor, before the first iterations, the forward+backward window. :
   appeared or was dropped), when the stall exceeded the prediction (the
   **safety rail**: the new plan must then put strictly more parameters on the GPU than the failing one, for
   ``replan_interval`` iterations, within the memory budget), and at the latest every ``replan_interval``
-  iterations. A re-plan that yields the same placement moves nothing. A rate fitted to a stall is kept (as an
+  iterations (once the first reference is measured: a shorter interval does not cut it short). A re-plan that yields the same placement moves nothing. A rate fitted to a stall is kept (as an
   upper bound on the host rate) as long as the rail, so the planner does not walk back into the same stall.
 """
 from __future__ import annotations
@@ -323,7 +323,10 @@ class Replanner:
             reasons.append(f"window measured: {1e3 * window:.1f} ms"
                            + (f" (median of {len(self._reference_windows)} iterations without host work)"
                               if quiet else ""))
-        if self._since_plan >= self.replan_interval:
+        # the periodic re-plan waits for the first reference too: with replan_interval < history it would plan
+        # from the slow first iteration alone, and that window would become the reference
+        gathering_reference = self.window_s <= 0 and quiet and len(self._reference_windows) < self.history
+        if self._since_plan >= self.replan_interval and not gathering_reference:
             reasons.append(f"{self._since_plan} iterations since the last plan")
         if not reasons:
             return None

@@ -273,6 +273,22 @@ def test_a_slow_first_iteration_does_not_become_the_reference():
     assert first is not None and "window measured" in first.reason
 
 
+def test_a_short_replan_interval_still_waits_for_the_reference():
+    """replan_interval 1 or 2 (< history) would otherwise ask for a plan after the slow first iteration and make it
+    the reference; the periodic re-plan resumes once the reference is measured."""
+    ctx, probe = _h100_context_of(H100_8_THREADS_PROBE)
+    for interval in (1, 2):
+        replanner = Replanner(ctx, replan_interval=interval)
+        replanner.planned(plan_for(ctx, probe, 0.0, gpu_fraction=1.0), probe, 0.0, settle=False)
+        requests = [replanner.observe(IterationObservation(period_s=p / 1e3)) for p in (240.0, 176.2, 175.8)]
+        assert requests[:2] == [None, None], interval
+        assert requests[2] is not None and "median of 3 iterations without host work" in requests[2].reason
+        assert requests[2].window_s < 0.176
+        all_gpu = plan_for(ctx, probe, requests[2].window_s, gpu_fraction=1.0)
+        replanner.planned(all_gpu, probe, requests[2].window_s, settle=False)
+        later = [replanner.observe(IterationObservation(period_s=0.176)) for _ in range(interval)]
+        assert later[-1] is not None and f"{interval} iterations since the last plan" in later[-1].reason
+
 def _replay_holding(ctx, probe, first_period_ms, stretches):
     """Feed logged observations to a re-planner while the logged placements hold (the runs kept them), as the
     optimizer does; returns the requests (None where none was asked for) and the re-planner."""
