@@ -89,9 +89,11 @@ class OffloadConfig:
     """Threads of the host-side AdamW. ``auto``: half of this rank's share of the CPUs it may run on (affinity
     mask divided by the processes on this host: ``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE`` from
     DeepSpeed's launcher, or the MPI launchers' local size); the other half stays with the training thread, which
-    issues the GPU work, and the transfers. Independent of ``OMP_NUM_THREADS``, which launchers such as torchrun set to 1 when
-    they start several processes. (1x H100, 16 CPUs: 15 host threads made the GPU-resident part of the
-    iteration 1.4x slower, with no stall on the host update itself; 7 threads did not.)"""
+    issues the GPU work, and the transfers. Independent of ``OMP_NUM_THREADS``, which launchers such as torchrun
+    set to 1 when they start several processes. (1x H100, 16 CPUs: with 15 host threads and 55% of the state on
+    the host, forward + backward took 1.4-1.7x as long as without host work, with no stall on the host update
+    itself; with 8 threads the stretch was smaller and intermittent, and ``gpu_fraction: auto`` charges what
+    remains, docs/offload.md.)"""
 
     def __post_init__(self) -> None:
         if self.mode not in ("interleaved", "cpu"):
