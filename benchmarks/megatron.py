@@ -21,13 +21,14 @@ For m = 8 and m = 16 micro-batches:
 
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
-peak allocated memory per rank (GiB, timed steps), first-step loss and gradient norm (the same model and data
-for every variant). Check: a variant whose first-step loss or gradient norm differs from the reference row's of
-the same m (megatron 1F1B's, else the row most rows agree with) by more than 1e-2 relative (bf16; 1e-4 in fp32)
-is marked MISMATCH in the table; an interleaf row that fails makes the script exit non-zero after printing/writing
-it (a megatron row that fails is reported: at pp=2 megatron's interleaved schedule with batch_p2p_comm returns a
-wrong gradient on 2x H100). The baseline for the ratios is the faster megatron-interleaved run that passed the
-check.
+peak allocated memory per rank (GiB, timed steps; every row starts from the model and its DDP buffers alone,
+see ``release_row_state``; the log gives each rank's allocated memory before the row), first-step loss and
+gradient norm (the same model and data for every variant). Check: a variant whose first-step loss or gradient
+norm differs from the reference row's of the same m (megatron 1F1B's, else the row most rows agree with) by
+more than 1e-2 relative (bf16; 1e-4 in fp32) is marked MISMATCH in the table; an interleaf row that fails makes
+the script exit non-zero after printing/writing it (a megatron row that fails is reported: at pp=2 megatron's
+interleaved schedule with batch_p2p_comm returns a wrong gradient on 2x H100). The baseline for the ratios is the
+faster megatron-interleaved run that passed the check.
 
 GPU (writes its section of BENCHMARKS.md)::
 
@@ -333,6 +334,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
            "first_grad_norm": first_grad_norm, "host_issue_share": shares}
     if runner is not None:
         row["schedule"] = runner.schedule.name + (f" ({runner.tuning} for measured costs)" if runner.tuning else "")
+        row["activations_held"] = _activations_held(runner.schedule)
     if measured is not None:
         row["measured_costs"] = measured
     if profile is not None:
@@ -376,7 +378,9 @@ def run_all(args):
         variants = [v for v in args.variants if LAYOUT_OF[v] == layout]
         if not variants:
             continue
+        _cleanup(device)
         wrapped, config = _build(layout, shape, pp=pp, gpu=gpu)
+        model_gib = _allocated_gib_per_rank(device)  # weights + DDP grad buffers, nothing run yet
         for m in args.microbatches:
             runs = []
             for variant in variants:
@@ -385,22 +389,118 @@ def run_all(args):
                 else:
                     runs.append((variant, None))
             for variant, p2p in runs:
+                release_row_state(wrapped)
+                _cleanup(device)
+                # every rank's: what a previous row left allocated on a rank shows up under this row's peak there
+                before = _allocated_gib_per_rank(device)
                 row = _measure(variant, wrapped, config, shape, m, args, device, p2p=p2p)
+                row["allocated_before_gib"] = before
+                row["model_gib"] = model_gib
                 rows.append(row)
                 if dist.get_rank() == 0:
                     print(f"{_name(row):40s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
                           f"{row['step_s'] * 1e3:8.1f} ms, first loss {row['first_loss']:.5f}, grad norm "
                           f"{row['first_grad_norm']:.6g}, peak GiB "
-                          f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])}, host issue / step "
+                          f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])} "
+                          f"({' / '.join(f'{b:.2f}' for b in before)} GiB per rank still allocated before it; "
+                          f"model + DDP buffers {' / '.join(f'{b:.2f}' for b in model_gib)}), host issue / step "
                           f"{' / '.join(f'{h:.2f}' for h in row['host_issue_share'])}"
                           + (f", ran {row['schedule']}" if row.get("schedule") else ""), flush=True)
+                    if row.get("activations_held"):
+                        print(f"    {_format_held(row['activations_held'])}", flush=True)
                     if row.get("measured_costs"):
                         print(f"    {_format_measured(row['measured_costs'])}", flush=True)
+        release_layout(wrapped, config)
         del wrapped, config
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+        _cleanup(device)
     return rows
+
+
+def release_row_state(wrapped) -> None:
+    """What a finished row leaves on the model chunks, dropped before the next row so every row starts from the
+    same state: the model's weights and DDP grad buffers only.
+
+    - ``TransformerBlock.input_tensor``: megatron's ``set_input_tensor`` keeps the last activation a non-first
+      chunk received (and, through it, that activation's gradient) until the next forward replaces it (GPU: one
+      s x b x h bf16 tensor + its gradient, 16 MiB per non-first chunk).
+    - megatron's global memory buffer (``parallel_state``'s ``GlobalMemoryBuffer``): unfused attention takes its
+      ``baddbmm`` input from it (b x heads x s x s: 128 MiB in bf16 on the GPU model); it is allocated again by
+      the next row's first forward, in its warm-up like the first row's.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_attr_wrapped_model
+
+    for chunk in wrapped:
+        get_attr_wrapped_model(chunk, "set_input_tensor")(None)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_global_memory_buffer()
+        ps._set_global_memory_buffer()  # megatron's own initializer (initialize_model_parallel calls it)
+
+
+def release_layout(wrapped, config) -> None:
+    """Drop what keeps a layout's chunks reachable once its rows are done (then ``del`` them and ``_cleanup``):
+    the row state (:func:`release_row_state`), the chunks' ``no_sync`` methods the config holds (config -> DDP ->
+    module -> config: a cycle only ``gc.collect`` frees), interleaf's patch and its cached runner (executor, stage
+    wrappers, p2p state: ``megatron_patches.remove``) and megatron's model-parallel state with its global memory
+    buffer. tests/megatron/test_benchmark_memory.py checks on CPU that nothing of a layout survives it."""
+    import megatron_patches
+    from megatron.core import parallel_state as ps
+
+    release_row_state(wrapped)
+    megatron_patches.remove()
+    config.no_sync_func = None
+    config.finalize_model_grads_func = None
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+def _cleanup(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _allocated_gib_per_rank(device) -> list[float]:
+    """``torch.cuda.memory_allocated`` of every rank (GiB; 0 on CPU)."""
+    mine = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _activations_held(schedule) -> list[list[float]]:
+    """Per pipeline rank, from the order the row ran: the most micro-batches whose forward has run and whose I
+    (input-gradient half) has not, and the most whose W (weight-gradient half) has not - what the order keeps
+    alive at once on that rank, counted in micro-batches through all of the rank's layers (a stage of a rank with
+    vp chunks counts 1/vp). From F to I a micro-batch keeps all its activations, from I to W the weight GEMMs'
+    inputs and output gradients."""
+    from ds_plugins.schedule.ir import ActionKind
+
+    vp = schedule.shape.vp
+    out = []
+    for r in range(schedule.shape.pp):
+        until_i = until_w = most_i = most_w = 0
+        for a in schedule.compute_actions(r):
+            if a.kind is ActionKind.FORWARD:
+                until_i += 1
+                until_w += 1
+            elif a.kind is ActionKind.BACKWARD_INPUT:
+                until_i -= 1
+            elif a.kind is ActionKind.BACKWARD_WEIGHT:
+                until_w -= 1
+            elif a.kind is ActionKind.BACKWARD:
+                until_i -= 1
+                until_w -= 1
+            most_i, most_w = max(most_i, until_i), max(most_w, until_w)
+        out.append([most_i / vp, most_w / vp])
+    return out
+
+
+def _format_held(held: list[list[float]]) -> str:
+    return ("activations the order keeps per rank (micro-batches through the rank's layers), until I / until W: "
+            + "; ".join(f"rank {r} {i:g} / {w:g}" for r, (i, w) in enumerate(held)))
 
 
 def _interleaved_modes(args, gpu: bool):

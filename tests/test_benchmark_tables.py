@@ -84,3 +84,22 @@ def test_megatron_measured_costs_per_rank_follow_the_placement():
     assert "rank 0: stage 0 1.00/1.00/0.50, stage 3 4.00/2.00/1.00 -> 76.0 ms" in mb._format_measured(got)
     assert mb._measured_costs(SimpleNamespace(measured_costs=None)) is None  # no measured warm-up
     assert mb._measured_costs(None) is None  # megatron's own schedules
+
+
+def test_megatron_activations_held_per_rank_follow_the_order():
+    """The row log's "activations the order keeps": 1F1B at pp=2 holds pp - rank micro-batches, with B freeing
+    them at once; zb-h2 (F = I = W) runs rank 1's I right after its F but keeps up to 2pp - 1 micro-batches' W
+    inputs; a W run 6 micro-batches late (a rebuilt order) shows as 7; V placement counts a stage as 1/vp."""
+    from ds_plugins.schedule.ir import Action, PipelineShape, Schedule
+    from ds_plugins.schedule.registry import build_schedule
+
+    assert mb._activations_held(build_schedule("1f1b", pp=2, microbatches=8)) == [[2, 2], [1, 1]]
+    zb_h2 = mb._activations_held(build_schedule("zb-h2", pp=2, microbatches=8))
+    assert zb_h2[1] == [1, 3] and zb_h2[0][0] <= 3
+    late_w = "1F0 1I0 1F1 1I1 1F2 1I2 1F3 1I3 1F4 1I4 1F5 1I5 1F6 1I6 1W0 1F7 1I7 1W1 1W2 1W3 1W4 1W5 1W6 1W7"
+    rank0 = " ".join(f"0F{i}" for i in range(8)) + " " + " ".join(f"0I{i} 0W{i}" for i in range(8))
+    shape = PipelineShape(pp=2, microbatches=8)
+    order = Schedule("zb-h2", shape, tuple(tuple(Action.parse(a) for a in r.split()) for r in (rank0, late_w)))
+    assert mb._activations_held(order) == [[8, 8], [1, 7]]
+    assert mb._activations_held(build_schedule("zb-v", pp=2, microbatches=8)) == [[2, 2], [2, 2]]
+    assert "rank 1 1 / 7" in mb._format_held([[8, 8], [1, 7]])
