@@ -177,16 +177,17 @@ _RETUNE_MIN_GAIN = 1e-3
 
 
 def retune(schedule: Schedule, costs: CostModel) -> Retuned:
-    """Rebuild ``schedule`` (one of :data:`COST_TUNED`) from ``costs`` with its own generator and memory budget;
-    :attr:`Retuned.schedule` is the rebuilt one when it simulates more than 0.1% faster under ``costs``, else
-    ``schedule`` itself. Both stay within the schedule's own memory budget (the generator's, in ``costs``' units).
+    """Rebuild ``schedule`` (one of :data:`COST_TUNED`) from ``costs`` with its own generator and memory budget,
+    trying every knob combination of the greedy list scheduler (``search=True``); :attr:`Retuned.schedule` is the
+    rebuilt one when it simulates more than 0.1% faster under ``costs``, else ``schedule`` itself. Both stay within
+    the schedule's own memory budget (the generator's, in ``costs``' units).
     """
     if schedule.name not in COST_TUNED:
         raise ValueError(f"{schedule.name} has a fixed order; only {', '.join(COST_TUNED)} are rebuilt from costs "
                          "('auto' searches from measured costs itself)")
     shape = schedule.shape
     costs.for_shape(shape)
-    rebuilt = _GENERATORS[schedule.name](shape, costs)
+    rebuilt = _GENERATORS[schedule.name](shape, costs, search=True)
     before, after = simulate(schedule, costs), simulate(rebuilt, costs)
     faster = after.makespan < before.makespan * (1 - _RETUNE_MIN_GAIN)
     return Retuned(rebuilt if faster else schedule, before, after, schedule)

@@ -14,7 +14,6 @@ by it.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import replace
 from typing import Callable
@@ -23,7 +22,7 @@ from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
 from ..simulate import SimulationResult, simulate
 from .interleaved_1f1b import interleaved_1f1b
-from .list_scheduler import GreedyPolicy, list_schedule, rank_footprint
+from .list_scheduler import GreedyPolicy, list_schedule, policy_variants, rank_footprint
 from .one_f_one_b import one_f_one_b
 from .v_half import v_half
 from .v_min import v_min
@@ -55,26 +54,6 @@ def handcrafted_candidates(shape: PipelineShape) -> list[tuple[PipelineShape, Ca
         v = replace(shape, placement="v")
         out += [(v, zb_v), (v, v_half), (v, v_min)]
     return out
-
-
-def _greedy_policies(shape: PipelineShape, limit: float) -> list[GreedyPolicy]:
-    pp = shape.pp
-    depths = (None, tuple(pp - r for r in range(pp)))
-    policies = []
-    for backward_first, weight, fit, deepest, depth in itertools.product(
-        (True, False), ("lazy", "eager"), (True, False), (True, False), depths
-    ):
-        policies.append(
-            GreedyPolicy(
-                memory_limit=(limit,) * pp,
-                max_in_flight=depth,
-                backward_first=backward_first,
-                weight=weight,
-                fill_only_if_fits=fit,
-                forward_deepest_first=deepest,
-            )
-        )
-    return policies
 
 
 def _describe(policy: GreedyPolicy) -> str:
@@ -133,7 +112,7 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
         if limit + _EPS < footprint[placement]:  # this placement cannot hold one micro-batch on some rank
             continue
         pshape = replace(shape, placement=placement)
-        for policy in _greedy_policies(pshape, limit):
+        for policy in policy_variants(pshape, (limit,) * pshape.pp):
             schedule = list_schedule("auto", pshape, costs, policy)
             consider(schedule, simulate(schedule, costs), f"greedy {placement} ({_describe(policy)})")
 

@@ -24,9 +24,9 @@ from .list_scheduler import zero_bubble_schedule
 __all__ = ["zb_h1"]
 
 
-def zb_h1(shape: PipelineShape, costs: CostModel) -> Schedule:
+def zb_h1(shape: PipelineShape, costs: CostModel, *, search: bool = False) -> Schedule:
     """ZB-H1: split backward, at most ``pp`` micro-batches' activations per rank (1F1B's peak)."""
     if shape.vp != 1:
         raise ValueError(f"zb-h1 runs one chunk per rank: set vp=1 (got vp={shape.vp}); zb-v is the 2-chunk variant")
     costs.for_shape(shape)
-    return zero_bubble_schedule("zb-h1", shape, costs, shape.pp)
+    return zero_bubble_schedule("zb-h1", shape, costs, shape.pp, search=search)

@@ -18,9 +18,9 @@ from .list_scheduler import zero_bubble_schedule
 __all__ = ["zb_h2"]
 
 
-def zb_h2(shape: PipelineShape, costs: CostModel) -> Schedule:
+def zb_h2(shape: PipelineShape, costs: CostModel, *, search: bool = False) -> Schedule:
     """ZB-H2: split backward, at most ``2pp - 1`` micro-batches' activations per rank."""
     if shape.vp != 1:
         raise ValueError(f"zb-h2 runs one chunk per rank: set vp=1 (got vp={shape.vp}); zb-v is the 2-chunk variant")
     costs.for_shape(shape)
-    return zero_bubble_schedule("zb-h2", shape, costs, 2 * shape.pp - 1)
+    return zero_bubble_schedule("zb-h2", shape, costs, 2 * shape.pp - 1, search=search)

@@ -27,8 +27,8 @@ def check_v_shape(name: str, shape: PipelineShape) -> None:
         )
 
 
-def zb_v(shape: PipelineShape, costs: CostModel) -> Schedule:
+def zb_v(shape: PipelineShape, costs: CostModel, *, search: bool = False) -> Schedule:
     """ZB-V: V placement, split backward, 1F1B's peak memory."""
     check_v_shape("zb-v", shape)
     costs.for_shape(shape)
-    return zero_bubble_schedule("zb-v", shape, costs, shape.pp)
+    return zero_bubble_schedule("zb-v", shape, costs, shape.pp, search=search)
