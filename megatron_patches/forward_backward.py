@@ -243,7 +243,8 @@ class _Runner:
             self.tuning = "kept"
             return self.schedule
         self.tuning = "rebuilt" if outcome.changed else "kept"
-        logger.info("interleaf %s: %s", self.schedule.name, outcome.summary())
+        logger.info("interleaf %s: measured %s; %s", self.schedule.name, self.measured_costs.describe(),
+                    outcome.summary())
         return outcome.schedule
 
 

@@ -32,12 +32,6 @@ _LAYOUT_JSON = "interleaf_layout.json"
 _OPTIM_SUFFIX = "interleaf_optim_states.pt"
 
 
-def _per_stage(costs: Any) -> str:
-    """Measured F/I/W milliseconds per stage, for logs."""
-    return ", ".join(f"{1e3 * f:.2f}/{1e3 * i:.2f}/{1e3 * w:.2f}"
-                     for f, i, w in zip(costs.forward, costs.backward_input, costs.backward_weight))
-
-
 def register_optimizer_types(bf16: type, zero: type) -> None:
     global _BF16_OPTIMIZER, _ZERO_OPTIMIZER
     _BF16_OPTIMIZER, _ZERO_OPTIMIZER = bf16, zero
@@ -417,7 +411,7 @@ class ScheduleRunner:
             logger.warning("interleaf %s: not rebuilt from measured costs (%s); keeping the current order",
                            current.name, err)
             return None
-        logger.info("interleaf %s: measured F/I/W ms per stage [%s]; %s", current.name, _per_stage(costs),
+        logger.info("interleaf %s: measured %s; %s", current.name, costs.describe(),
                     outcome.summary())
         return outcome.schedule if outcome.changed else None
 
@@ -431,7 +425,7 @@ class ScheduleRunner:
                 limit = self.config.memory_limit_gib * 2**30
             elif self.config.memory_limit_gib is not None:
                 logger.warning("interleaf auto: no device memory measurements here (CPU); memory_limit_gib ignored")
-            logger.info("interleaf auto: measured F/I/W ms per stage [%s]", _per_stage(costs))
+            logger.info("interleaf auto: measured %s", costs.describe())
             # the model is partitioned already: search its placement only (a winner in the other one could not run)
             schedule = build_schedule("auto", pp=shape.pp, microbatches=shape.microbatches, vp=shape.vp, costs=costs,
                                       memory_limit=limit, placement=shape.placement)

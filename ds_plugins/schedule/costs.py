@@ -99,6 +99,17 @@ class CostModel:
             weight_grad_memory=(weight_grad_memory / v,) * n,
         )
 
+    def describe(self) -> str:
+        """Per stage, for logs: F/I/W in ms (times in seconds, as measured costs are) and the activation memory
+        with the part W keeps (GiB when they are bytes, else the model's own units)."""
+        times = ", ".join(f"{1e3 * f:.2f}/{1e3 * i:.2f}/{1e3 * w:.2f}"
+                          for f, i, w in zip(self.forward, self.backward_input, self.backward_weight))
+        in_bytes = max(self.activation_memory, default=0.0) > 2**20
+        scale, unit = (2.0**-30, " GiB") if in_bytes else (1.0, "")
+        memory = ", ".join(f"{a * scale:.2f}/{k * scale:.2f}"
+                           for a, k in zip(self.activation_memory, self.weight_grad_memory))
+        return f"F/I/W ms per stage [{times}]; activations / kept for W{unit} per stage [{memory}]"
+
     def for_shape(self, shape: PipelineShape) -> "CostModel":
         """Check that this model covers ``shape``'s stages; returns self."""
         if self.num_stages != shape.num_stages:

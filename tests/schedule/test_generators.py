@@ -254,3 +254,12 @@ def test_retune_refuses_fixed_orders():
         schedule = build_schedule(name, pp=2, microbatches=4)
         with pytest.raises(ValueError, match="fixed order"):
             retune(schedule, CostModel.uniform(schedule.shape))
+
+
+def test_cost_model_describe_names_times_and_memory_per_stage():
+    measured = CostModel(forward=(0.010, 0.012), backward_input=(0.02, 0.021), backward_weight=(0.004, 0.005),
+                         activation_memory=(3 * 2**30, 2**30), weight_grad_memory=(2**30, 0.5 * 2**30))
+    assert measured.describe() == ("F/I/W ms per stage [10.00/20.00/4.00, 12.00/21.00/5.00]; activations / kept "
+                                   "for W GiB per stage [3.00/1.00, 1.00/0.50]")
+    units = CostModel.uniform(PipelineShape(pp=2, microbatches=4))
+    assert units.describe().endswith("activations / kept for W per stage [1.00/0.94, 1.00/0.94]")
