@@ -87,8 +87,9 @@ class OffloadConfig:
     """GPU memory the GPU-updated groups' optimizer state may use. None: what is free after warm-up."""
     host_threads: int | Literal["auto"] = "auto"
     """Threads of the host-side AdamW. ``auto``: half of this rank's share of the CPUs it may run on (affinity
-    mask divided by the processes on this host: ``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE`` from
-    DeepSpeed's launcher, or the MPI launchers' local size); the other half stays with the training thread, which
+    mask divided by the ranks on this host whose affinity overlaps it, gathered at the first step, so ranks bound
+    to their own cores keep theirs; without a process group, by the launcher's local size: ``LOCAL_WORLD_SIZE``,
+    ``LOCAL_SIZE`` or the MPI launchers' variable); the other half stays with the training thread, which
     issues the GPU work, and the transfers. Independent of ``OMP_NUM_THREADS``, which launchers such as torchrun
     set to 1 when they start several processes. (1x H100, 16 CPUs: with 15 host threads and 55% of the state on
     the host, forward + backward took 1.4-1.7x as long as without host work, with no stall on the host update

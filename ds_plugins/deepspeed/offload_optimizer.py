@@ -391,7 +391,9 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             f"; measured: {record['measured']}" if record["measured"] else "",
         )
         device = ex.device
-        if device.type == "cuda":
+        if device.type == "cuda" and (moved or request is None):
+            # the memory budget of the next plans is the peak since the state on the GPU last changed
+            # (_budget_bytes); resetting only then leaves the user's max_memory_* counters alone otherwise
             torch.cuda.reset_peak_memory_stats(device)
         self._excluded_s += time.perf_counter() - began
 
@@ -729,14 +731,41 @@ def _local_ranks(environ: Any = None) -> tuple[int, str]:
     return 1, ""
 
 
+def _sharing_cpus(entries: list[tuple[str, list[int]]], host: str, mask: frozenset[int]) -> int:
+    """How many of the gathered ``(hostname, affinity mask)`` entries (this rank's included) run on this host on
+    CPUs that overlap ``mask``: the processes this rank shares its CPUs with."""
+    return max(1, sum(1 for h, m in entries if h == host and not mask.isdisjoint(m)))
+
+
+def _ranks_sharing_cpus(mask: frozenset[int]) -> int | None:
+    """Processes sharing this rank's CPUs, from every rank's hostname and affinity mask (one all_gather_object
+    over the world group, at the first optimizer step, which every rank reaches); None without a process group.
+    Unlike a launcher's local size it sees per-rank CPU binding (``deepspeed --bind_cores_to_rank``, numactl,
+    SLURM's cpu-bind): ranks bound to disjoint CPUs do not share them."""
+    import socket
+
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return None
+    gathered: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, (socket.gethostname(), sorted(mask)))
+    return _sharing_cpus(gathered, socket.gethostname(), mask)
+
+
 def _host_threads(config: OffloadConfig) -> int:
     """The host AdamW's thread count: ``config.host_threads``, or with ``auto`` half of this rank's share of the
     CPUs in its affinity mask (see :attr:`OffloadConfig.host_threads`)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        mask = frozenset(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    local_ranks, source = _local_ranks()
+        mask = frozenset(range(os.cpu_count() or 1))
+    cpus = len(mask)
+    sharing = _ranks_sharing_cpus(mask) if config.host_threads == "auto" else None
+    if sharing is not None:
+        local_ranks, source = sharing, "the ranks on this host whose CPU affinity overlaps this one's"
+    else:
+        local_ranks, source = _local_ranks()
     threads = config.resolved_host_threads(cpus, local_ranks)
     if config.host_threads == "auto" and threads != torch.get_num_threads():
         logger.info("interleaf offload: host AdamW on %d threads (%d CPUs in this process's affinity mask, %d local "

@@ -317,6 +317,22 @@ def test_local_ranks_from_the_launchers_variables(env, expected):
     assert _local_ranks(env) == expected
 
 
+def test_ranks_sharing_cpus_sees_per_rank_binding():
+    """With a process group, host_threads auto counts the ranks on this host whose affinity overlaps this one's:
+    8 ranks sharing 16 CPUs share them; 8 ranks bound to 2 CPUs each (deepspeed --bind_cores_to_rank) share
+    none, where dividing by the launcher's local size would leave each rank 2 // 8 // 2 -> 1 thread."""
+    from ds_plugins.deepspeed.offload_optimizer import _sharing_cpus
+
+    everything = list(range(16))
+    shared = [("a", everything)] * 8 + [("b", everything)] * 8
+    assert _sharing_cpus(shared, "a", frozenset(everything)) == 8
+    bound = [("a", [2 * r, 2 * r + 1]) for r in range(8)]
+    assert _sharing_cpus(bound, "a", frozenset({4, 5})) == 1
+    halves = [("a", list(range(8)))] * 4 + [("a", list(range(8, 16)))] * 4  # one NUMA node per 4 ranks
+    assert _sharing_cpus(halves, "a", frozenset(range(8))) == 4
+    assert _sharing_cpus([("b", everything)], "a", frozenset(everything)) == 1  # never below one
+
+
 # ---------------------------------------------------------------------------------------------- bad configs
 def test_bad_config_errors_torch_free():
     from ds_plugins.offload.settings import offload_config_from_ds_config as check
