@@ -289,6 +289,24 @@ def test_a_short_replan_interval_still_waits_for_the_reference():
         later = [replanner.observe(IterationObservation(period_s=0.176)) for _ in range(interval)]
         assert later[-1] is not None and f"{interval} iterations since the last plan" in later[-1].reason
 
+def test_the_reference_follows_the_steady_all_gpu_window_down():
+    """1x H100, final run of 2026-11-26: the first three all-GPU iterations' median window was 195.3 ms against
+    ~161 ms steady; quiet iterations later (everything but 5% back on the GPU) bring the reference down to the
+    lowest median of three consecutive ones, never back up with a slow one."""
+    ctx, probe = _h100_context_of(H100_8_THREADS_PROBE)
+    replanner = Replanner(ctx, replan_interval=50)
+    replanner.planned(plan_for(ctx, probe, 0.0, gpu_fraction=1.0), probe, 0.0, settle=False)
+    for period in (0.240, 0.209, 0.200):
+        replanner.observe(IterationObservation(period_s=period))
+    early = replanner.reference_window_s
+    offset = early - 0.209  # a window is its period less the same GPU step time in every iteration
+    for period in (0.176, 0.175, 0.176, 0.230, 0.240, 0.235):  # steady, then a slow stretch (still quiet)
+        replanner.observe(IterationObservation(period_s=period))
+    steady = replanner.reference_window_s
+    assert steady < early - 0.02
+    assert steady == pytest.approx(0.176 + offset, abs=2e-4)  # a median of the recent five would say 0.230
+
+
 def _replay_holding(ctx, probe, first_period_ms, stretches):
     """Feed logged observations to a re-planner while the logged placements hold (the runs kept them), as the
     optimizer does; returns the requests (None where none was asked for) and the re-planner."""
