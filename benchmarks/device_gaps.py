@@ -39,6 +39,25 @@ GAP_US = 20.0
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
+def add_profile_arguments(parser: Any, rows: str) -> None:
+    """``--profile`` and ``--trace-dir`` of the pipeline benchmarks (``rows``: which of the script's rows are
+    profiled); check them with :func:`check_profile_arguments` after parsing."""
+    parser.add_argument("--profile", action="store_true",
+                        help=f"{rows}: profile one more step per rank after the timed ones (torch.profiler, not "
+                             "timed) and print kernel time vs device busy vs gaps, the host ops behind the gaps, "
+                             "host issue time, step span and, for interleaf rows, kernel time per action kind and "
+                             "stage (benchmarks/device_gaps.py; kernel figures need CUDA); the JSON gets every "
+                             "rank's summary")
+    parser.add_argument("--trace-dir", default=None,
+                        help="with --profile: also write each rank's chrome trace of the profiled step here "
+                             "(<variant>_m<m>_rank<r>.json.gz, for chrome://tracing or Perfetto)")
+
+
+def check_profile_arguments(parser: Any, args: Any) -> None:
+    if args.trace_dir and not args.profile:
+        parser.error("--trace-dir needs --profile")
+
+
 def device_gaps(prof: Any, *, top: int = 8, trace_path: str | None = None) -> dict[str, Any]:
     """:func:`gaps_from_trace` of a finished ``torch.profiler.profile``. ``trace_path``: keep the exported chrome
     trace there (``.json`` or ``.json.gz``); else it goes to a temporary file."""

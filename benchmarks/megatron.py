@@ -68,6 +68,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
 from benchmarks.local_ranks import run_local_ranks  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 
@@ -100,17 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interleaved-p2p", nargs="+", choices=sorted(P2P_MODES), default=list(P2P_MODES),
                    help="GPU: the p2p modes megatron-interleaved runs with (default: both; the faster correct one "
                         "is the baseline). CPU/gloo always runs unbatched, non-overlapped p2p")
-    p.add_argument("--profile", action="store_true",
-                   help="profile one more step per variant after its timed ones (torch.profiler, not timed) and "
-                        "print per rank: kernel ms, NCCL-kernel ms, device busy/gaps, host issue time, step span "
-                        "and, for interleaf rows, kernel time per action kind and stage (benchmarks/device_gaps.py); "
-                        "the JSON gets every rank's summary")
-    p.add_argument("--trace-dir", default=None,
-                   help="with --profile: also write each rank's chrome trace of the profiled step here "
-                        "(<variant>_m<m>_rank<r>.json.gz; megatron-interleaved gets its p2p mode in the name)")
+    add_profile_arguments(p, "every row (megatron-interleaved gets its p2p mode in the trace name)")
     args = p.parse_args(argv)
-    if args.trace_dir and not args.profile:
-        p.error("--trace-dir needs --profile")
+    check_profile_arguments(p, args)
     unknown = [v for v in args.variants if v not in LAYOUT_OF]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}")

@@ -48,6 +48,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
 from benchmarks.local_ranks import run_local_ranks  # noqa: E402
 from benchmarks.report import merge_from, section_ids, write_section  # noqa: E402
 
@@ -66,14 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="untimed iterations per variant (auto re-plans after 3)")
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
-    p.add_argument("--profile", action="store_true",
-                   help="DeepSpeed/interleaf rows: profile one more step per rank after the timed ones and print "
-                        "kernel time vs device busy vs gaps, the host ops behind the gaps and, for interleaf rows, "
-                        "kernel time per action kind and stage (benchmarks/device_gaps.py; kernel figures need "
-                        "CUDA); the JSON gets every rank's summary")
-    p.add_argument("--trace-dir", default=None,
-                   help="with --profile: also write each rank's chrome trace of the profiled step here "
-                        "(<variant>_m<m>_rank<r>.json.gz, for chrome://tracing or Perfetto)")
+    add_profile_arguments(p, "DeepSpeed/interleaf rows")
     p.add_argument("--pp", type=int, default=None,
                    help="pipeline stages (default: all ranks); data parallel = ranks / pp, e.g. --pp 4 on 8 GPUs")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
@@ -83,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "into BENCHMARKS.md")
     p.add_argument("--nccl-timeout-s", type=float, default=240.0,
                    help="collective/p2p timeout of the process group: a hang aborts instead of eating the budget")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_profile_arguments(p, args)
+    return args
 
 
 @dataclass
