@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import re
@@ -69,6 +68,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
+from benchmarks.device_memory import allocated_gib_per_rank, release_between_rows  # noqa: E402
 from benchmarks.local_ranks import run_local_ranks  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 
@@ -371,9 +371,9 @@ def run_all(args):
         variants = [v for v in args.variants if LAYOUT_OF[v] == layout]
         if not variants:
             continue
-        _cleanup(device)
+        release_between_rows(device)
         wrapped, config = _build(layout, shape, pp=pp, gpu=gpu)
-        model_gib = _allocated_gib_per_rank(device)  # weights + DDP grad buffers, nothing run yet
+        model_gib = allocated_gib_per_rank(device)  # weights + DDP grad buffers, nothing run yet
         for m in args.microbatches:
             runs = []
             for variant in variants:
@@ -383,9 +383,9 @@ def run_all(args):
                     runs.append((variant, None))
             for variant, p2p in runs:
                 release_row_state(wrapped)
-                _cleanup(device)
+                release_between_rows(device)
                 # every rank's: what a previous row left allocated on a rank shows up under this row's peak there
-                before = _allocated_gib_per_rank(device)
+                before = allocated_gib_per_rank(device)
                 row = _measure(variant, wrapped, config, shape, m, args, device, p2p=p2p)
                 row["allocated_before_gib"] = before
                 row["model_gib"] = model_gib
@@ -405,7 +405,7 @@ def run_all(args):
                         print(f"    {_format_measured(row['measured_costs'])}", flush=True)
         release_layout(wrapped, config)
         del wrapped, config
-        _cleanup(device)
+        release_between_rows(device)
     return rows
 
 
@@ -431,7 +431,7 @@ def release_row_state(wrapped) -> None:
 
 
 def release_layout(wrapped, config) -> None:
-    """Drop what keeps a layout's chunks reachable once its rows are done (then ``del`` them and ``_cleanup``):
+    """Drop what keeps a layout's chunks reachable once its rows are done (then ``del`` them and ``release_between_rows``):
     the row state (:func:`release_row_state`), the chunks' ``no_sync`` methods the config holds (config -> DDP ->
     module -> config: a cycle only ``gc.collect`` frees), interleaf's patch and its cached runner (executor, stage
     wrappers, p2p state: ``megatron_patches.remove``) and megatron's model-parallel state with its global memory
@@ -445,22 +445,6 @@ def release_layout(wrapped, config) -> None:
     config.finalize_model_grads_func = None
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-
-
-def _cleanup(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _allocated_gib_per_rank(device) -> list[float]:
-    """``torch.cuda.memory_allocated`` of every rank (GiB; 0 on CPU)."""
-    mine = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    return every
 
 
 def _activations_held(schedule) -> list[list[float]]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import sys
@@ -49,6 +48,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
+from benchmarks.device_memory import allocated_gib_per_rank, release_between_rows  # noqa: E402
 from benchmarks.local_ranks import run_local_ranks  # noqa: E402
 from benchmarks.report import merge_from, section_ids, write_section  # noqa: E402
 
@@ -170,14 +170,6 @@ def _gather_floats(values: list[float], device) -> list[list[float]]:
     return [o.cpu().tolist() for o in out]
 
 
-def _cleanup(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -261,7 +253,7 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
 
 def release_engine(engine, module) -> None:
     """Make a finished row's engine collectable, so the next row's peak does not include it (call ``gc.collect()``
-    afterwards; ``_cleanup`` does).
+    afterwards; ``release_between_rows`` does).
 
     Two reference cycles the garbage collector cannot break on its own:
 
@@ -411,10 +403,9 @@ def run_all(args: argparse.Namespace) -> list[Row]:
     order = [(m, v) for m in args.microbatches for v in args.variants if not v.startswith("torch-")]
     order += [(m, v) for m in args.microbatches for v in args.variants if v.startswith("torch-")]
     for m, variant in order:
-        _cleanup(device)
+        release_between_rows(device)
         # every rank's: a previous row's state left allocated on one rank shows up under this row's peak there
-        resident = [r[0] for r in _gather_floats(
-            [torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0], device)]
+        resident = allocated_gib_per_rank(device)
         t0 = time.perf_counter()
         try:
             if variant.startswith("torch-"):
