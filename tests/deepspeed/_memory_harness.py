@@ -38,24 +38,12 @@ def _ds_config(schedule: str | None) -> dict[str, Any]:
 def _allocations(prof: Any) -> tuple[list[tuple[int, int, int]], tuple[int, int]]:
     """(time ns, total allocated bytes after it, bytes) of every CPU allocation (bytes > 0) and free (< 0), in
     time order, and the measured step's span."""
-    from torch._C._profiler import _EventType
+    from _cpu_allocations import allocations_and_ranges
 
-    allocs: list[tuple[int, int, int]] = []
-    span = None
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation:
-            fields = node.extra_fields
-            if fields.device.type == "cpu":
-                allocs.append((node.start_time_ns, fields.total_allocated, fields.alloc_size))
-        elif node.name == _STEP:
-            span = (node.start_time_ns, node.end_time_ns)
-    allocs.sort()
-    if span is None:
+    allocs, ranges = allocations_and_ranges(prof, _STEP)
+    if not ranges:
         raise RuntimeError("the measured step's record_function range is missing from the profile")
-    return allocs, span
+    return allocs, ranges[0][:2]
 
 
 def _count_alive(cls: type) -> int:

@@ -64,22 +64,12 @@ def _model_bytes(wrapped) -> int:
 
 def _totals_before_marks(prof) -> dict[str, int]:
     """Mark name -> the CPU allocator's profiled total right before it, relative to the profile's start."""
-    from torch._C._profiler import _EventType
+    from _cpu_allocations import allocations_and_ranges
 
-    allocs, marks = [], []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation:
-            if node.extra_fields.device.type == "cpu":
-                allocs.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
-        elif node.name.startswith(_MARK):
-            marks.append((node.start_time_ns, node.name[len(_MARK):]))
-    allocs.sort()
+    allocs, marks = allocations_and_ranges(prof, _MARK)
     base = allocs[0][1] - allocs[0][2]
     out = {}
-    for t, name in marks:
+    for t, _, name in marks:
         before = [total for ta, total, _ in allocs if ta < t]
         out[name] = (before[-1] if before else base) - base
     return out
