@@ -29,6 +29,7 @@ from typing import Callable
 from .costs import CostModel
 from .generators.auto import auto
 from .generators.interleaved_1f1b import interleaved_1f1b
+from .generators.list_scheduler import rank_footprint
 from .generators.one_f_one_b import one_f_one_b
 from .generators.v_half import v_half
 from .generators.v_min import v_min
@@ -155,9 +156,14 @@ class Retuned:
     before: SimulationResult
     """The given schedule simulated under the measured costs."""
     after: SimulationResult
-    """The rebuilt schedule simulated under the measured costs."""
+    """The fastest admissible rebuilt schedule simulated under the measured costs."""
     given: Schedule
     """The schedule :func:`retune` was given."""
+    memory_model: str = "measured"
+    """The memory model the rebuilt order of :attr:`after` was built under: ``"measured"`` (``costs``' own) or
+    ``"uniform"`` (every chunk's activations alike, as the running order)."""
+    dropped: str = ""
+    """Why a rebuilt candidate was not considered (empty when none was dropped)."""
 
     @property
     def changed(self) -> bool:
@@ -168,8 +174,25 @@ class Retuned:
         """For logs, with costs in seconds (what ``measured_costs`` builds)."""
         return (f"simulated step {1e3 * self.before.makespan:.1f} ms (bubble {100 * self.before.bubble_fraction:.1f}%) "
                 f"as built for F = I = W, {1e3 * self.after.makespan:.1f} ms (bubble "
-                f"{100 * self.after.bubble_fraction:.1f}%) rebuilt for the measured costs: "
+                f"{100 * self.after.bubble_fraction:.1f}%) rebuilt for the measured times under the "
+                f"{self.memory_model} memory model (peak activation memory per rank "
+                f"{_peaks(self.before)} -> {_peaks(self.after)})"
+                + (f"; {self.dropped}" if self.dropped else "") + ": "
                 + ("running the rebuilt order" if self.changed else "keeping the current order"))
+
+
+def _peaks(result: SimulationResult) -> str:
+    peaks = result.peak_activation_memory
+    in_bytes = max(peaks, default=0.0) > 2**20
+    return "[" + ", ".join(f"{p / 2**30:.2f} GiB" if in_bytes else f"{p:.2f}" for p in peaks) + "]"
+
+
+_MICROBATCHES_PER_RANK: dict[str, Callable[[PipelineShape], float]] = {
+    "zb-h1": lambda shape: shape.pp,
+    "zb-h2": lambda shape: 2 * shape.pp - 1,
+    "zb-v": lambda shape: shape.pp,
+}
+"""Each of :data:`COST_TUNED`'s memory budget in micro-batches per rank (what its generator builds under)."""
 
 
 _RETUNE_MIN_GAIN = 1e-3
@@ -181,8 +204,9 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     trying every knob combination of the greedy list scheduler (``search=True``), once under ``costs``' memory
     model and once under the uniform one the running order was built with (every chunk's activations alike);
     :attr:`Retuned.schedule` is the fastest rebuilt order when it simulates more than 0.1% faster under ``costs``,
-    else ``schedule`` itself. Every candidate stays within the schedule's own budget of micro-batches per rank,
-    under the memory model it was built with.
+    else ``schedule`` itself. The candidate under ``costs``' memory model stays within the schedule's own budget of
+    micro-batches per rank in ``costs``' units; the one under the uniform model is dropped when, under ``costs``'
+    memory, it would hold more on some rank than both the running order and that budget (:attr:`Retuned.dropped`).
     """
     if schedule.name not in COST_TUNED:
         raise ValueError(f"{schedule.name} has a fixed order; only {', '.join(COST_TUNED)} are rebuilt from costs "
@@ -190,19 +214,33 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     shape = schedule.shape
     costs.for_shape(shape)
     generator = _GENERATORS[schedule.name]
-    candidates = [generator(shape, costs, search=True)]
-    # the same times with the memory model the running order was built for (every chunk's activations alike):
-    # such an order holds what the running one holds, counted the same way, so it is as safe to switch to; and
-    # a measured memory model can starve the greedy scheduler (Megatron on 2x H200: the rebuild under measured
-    # memory simulated slower than the F = I = W order, which was kept and ran 0.84x megatron's interleaved 1F1B,
-    # while auto, at the same peak, ran 1.06x)
+    before = simulate(schedule, costs)
+    candidates = [("measured", generator(shape, costs, search=True))]
+    # the same times with the memory model the running order was built for (every chunk's activations alike): a
+    # measured memory model can starve the greedy scheduler (Megatron on 2x H200: the rebuild under measured memory
+    # simulated slower than the F = I = W order, which was kept and ran 0.84x megatron's interleaved 1F1B, while
+    # auto, at the same peak, ran 1.06x). Counted in uniform units such an order holds what the running one holds,
+    # but in real bytes it may hold the heavy chunks where the running order held light ones (zb-v, pp=2: 1.2x the
+    # running order's peak, 1.5x its budget of pp micro-batches), so it must fit what the running order holds or
+    # the schedule's budget, per rank, under the measured memory
+    dropped = ""
     uniform = CostModel.uniform(shape)
     if (costs.activation_memory, costs.weight_grad_memory) != (uniform.activation_memory, uniform.weight_grad_memory):
-        candidates.append(generator(shape, replace(costs, activation_memory=uniform.activation_memory,
-                                                   weight_grad_memory=uniform.weight_grad_memory), search=True))
-    results = [simulate(c, costs) for c in candidates]
+        rebuilt = generator(shape, replace(costs, activation_memory=uniform.activation_memory,
+                                           weight_grad_memory=uniform.weight_grad_memory), search=True)
+        per_rank = _MICROBATCHES_PER_RANK[schedule.name](shape)
+        allowed = [max(held, per_rank * rank_footprint(shape, costs, r))
+                   for r, held in enumerate(before.peak_activation_memory)]
+        held = simulate(rebuilt, costs)
+        over = [r for r, (p, a) in enumerate(zip(held.peak_activation_memory, allowed)) if p > a * (1 + 1e-9) + 1e-12]
+        if over:
+            dropped = (f"the rebuild under the uniform memory model ({1e3 * held.makespan:.1f} ms) was dropped: it "
+                       f"would hold {_peaks(held)}, over both the running order's peak and {per_rank:g} "
+                       f"micro-batches' activations on rank(s) {over}")
+        else:
+            candidates.append(("uniform", rebuilt))
+    results = [simulate(c, costs) for _, c in candidates]
     best = min(range(len(candidates)), key=lambda k: results[k].makespan)
-    rebuilt, after = candidates[best], results[best]
-    before = simulate(schedule, costs)
+    (memory_model, rebuilt), after = candidates[best], results[best]
     faster = after.makespan < before.makespan * (1 - _RETUNE_MIN_GAIN)
-    return Retuned(rebuilt if faster else schedule, before, after, schedule)
+    return Retuned(rebuilt if faster else schedule, before, after, schedule, memory_model, dropped)

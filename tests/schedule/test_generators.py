@@ -1,6 +1,8 @@
 """Every generator over a sweep of shapes: complete, valid, deadlock-free; registry defaults and errors."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ds_plugins.schedule import ActionKind, CostModel, PipelineShape, add_communication, simulate
@@ -265,26 +267,51 @@ def test_cost_model_describe_names_times_and_memory_per_stage():
     assert units.describe().endswith("activations / kept for W per stage [1.00/0.94, 1.00/0.94]")
 
 
-def test_retune_falls_back_to_the_uniform_memory_model_when_measured_memory_starves_the_rebuild():
-    """A measured memory model can leave the greedy scheduler little room (here stage 0 holds 3x stage 3's
-    activations and W keeps all of them): every rebuild under it simulates slower than the F = I = W order. The
-    rebuild with the same times under the uniform memory model (the one the running order was built with, so it
-    holds what the running one holds, counted alike) is ~19% faster and is the one retune switches to."""
-    from dataclasses import replace
+_STARVED_TIMES = dict(forward=(11.32, 9.67, 9.66, 11.63), backward_input=(14.18, 13.69, 13.70, 14.48),
+                      backward_weight=(3.79, 3.76, 3.76, 4.38))
 
+
+def test_retune_falls_back_to_the_uniform_memory_model_when_measured_memory_starves_the_rebuild():
+    """A measured memory model can leave the greedy scheduler little room (here the last stage, with the logits,
+    holds 6x stage 0's activations and W keeps all of them): every rebuild under it simulates slower than the
+    F = I = W order. The rebuild with the same times under the uniform memory model is ~19% faster and, holding
+    no more than zb-v's budget of pp micro-batches per rank in real bytes, is the one retune switches to."""
     from ds_plugins.schedule import retune
     from ds_plugins.schedule.generators.zb_v import zb_v
 
-    times = dict(forward=(11.32, 9.67, 9.66, 11.63), backward_input=(14.18, 13.69, 13.70, 14.48),
-                 backward_weight=(3.79, 3.76, 3.76, 4.38))
-    measured = CostModel(**times, activation_memory=(3.0, 1.5, 0.5, 1.0), weight_grad_memory=(3.0, 1.5, 0.5, 0.5))
+    activations = (0.5, 1.5, 0.5, 3.0)
+    measured = CostModel(**_STARVED_TIMES, activation_memory=activations, weight_grad_memory=activations)
     schedule = build_schedule("zb-v", pp=2, microbatches=8)
     starved = simulate(zb_v(schedule.shape, measured, search=True), measured).makespan
     result = retune(schedule, measured)
     assert starved > result.before.makespan  # under the measured memory alone the order would have been kept
-    assert result.changed and result.after.makespan < 0.85 * result.before.makespan
+    assert result.changed and result.memory_model == "uniform" and not result.dropped
+    assert result.after.makespan < 0.85 * result.before.makespan
+    budget = (2 * (0.5 + 3.0), 2 * (1.5 + 0.5))  # pp micro-batches: stages 0 + 3 on rank 0, 1 + 2 on rank 1
+    for peak, held, allowed in zip(result.after.peak_activation_memory, result.before.peak_activation_memory, budget):
+        assert peak <= max(held, allowed) + 1e-9
+    assert "under the uniform memory model" in result.summary()
+
+
+def test_retune_drops_a_uniform_memory_rebuild_that_holds_more_real_memory_than_the_budget():
+    """Counted in uniform units a rebuild under the uniform memory model holds what the running order holds, but
+    with unequal chunks it can hold the heavy ones: here (stage 0 holds 3x stage 3's activations, W keeps them all)
+    it would hold 12 units on rank 0 against the running order's 10 and zb-v's budget of 2 x (3 + 1) = 8. retune
+    drops it, says so, and keeps the running order (the rebuild under the measured memory is slower)."""
+    from ds_plugins.schedule import retune
+    from ds_plugins.schedule.generators.zb_v import zb_v
+
+    uniform_rebuild_peak = 12.0
+    measured = CostModel(**_STARVED_TIMES, activation_memory=(3.0, 1.5, 0.5, 1.0),
+                         weight_grad_memory=(3.0, 1.5, 0.5, 0.5))
+    schedule = build_schedule("zb-v", pp=2, microbatches=8)
     uniform = CostModel.uniform(schedule.shape)
-    in_uniform_units = replace(measured, activation_memory=uniform.activation_memory,
-                               weight_grad_memory=uniform.weight_grad_memory)
-    peak = max(simulate(result.schedule, in_uniform_units).peak_activation_memory)
-    assert peak <= max(simulate(schedule, in_uniform_units).peak_activation_memory) + 1e-9  # holds what zb-v holds
+    rebuilt = zb_v(schedule.shape, replace(measured, activation_memory=uniform.activation_memory,
+                                           weight_grad_memory=uniform.weight_grad_memory), search=True)
+    over = simulate(rebuilt, measured)
+    assert over.peak_activation_memory[0] == pytest.approx(uniform_rebuild_peak)  # faster, but over the budget
+    assert over.makespan < 0.85 * simulate(schedule, measured).makespan
+    result = retune(schedule, measured)
+    assert result.before.peak_activation_memory[0] == pytest.approx(10.0)
+    assert not result.changed and result.schedule is schedule and result.memory_model == "measured"
+    assert "dropped" in result.dropped and "rank(s) [0]" in result.dropped and result.dropped in result.summary()
