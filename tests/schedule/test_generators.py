@@ -267,26 +267,39 @@ def test_cost_model_describe_names_times_and_memory_per_stage():
     assert units.describe().endswith("activations / kept for W per stage [1.00/0.94, 1.00/0.94]")
 
 
-_STARVED_TIMES = dict(forward=(11.32, 9.67, 9.66, 11.63), backward_input=(14.18, 13.69, 13.70, 14.48),
+_MEGATRON_H200_TIMES = dict(forward=(11.32, 9.67, 9.66, 11.63), backward_input=(14.18, 13.69, 13.70, 14.48),
                       backward_weight=(3.79, 3.76, 3.76, 4.38))
 
 
-def test_retune_falls_back_to_the_uniform_memory_model_when_measured_memory_starves_the_rebuild():
-    """A measured memory model can leave the greedy scheduler little room (here the last stage, with the logits,
-    holds 6x stage 0's activations and W keeps all of them): every rebuild under it simulates slower than the
-    F = I = W order. The rebuild with the same times under the uniform memory model is ~19% faster and, holding
-    no more than zb-v's budget of pp micro-batches per rank in real bytes, is the one retune switches to."""
+def test_memory_cap_keeps_whole_micro_batches_of_unequal_chunks():
+    """zb-v's budget is pp micro-batches' activations on each rank, as they are: rounding it down to multiples of
+    the rank's heaviest chunk took a quarter of it from a rank whose chunks differ 3:1 (8 -> 6 units on rank 0,
+    4 -> 3 on rank 1) and starved every rebuild from measured memory (simulated slower than the F = I = W order)."""
+    from ds_plugins.schedule.generators.list_scheduler import memory_cap
+
+    shape = build_schedule("zb-v", pp=2, microbatches=8).shape
+    measured = CostModel(**_MEGATRON_H200_TIMES, activation_memory=(3.0, 1.5, 0.5, 1.0),
+                         weight_grad_memory=(3.0, 1.5, 0.5, 0.5))
+    assert memory_cap(shape, measured, 2) == pytest.approx((8.0, 4.0))
+    assert memory_cap(shape, measured, 1.5) == pytest.approx((6.0, 3.0))  # fractional: whole heaviest chunks
+
+
+def test_retune_keeps_the_faster_of_the_two_memory_models():
+    """The last stage, with the logits, holds 6x stage 0's activations and W keeps all of them: the rebuild under
+    the measured memory (498.5 ms) and the one under the uniform memory model (483.5 ms) both beat the F = I = W
+    order (593.25 ms); the uniform one holds no more than zb-v's budget of pp micro-batches per rank in real
+    bytes, so retune runs it and says which memory model it was built under."""
     from ds_plugins.schedule import retune
     from ds_plugins.schedule.generators.zb_v import zb_v
 
     activations = (0.5, 1.5, 0.5, 3.0)
-    measured = CostModel(**_STARVED_TIMES, activation_memory=activations, weight_grad_memory=activations)
+    measured = CostModel(**_MEGATRON_H200_TIMES, activation_memory=activations, weight_grad_memory=activations)
     schedule = build_schedule("zb-v", pp=2, microbatches=8)
-    starved = simulate(zb_v(schedule.shape, measured, search=True), measured).makespan
+    under_measured = simulate(zb_v(schedule.shape, measured, search=True), measured).makespan
     result = retune(schedule, measured)
-    assert starved > result.before.makespan  # under the measured memory alone the order would have been kept
+    assert result.before.makespan == pytest.approx(593.25)
+    assert under_measured == pytest.approx(498.48) and result.after.makespan == pytest.approx(483.52)
     assert result.changed and result.memory_model == "uniform" and not result.dropped
-    assert result.after.makespan < 0.85 * result.before.makespan
     budget = (2 * (0.5 + 3.0), 2 * (1.5 + 0.5))  # pp micro-batches: stages 0 + 3 on rank 0, 1 + 2 on rank 1
     for peak, held, allowed in zip(result.after.peak_activation_memory, result.before.peak_activation_memory, budget):
         assert peak <= max(held, allowed) + 1e-9
@@ -297,21 +310,21 @@ def test_retune_drops_a_uniform_memory_rebuild_that_holds_more_real_memory_than_
     """Counted in uniform units a rebuild under the uniform memory model holds what the running order holds, but
     with unequal chunks it can hold the heavy ones: here (stage 0 holds 3x stage 3's activations, W keeps them all)
     it would hold 12 units on rank 0 against the running order's 10 and zb-v's budget of 2 x (3 + 1) = 8. retune
-    drops it, says so, and keeps the running order (the rebuild under the measured memory is slower)."""
+    drops it, says so, and runs the rebuild under the measured memory, within the budget."""
     from ds_plugins.schedule import retune
     from ds_plugins.schedule.generators.zb_v import zb_v
 
-    uniform_rebuild_peak = 12.0
-    measured = CostModel(**_STARVED_TIMES, activation_memory=(3.0, 1.5, 0.5, 1.0),
+    measured = CostModel(**_MEGATRON_H200_TIMES, activation_memory=(3.0, 1.5, 0.5, 1.0),
                          weight_grad_memory=(3.0, 1.5, 0.5, 0.5))
     schedule = build_schedule("zb-v", pp=2, microbatches=8)
     uniform = CostModel.uniform(schedule.shape)
     rebuilt = zb_v(schedule.shape, replace(measured, activation_memory=uniform.activation_memory,
                                            weight_grad_memory=uniform.weight_grad_memory), search=True)
     over = simulate(rebuilt, measured)
-    assert over.peak_activation_memory[0] == pytest.approx(uniform_rebuild_peak)  # faster, but over the budget
-    assert over.makespan < 0.85 * simulate(schedule, measured).makespan
+    assert over.peak_activation_memory[0] == pytest.approx(12.0)  # the fastest, but over the budget
     result = retune(schedule, measured)
     assert result.before.peak_activation_memory[0] == pytest.approx(10.0)
-    assert not result.changed and result.schedule is schedule and result.memory_model == "measured"
+    assert result.changed and result.memory_model == "measured"
+    assert result.after.makespan > over.makespan and result.after.makespan < 0.85 * result.before.makespan
+    assert max(result.after.peak_activation_memory[0], 0) <= 8.0 + 1e-9
     assert "dropped" in result.dropped and "rank(s) [0]" in result.dropped and result.dropped in result.summary()
