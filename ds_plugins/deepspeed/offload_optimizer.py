@@ -393,7 +393,11 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         device = ex.device
         if device.type == "cuda" and (moved or request is None):
             # the memory budget of the next plans is the peak since the state on the GPU last changed
-            # (_budget_bytes); resetting only then leaves the user's max_memory_* counters alone otherwise
+            # (_budget_bytes); resetting only then leaves the user's max_memory_* counters alone otherwise. State
+            # moved off the GPU leaves its blocks reserved: return them first, or the reserved peak would count
+            # them as other users' memory and block moving state back
+            if moved:
+                torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         self._excluded_s += time.perf_counter() - began
 
