@@ -29,7 +29,7 @@ from typing import Callable
 from .costs import CostModel
 from .generators.auto import auto
 from .generators.interleaved_1f1b import interleaved_1f1b
-from .generators.list_scheduler import rank_footprint
+from .generators.list_scheduler import MICROBATCHES_PER_RANK, rank_footprint
 from .generators.one_f_one_b import one_f_one_b
 from .generators.v_half import v_half
 from .generators.v_min import v_min
@@ -187,14 +187,6 @@ def _peaks(result: SimulationResult) -> str:
     return "[" + ", ".join(f"{p / 2**30:.2f} GiB" if in_bytes else f"{p:.2f}" for p in peaks) + "]"
 
 
-_MICROBATCHES_PER_RANK: dict[str, Callable[[PipelineShape], float]] = {
-    "zb-h1": lambda shape: shape.pp,
-    "zb-h2": lambda shape: 2 * shape.pp - 1,
-    "zb-v": lambda shape: shape.pp,
-}
-"""Each of :data:`COST_TUNED`'s memory budget in micro-batches per rank (what its generator builds under)."""
-
-
 _RETUNE_MIN_GAIN = 1e-3
 """Rebuilt orders within 0.1% of the running one's simulated step time are not worth a switch."""
 
@@ -228,7 +220,7 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     if (costs.activation_memory, costs.weight_grad_memory) != (uniform.activation_memory, uniform.weight_grad_memory):
         rebuilt = generator(shape, replace(costs, activation_memory=uniform.activation_memory,
                                            weight_grad_memory=uniform.weight_grad_memory), search=True)
-        per_rank = _MICROBATCHES_PER_RANK[schedule.name](shape)
+        per_rank = MICROBATCHES_PER_RANK[schedule.name](shape.pp)
         allowed = [max(held, per_rank * rank_footprint(shape, costs, r))
                    for r, held in enumerate(before.peak_activation_memory)]
         held = simulate(rebuilt, costs)

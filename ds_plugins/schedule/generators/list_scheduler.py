@@ -28,14 +28,14 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Callable, Literal
 
 from ..costs import CostModel
 from ..ir import Action, ActionKind, PipelineShape, Schedule
 from ..simulate import simulate
 
-__all__ = ["GreedyPolicy", "ZERO_BUBBLE_POLICY", "list_schedule", "memory_cap", "policy_variants", "rank_footprint",
-           "zero_bubble_schedule"]
+__all__ = ["GreedyPolicy", "MICROBATCHES_PER_RANK", "ZERO_BUBBLE_POLICY", "list_schedule", "memory_cap",
+           "policy_variants", "rank_footprint", "zero_bubble_schedule"]
 
 _F, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _EPS = 1e-9
@@ -285,6 +285,14 @@ def policy_variants(shape: PipelineShape, memory_limit: tuple[float, ...]) -> li
         for backward_first, weight, fit, deepest, depth in itertools.product(
             (True, False), ("lazy", "eager"), (True, False), (True, False), depths)
     ]
+
+
+MICROBATCHES_PER_RANK: dict[str, Callable[[int], int]] = {
+    "zb-h1": lambda pp: pp,  # 1F1B's peak
+    "zb-h2": lambda pp: 2 * pp - 1,
+    "zb-v": lambda pp: pp,  # 1F1B's peak, in 2pp chunk activations
+}
+"""Memory budget of each handcrafted zero-bubble schedule, in micro-batches' activations per rank, given pp."""
 
 
 def zero_bubble_schedule(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
-from .list_scheduler import zero_bubble_schedule
+from .list_scheduler import MICROBATCHES_PER_RANK, zero_bubble_schedule
 
 __all__ = ["zb_h1"]
 
@@ -29,4 +29,4 @@ def zb_h1(shape: PipelineShape, costs: CostModel, *, search: bool = False) -> Sc
     if shape.vp != 1:
         raise ValueError(f"zb-h1 runs one chunk per rank: set vp=1 (got vp={shape.vp}); zb-v is the 2-chunk variant")
     costs.for_shape(shape)
-    return zero_bubble_schedule("zb-h1", shape, costs, shape.pp, search=search)
+    return zero_bubble_schedule("zb-h1", shape, costs, MICROBATCHES_PER_RANK["zb-h1"](shape.pp), search=search)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
-from .list_scheduler import zero_bubble_schedule
+from .list_scheduler import MICROBATCHES_PER_RANK, zero_bubble_schedule
 
 __all__ = ["zb_v", "check_v_shape"]
 
@@ -31,4 +31,4 @@ def zb_v(shape: PipelineShape, costs: CostModel, *, search: bool = False) -> Sch
     """ZB-V: V placement, split backward, 1F1B's peak memory."""
     check_v_shape("zb-v", shape)
     costs.for_shape(shape)
-    return zero_bubble_schedule("zb-v", shape, costs, shape.pp, search=search)
+    return zero_bubble_schedule("zb-v", shape, costs, MICROBATCHES_PER_RANK["zb-v"](shape.pp), search=search)
