@@ -1,11 +1,28 @@
-"""Run a script's ``main(args)`` in N local CPU processes without torchrun (the ``--procs N`` mode of
-benchmarks/pipeline.py, benchmarks/megatron.py and examples/deepspeed/train_gpt_pipeline.py)."""
+"""A benchmark's ranks: run a script's ``main(args)`` in N local CPU processes without torchrun (the ``--procs N``
+mode of benchmarks/pipeline.py, benchmarks/megatron.py and examples/deepspeed/train_gpt_pipeline.py), and show
+interleaf's own log lines on rank 0."""
 from __future__ import annotations
 
 import argparse
 import os
 import socket
 from typing import Callable
+
+
+def show_interleaf_logs(rank: int, *loggers: str) -> None:
+    """On rank 0, print the INFO lines of interleaf's ``loggers`` (what ``auto`` picked, what the measured-cost
+    rebuilds simulated) to stdout with an ``[interleaf]`` prefix, next to the benchmark's own lines."""
+    if rank != 0:
+        return
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[interleaf] %(message)s"))
+    for name in loggers:
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
 
 
 def run_local_ranks(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, procs: int) -> None:

@@ -69,7 +69,7 @@ import torch.distributed as dist  # noqa: E402
 
 from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
 from benchmarks.device_memory import allocated_gib_per_rank, release_between_rows  # noqa: E402
-from benchmarks.local_ranks import run_local_ranks  # noqa: E402
+from benchmarks.local_ranks import run_local_ranks, show_interleaf_logs  # noqa: E402
 from benchmarks.report import write_section  # noqa: E402
 
 LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
@@ -575,14 +575,7 @@ def main(args: argparse.Namespace) -> None:
 
         cpu_shim.install()
     dist.init_process_group("nccl" if gpu else "gloo")
-    if dist.get_rank() == 0:  # interleaf's schedule choices and rebuilds from measured costs, in the log
-        import logging
-
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("[interleaf] %(message)s"))
-        log = logging.getLogger("megatron_patches.forward_backward")
-        log.setLevel(logging.INFO)
-        log.addHandler(handler)
+    show_interleaf_logs(dist.get_rank(), "ds_plugins.schedule.generators.auto", "megatron_patches.forward_backward")
     rows = run_all(args)
     rtol = CHECK_RTOL_BF16 if gpu else CHECK_RTOL_FP32
     failures = check_first_step(rows, args.microbatches, rtol)  # the same rows on every rank

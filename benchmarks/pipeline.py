@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
 from benchmarks.device_memory import allocated_gib_per_rank, release_between_rows  # noqa: E402
-from benchmarks.local_ranks import run_local_ranks  # noqa: E402
+from benchmarks.local_ranks import run_local_ranks, show_interleaf_logs  # noqa: E402
 from benchmarks.report import merge_from, section_ids, write_section  # noqa: E402
 
 INTERLEAF = ("1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "auto")
@@ -386,15 +386,7 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=args.nccl_timeout_s))
     rank = torch.distributed.get_rank()
-    if rank == 0:  # what auto picked and what the measured-cost rebuilds simulated, in the log
-        import logging
-
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("[interleaf] %(message)s"))
-        for name in ("ds_plugins.schedule.generators.auto", "ds_plugins.deepspeed._runner"):
-            log = logging.getLogger(name)
-            log.setLevel(logging.INFO)
-            log.addHandler(handler)
+    show_interleaf_logs(rank, "ds_plugins.schedule.generators.auto", "ds_plugins.deepspeed._runner")
     _layout(args)  # a --pp that does not divide the ranks fails here, before any variant
     cfg = _gpt_config(args.tiny)
     rows: list[Row] = []

@@ -148,8 +148,8 @@ class ScheduleRunner:
         """BF16_Optimizer sums the micro-batches' gradients in its "hp" gradient buffers, of dtype
         ``data_types.grad_accum_dtype`` (DeepSpeed's default: the model dtype, so bf16 under bf16; fp32 when the
         config asks for it): each micro-batch's gradient added once (``hp.add_(lp_grad.to(hp.dtype))`` in its
-        ``_update_hp_grad``). DeepSpeed
-        does that with one Python call per parameter per micro-batch (its ``immediate_grad_update`` hooks, or its
+        ``_update_hp_grad``). DeepSpeed does that with one Python call per parameter per micro-batch (its
+        ``immediate_grad_update`` hooks, or its
         loop after each backward): ~200 host calls and 400 kernel launches per stage per micro-batch, host time
         the GPU waits for when kernels are short. Here the same sums run as one ``torch._foreach_add_`` over the
         stage's parameters after each I/B action (:meth:`_flush_bf16_grads`, the executor's ``after_backward``),

@@ -300,7 +300,7 @@ class PipelineExecutor:
             action, time the host then does not spend launching kernels.
         after_backward: called with the stage after the autograd pass of every I and B action, once that
             micro-batch's gradients (all of them for B; all but the deferred weight gradients for I) are on the
-            parameters (DeepSpeed's bf16 optimizer moves them into its fp32 buffers there).
+            parameters (DeepSpeed's bf16 optimizer moves them into its gradient-accumulation buffers there).
         annotate_actions: run every compute action inside ``torch.profiler.record_function("interleaf <action>")``
             (e.g. ``"interleaf 0F3"``: stage 0, forward, micro-batch 3), so a profiler trace shows which stage,
             micro-batch and kind each kernel belongs to (``benchmarks/device_gaps.py`` sums kernel time per kind
