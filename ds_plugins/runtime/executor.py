@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -153,6 +154,12 @@ class StepResult:
         """Mean seconds per ``(kind letter, stage)``, e.g. ``("F", 3)``: the per-kind timings for a cost model."""
         return {(k.value, s): sum(v) / len(v) for (k, s), v in self.action_seconds.items() if v}
 
+    def median_seconds(self) -> dict[tuple[str, int], float]:
+        """Median seconds per ``(kind letter, stage)`` over the step's micro-batches: what a cost model is built
+        from. One action stretched by a stall (an allocator call, a host-starved issue gap inside its CUDA-event
+        span) moves a mean far from what the action typically takes and the scheduler plans for the stall."""
+        return {(k.value, s): statistics.median(v) for (k, s), v in self.action_seconds.items() if v}
+
     def mean_memory_bytes(self) -> dict[tuple[str, int], float]:
         """Mean change of allocated device memory per ``(kind letter, stage)`` (CUDA only; empty on CPU)."""
         return {(k.value, s): sum(v) / len(v) for (k, s), v in self._memory.items() if v}
@@ -174,27 +181,28 @@ def measured_costs(
     """A :class:`CostModel` from measured step timings, to feed the ``auto`` scheduler.
 
     ``results`` must cover every stage: gather them from all pipeline ranks first (e.g.
-    ``dist.all_gather_object`` of ``result.mean_seconds()``; plain ``mean_seconds()`` dicts are accepted). Times
-    are averaged per stage and kind. Stages measured only with a full backward ``B`` get ``I = W = B/2``
+    ``dist.all_gather_object`` of ``result.median_seconds()``; plain per-step dicts of seconds are accepted, and
+    a :class:`StepResult` contributes its :meth:`~StepResult.median_seconds`). Each stage and kind gets the median
+    of its per-step figures (robust to a step slowed by a stall). Stages measured only with a full backward ``B`` get ``I = W = B/2``
     (logged); run a split-backward schedule (e.g. ``zb-h1``) during warm-up for real I/W figures. Activation
     memory comes from ``memory`` (``mean_memory_bytes()`` dicts) when given, else 1 per stage with W keeping
     :data:`~ds_plugins.schedule.costs.UNIFORM_WEIGHT_GRAD_SHARE` of it.
     """
     sums: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in results:
-        means = r.mean_seconds() if isinstance(r, StepResult) else r
-        for key, value in means.items():
+        per_step = r.median_seconds() if isinstance(r, StepResult) else r
+        for key, value in per_step.items():
             sums[(str(key[0]), int(key[1]))].append(float(value))
-    mean = {k: sum(v) / len(v) for k, v in sums.items()}
+    typical = {k: statistics.median(v) for k, v in sums.items()}
     forward, backward_input, backward_weight = [], [], []
     for s in range(shape.num_stages):
-        f = mean.get(("F", s))
+        f = typical.get(("F", s))
         if f is None:
             raise ValueError(
                 f"measured_costs: no forward timing for stage {s}; gather StepResult.mean_seconds() from every "
                 "pipeline rank (dist.all_gather_object) and run with timing='action' or 'sync'"
             )
-        i, w, b = mean.get(("I", s)), mean.get(("W", s)), mean.get(("B", s))
+        i, w, b = typical.get(("I", s)), typical.get(("W", s)), typical.get(("B", s))
         if i is None:
             if b is None:
                 raise ValueError(f"measured_costs: no backward timing for stage {s}")
@@ -236,7 +244,7 @@ def measured_costs(
 def costs_from_ranks(gathered: Sequence[tuple[Sequence[Mapping], Sequence[Mapping]]],
                      shape: PipelineShape) -> tuple[CostModel, bool]:
     """The cost model from every rank's warm-up measurements, as the adapters gather them (one
-    ``(mean_seconds() dicts, mean_memory_bytes() dicts)`` pair per rank, e.g. ``dist.all_gather_object``), and
+    ``(median_seconds() dicts, mean_memory_bytes() dicts)`` pair per rank, e.g. ``dist.all_gather_object``), and
     whether any device memory was measured (CPU runs measure none: activation memory then defaults)."""
     samples = [s for per_rank, _ in gathered for s in per_rank]
     memory = [m for _, per_rank in gathered for m in per_rank if m]

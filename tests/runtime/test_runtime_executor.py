@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds_plugins.runtime import PipelineExecutor, build_stage_modules, measured_costs, partition_layers
-from ds_plugins.schedule.ir import Action, PipelineShape, Schedule
+from ds_plugins.runtime import PipelineExecutor, StepResult, build_stage_modules, measured_costs, partition_layers
+from ds_plugins.schedule.ir import Action, ActionKind, PipelineShape, Schedule
 from ds_plugins.schedule.registry import SCHEDULE_NAMES, build_schedule
 
 from runtime_harness import (
@@ -164,6 +164,26 @@ def test_measured_costs_from_timings():
     assert mem.activation_memory == (100.0, 50.0)
     assert mem.weight_grad_memory == pytest.approx((30.0, 50.0 * 32 / 34))
     assert costs.weight_grad_memory == pytest.approx((32 / 34, 32 / 34))  # no memory figures at all
+
+
+def _timed_step(samples: list[tuple[ActionKind, int, float]]) -> StepResult:
+    return StepResult(rank=0, stages=(0,), losses=(), outputs=(), wait_s=0.0, host_wall_s=sum(t for *_, t in samples),
+                      samples=samples, step_events=None, memory={})
+
+
+def test_measured_costs_ignore_stalled_actions_and_steps():
+    # a cost model is built from what an action typically takes: one F stretched 5x by a stall (an allocator call,
+    # a host-starved issue gap inside its CUDA-event span) or one slow warm-up step must not move it
+    F, I, W = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
+    samples = [(F, 0, 0.002)] * 7 + [(F, 0, 0.010)] + [(I, 0, 0.003)] * 8 + [(W, 0, 0.0015)] * 8
+    step = _timed_step(samples)
+    assert step.median_seconds()[("F", 0)] == pytest.approx(0.002)
+    assert step.mean_seconds()[("F", 0)] == pytest.approx(0.003)  # what the mean made of it
+    shape = PipelineShape(pp=1, microbatches=8)
+    slow_step = {("F", 0): 0.008, ("I", 0): 0.009, ("W", 0): 0.004}
+    costs = measured_costs([step, step, slow_step], shape)
+    assert costs.forward == pytest.approx((0.002,))
+    assert costs.backward_input == pytest.approx((0.003,)) and costs.backward_weight == pytest.approx((0.0015,))
 
 
 def test_backward_context_wraps_every_backward_action():
