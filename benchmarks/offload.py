@@ -315,7 +315,7 @@ def render(results: list[dict], args, device_name: str, torch_version: str, ds_v
         lines.append(f"- {r['run']}: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
     for r in results:
         if r.get("plan"):
-            lines.append(plan_line(r))
+            lines.append(plan_line(r, warmup=args.warmup))
     lines += ["", "Targets (issue 5): interleaf ≤ 1.15× GPU-resident with ≥ 50% host state, ≥ 2.8× faster than "
               "ZeRO-Offload; losses equal to tolerance " f"({LOSS_RTOL:g} relative, bf16).", ""]
     return "\n".join(lines)
@@ -325,8 +325,10 @@ def _rate(params_per_s) -> str:
     return "n/a" if params_per_s is None else f"{params_per_s / 1e9:.2f} G params/s"
 
 
-def plan_line(r: dict) -> str:
-    """One line per interleaf row: the final plan, what training measured, and every re-plan with its reason."""
+def plan_line(r: dict, *, warmup: int) -> str:
+    """One line per interleaf row: the final plan, what training measured, and every re-plan with its reason;
+    says so when a move fell among the timed iterations (its s/iter then mixes two plans and a transition) or
+    when the plan was still changing at the end of the run."""
     rates = r.get("rates") or {}
     obs = r.get("observed")
     busy = r.get("cpu_busy_s_last") or 0.0
@@ -352,6 +354,13 @@ def plan_line(r: dict) -> str:
         reasons = [f"step {h['step']}: {h['reason']}" for h in history[1:] if h["moved"]]
         if reasons:
             line += " [" + "; ".join(reasons) + "]"
+        # a plan "at step s" moves state inside iteration s - 1 (0-based; that iteration drains and streams it)
+        n = len(r["iter_times"])
+        timed = [s for s in (h["step"] for h in history[1:] if h["moved"]) if warmup < s <= n]
+        if timed:
+            line += (f". NOT SETTLED: state moved during the timed iterations (plans at step "
+                     f"{', '.join(map(str, timed))}; timed: iterations {warmup}-{n - 1}), so its s/iter mixes "
+                     "plans and a move; give --warmup more iterations to time the settled plan")
     return line
 
 

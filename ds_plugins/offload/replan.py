@@ -14,8 +14,9 @@ a scaling pass) nor, before the first iterations, the forward+backward window. :
 - the **interference** of host work with the GPU-side part of the iteration: the host AdamW threads compete with
   the Python thread that issues the kernels and with the gradient/weight copies for CPUs and memory bandwidth, so
   forward + backward themselves grow while host work runs. The window of iterations with (almost) no host work
-  (at most ``quiet_host_share`` of the parameters; ``auto`` always starts with everything on the GPU) is the
-  **reference**; the window handed to the planner is never larger than it (a window stretched by host work is
+  (at most ``quiet_host_share`` of the parameters; ``auto`` always starts with everything on the GPU, and plans
+  host work only after ``2 * history - 1`` such iterations) is the **reference** (the lowest median of ``history``
+  consecutive ones among the recent ones); the window handed to the planner is never larger than it (a window stretched by host work is
   not room to hide more host work: on 1x H100 with 15 host threads that positive feedback kept 55% of the state
   on the host while the window grew 156.6 -> 266.8 ms and the iteration ran 1.41x GPU-resident). Iterations with
   more host work are **samples**; once ``history`` of them exist and their (trimmed mean) window exceeds the
@@ -325,17 +326,19 @@ class Replanner:
             reasons.append(f"host rate {format_rate(old_rate)} -> {format_rate(rate)}")
         if self.window_s > 0 and abs(window - self.window_s) > self.drift * self.window_s:
             reasons.append(f"window {1e3 * self.window_s:.1f} -> {1e3 * window:.1f} ms")
-        elif self.window_s <= 0 < window and (not quiet or len(self._reference_windows) >= self.history):
-            # the first window, measured without host work, is the reference: the median of `history` iterations
-            # (1x H100: the first all-GPU iteration after start-up took 240 ms, the steady ones ~175 ms; taken
-            # alone it hid 40% of interference). With host work from the start (a fixed gpu_fraction) there is
-            # no reference to wait for.
+        elif self.window_s <= 0 < window and (not quiet or len(self._reference_windows) >= keep):
+            # the first window, measured without host work, is the reference: the lowest median of `history`
+            # consecutive ones among `2 * history - 1` iterations (1x H100: the first all-GPU iteration after
+            # start-up took 240 ms, the steady ones ~175 ms; taken alone it hid 40% of interference; in a later
+            # run the median of the first three was 191.7 ms against ~160 ms steady, and the 37% stretch host
+            # work caused stayed near the 15% margin of it for 12 iterations). With host work from the start (a
+            # fixed gpu_fraction) there is no reference to wait for.
             reasons.append(f"window measured: {1e3 * window:.1f} ms"
-                           + (f" (median of {len(self._reference_windows)} iterations without host work)"
-                              if quiet else ""))
+                           + (f" (lowest median of {self.history} consecutive among {len(self._reference_windows)}"
+                              " iterations without host work)" if quiet else ""))
         # the periodic re-plan waits for the first reference too: with replan_interval < history it would plan
         # from the slow first iteration alone, and that window would become the reference
-        gathering_reference = self.window_s <= 0 and quiet and len(self._reference_windows) < self.history
+        gathering_reference = self.window_s <= 0 and quiet and len(self._reference_windows) < keep
         if self._since_plan >= self.replan_interval and not gathering_reference:
             reasons.append(f"{self._since_plan} iterations since the last plan")
         if not reasons:
