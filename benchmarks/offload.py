@@ -297,7 +297,7 @@ def render(results: list[dict], args, device_name: str, torch_version: str, ds_v
         ref = loss_reference(r["run"], results)
         lines.append(
             f"| {r['run']} | {str(r['overlap_comm']).lower()} | {r['gradient_clipping']:g} | {r['optimizer']} | "
-            f"{r['s_per_iter']:.3f} | {ratio} | {speedup} | {100 * r['host_state']:.0f}% | "
+            f"{r['s_per_iter']:.3f} | {ratio} | {speedup} | {host_state_column(r, args.warmup)} | "
             f"{max_loss_diff(r, ref):.1e} ({ref['run']}) | {r['peak_gib']:.1f} |")
     lines.append("")
     if footnote:
@@ -323,6 +323,24 @@ def render(results: list[dict], args, device_name: str, torch_version: str, ds_v
 
 def _rate(params_per_s) -> str:
     return "n/a" if params_per_s is None else f"{params_per_s / 1e9:.2f} G params/s"
+
+
+def host_state_column(r: dict, warmup: int) -> str:
+    """The share of optimizer state on the host while the row was timed: the final plan's, or, when a re-plan
+    moved state during the timed iterations, each share in the order they ran ("40% → 5%")."""
+    history = r.get("plan_history") or []
+    final = f"{100 * r['host_state']:.0f}%"
+    if not history:
+        return final
+    shares = []
+    for i in range(warmup, len(r["iter_times"])):
+        # iteration i runs the last plan made at step <= i (a plan at step s moved state inside iteration s - 1)
+        share = next((h["host_state"] for h in reversed(history) if h["step"] <= i), history[0]["host_state"])
+        if not shares or shares[-1] != share:
+            shares.append(share)
+    if len(shares) <= 1 and (not shares or f"{100 * shares[0]:.0f}%" == final):
+        return final
+    return " → ".join(f"{100 * x:.0f}%" for x in shares) + f" (timed; final {final})"
 
 
 def plan_line(r: dict, *, warmup: int) -> str:
