@@ -13,6 +13,8 @@ Runs (default order; baselines first):
     interleaf-auto-clip   interleaf-auto with gradient_clipping 1.0 (host updates wait for the global norm)
     interleaf-0.5         interleaf, gpu_fraction 0.5, no clipping
     interleaf-auto-overlap  (not run by default) interleaf-auto with overlap_comm true
+    interleaf-1.0         (not run by default) interleaf, gpu_fraction 1.0: nothing on the host, never re-planned;
+                          against `gpu` it is the cost of the path itself (gradients routed per tensor, the update)
 
 Without clipping (and bf16 with check_grad_overflow false) DeepSpeed can neither skip nor rescale a step, which is
 the only case where interleaf starts host updates during backward: its best case. The clip rows show the common
@@ -56,7 +58,7 @@ SECTION = "## Optimizer-state offload (benchmarks/offload.py)"
 REPORT_SECTION = "benchmarks/offload.py"  # its BENCHMARKS.md section (benchmarks/report.py)
 RUNS = ("gpu", "zero-offload", "zero-offload-overlap", "interleaf-auto", "gpu-clip", "interleaf-auto-clip",
         "interleaf-0.5")
-OPTIONAL_RUNS = ("interleaf-auto-overlap",)  # selectable with --runs; not in the default set (device time)
+OPTIONAL_RUNS = ("interleaf-auto-overlap", "interleaf-1.0")  # selectable with --runs; not in the default set (device time)
 ZERO_OFFLOAD_RUNS = ("zero-offload", "zero-offload-overlap")
 CLIP_NORM = 1.0  # gradient_clipping of the *-clip runs
 LOSS_RTOL = 2e-2  # bf16 runs with different (but exact-math) update orders; the fp32 parity is in tests/
