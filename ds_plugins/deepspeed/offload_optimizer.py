@@ -128,6 +128,11 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         self._module: torch.nn.Module | None = None
         self._hook_handles: list = []
         self._probe_handles: list = []
+        self._per_layer_waits = False
+        """Forward pre-hooks wait per layer for host updates (dp = 1 with a module); registered only while some
+        subgroup is updated on the host (:meth:`_register_forward_waits`)."""
+        self._forward_waits: list[tuple[torch.nn.Module, Any, bool]] = []  # (module, hook, prepend)
+        self._wait_handles: list = []
         self._forward_seen: set[int] = set()
         self._rates: HardwareRates | None = None
         self._steps_done = 0
@@ -232,7 +237,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 if executor.has_pending():
                     executor.wait_for(ids)
 
-            self._hook_handles.append(module.register_forward_pre_hook(wait))
+            self._forward_waits.append((module, wait, False))
         if at_model_start:
             logger.info("interleaf offload: %d subgroup(s) hold parameters used outside their module's forward; "
                         "the forward waits for them at its start", len(at_model_start))
@@ -241,10 +246,28 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 if executor.has_pending():
                     executor.wait_for(ids)
 
-            self._hook_handles.append(self._module.register_forward_pre_hook(wait_first, prepend=True))
+            self._forward_waits.append((self._module, wait_first, True))
+        self._per_layer_waits = True
         self._hook_handles.append(
             self._module.register_state_dict_pre_hook(lambda *args, **kwargs: executor.wait_all())
         )
+        self._register_forward_waits()
+
+    def _register_forward_waits(self) -> None:
+        """Forward pre-hooks on while some subgroup is updated on the host, off otherwise: with every subgroup on
+        the GPU there is never anything to wait for, and any forward pre-hook moves a module's call off PyTorch's
+        fast path (host time per module call, every forward). Call after placements changed; a move to the GPU
+        has drained the host work in flight (``apply_plan``)."""
+        ex = self._executor
+        needed = self._per_layer_waits and ex is not None and not all(
+            ex.is_on_gpu(i) for i in range(len(ex.subgroups)))
+        if needed and not self._wait_handles:
+            self._wait_handles = [module.register_forward_pre_hook(hook, prepend=prepend)
+                                  for module, hook, prepend in self._forward_waits]
+        elif not needed and self._wait_handles:
+            for handle in self._wait_handles:
+                handle.remove()
+            self._wait_handles = []
 
     def _ensure_state(self, i: int) -> dict:
         """The base optimizer's state for flat partition i, created in its own format (checkpoint-compatible)."""
@@ -293,7 +316,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             numels=tuple(sub.numel for sub in ex.subgroups),
             byte_model=ByteModel(grad_bytes=2 if self._host_grads_lowp is not None else 4),
             early_host_start=self._early_start_allowed(),
-            per_layer_waits=self._dp_world_size() == 1 and bool(self._hook_handles),
+            per_layer_waits=self._dp_world_size() == 1 and self._per_layer_waits,
             forward_share=FORWARD_SHARE,
         )
 
@@ -367,6 +390,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 self._apply_plan_keeping_grads(plan)
             else:
                 ex.apply_plan(plan)
+            self._register_forward_waits()
         self._rates = rates
         self._replanner.planned(plan, rates, window, settle=moved and not carry_grads,
                                 interference_s_per_param=interference)
@@ -651,7 +675,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         self._lazy_init_hp_params_optimizer_state()
         self.reset_cpu_buffers()
         self._steps_done += 1
-        if self._dp_world_size() > 1 or not self._hook_handles:
+        if self._dp_world_size() > 1 or not self._per_layer_waits:
             self._executor.wait_all()
             all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
                                  partitioned_param_groups=self.parallel_partitioned_bit16_groups,
@@ -707,10 +731,11 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         return result
 
     def destroy(self):
-        for handle in self._hook_handles + self._probe_handles:
+        for handle in self._hook_handles + self._probe_handles + self._wait_handles:
             handle.remove()
         self._hook_handles = []
         self._probe_handles = []
+        self._wait_handles = []
         if self._executor is not None:
             self._executor.close()
         super().destroy()

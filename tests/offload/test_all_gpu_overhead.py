@@ -1,5 +1,6 @@
 """At gpu_fraction 1.0 (nothing on the host) interleaf adds no per-iteration device work over DeepSpeed's own ZeRO-2
-without offload: the same kernels in forward, no more in backward + step, one device read in the step.
+without offload: the same kernels in forward and no forward pre-hooks, no more kernels in backward + step besides
+the update, one device read in the step.
 
 Counted with a TorchDispatchMode over one steady iteration on DeepSpeed's CPU accelerator, bf16 with
 ``check_grad_overflow: false`` (benchmarks/offload.py's configuration), on a model of many small tensors. On a GPU
@@ -48,7 +49,8 @@ def _count_ops(rank, world):
 
     out = {}
     for name, cfg in (("ds", H.ds_config(offload=False, **BF16)),
-                      ("il", H.ds_config(interleaf={"gpu_fraction": 1.0}, **BF16))):
+                      ("il", H.ds_config(interleaf={"gpu_fraction": 1.0}, **BF16)),
+                      ("il_half", H.ds_config(interleaf={"gpu_fraction": 0.5}, **BF16))):
         # one bucket for all gradients, as benchmarks/offload.py's 5e7 is about one layer of its GPT: DeepSpeed's
         # offload path clones each gradient larger than a bucket (its own, interleaf or not)
         cfg["zero_optimization"]["reduce_bucket_size"] = 10**6
@@ -72,6 +74,7 @@ def _count_ops(rank, world):
             "ops": {phase: dict(c.ops) for phase, c in phases.items()},
             "device_reads": sum(1 for i in phases["step"].read_ids if i not in host_counters),
             "tensors": sum(1 for _ in model.parameters()),
+            "forward_pre_hooks": sum(len(m._forward_pre_hooks) for m in model.modules()),
             "placements": ([p.value for p in opt._executor.placements]
                            if getattr(opt, "_executor", None) is not None else None),
             "subgroups": len(opt._executor.subgroups) if getattr(opt, "_executor", None) is not None else None,
@@ -96,6 +99,14 @@ def test_everything_is_on_the_gpu(counts):
 @pytest.mark.timeout(300)
 def test_forward_runs_the_same_ops(counts):
     assert counts["il"]["ops"]["forward"] == counts["ds"]["ops"]["forward"]
+
+
+@pytest.mark.timeout(300)
+def test_forward_pre_hooks_only_while_something_is_updated_on_the_host(counts):
+    """A module with a forward pre-hook leaves PyTorch's fast call path (host time per module call)."""
+    ds = counts["ds"]["forward_pre_hooks"]  # DeepSpeed's engine has its own on the root module
+    assert counts["il"]["forward_pre_hooks"] == ds
+    assert counts["il_half"]["forward_pre_hooks"] >= ds + 2 * BLOCKS  # per-layer waits with host subgroups
 
 
 @pytest.mark.timeout(300)
