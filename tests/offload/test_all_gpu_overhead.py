@@ -139,3 +139,52 @@ def test_one_device_read_per_step(counts):
     """The global norm is read once (the re-planner's synchronization point); DeepSpeed's own step reads none
     here, the optimizer's host step counters are not device reads."""
     assert counts["il"]["device_reads"] <= 1, counts["il"]["device_reads"]
+
+
+def _moves(rank, world):
+    """auto, its plans forced: all on the GPU, then about half on the host (step 3), then all on the GPU again
+    (step 7); no wait between steps (only the forward pre-hooks order a layer after its host update)."""
+    import deepspeed
+
+    import ds_plugins.deepspeed.offload_optimizer as offload_optimizer
+    from ds_plugins.offload.replan import ReplanRequest
+
+    planner = offload_optimizer.plan_offload
+    forced = {"gpu_fraction": 1.0}
+
+    def plan(*args, **kwargs):
+        return planner(*args, **{**kwargs, "gpu_fraction": forced["gpu_fraction"]})
+
+    offload_optimizer.plan_offload = plan
+    steps = 12
+    data = H.batches(steps)
+    ref = H.train_engine(H.ds_config(offload=False), steps, data=data)
+    model = H.make_model()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                      optimizer=H.make_optimizer(model.parameters()),
+                                      config=H.ds_config(interleaf={"gpu_fraction": "auto"}))
+    opt = engine.optimizer
+    log = []
+    for step, (x, y) in enumerate(data):
+        engine.backward(H.loss_fn(engine(x), y))
+        engine.step()
+        if step in (3, 7):
+            forced["gpu_fraction"] = 0.5 if step == 3 else 1.0
+            opt._replanner.worth_moving = lambda *args, **kwargs: True
+            opt._plan(carry_grads=False, request=ReplanRequest(rates=opt._rates, window_s=0.01, min_gpu_numel=0,
+                                                              reason="test", measured=""))
+        log.append((opt.last_plan.gpu_fraction, sum(len(m._forward_pre_hooks) for m in model.modules())))
+    opt.wait_for_updates()
+    return {"log": log, "diff": H.max_rel_diff(H.snapshot(engine.module), ref["params"][-1])}
+
+
+@pytest.mark.timeout(300)
+def test_forward_waits_follow_the_placement(tmp_path):
+    out = H.run_ranks(_moves, 1, tmp_path)[0]
+    fractions = [f for f, _ in out["log"]]
+    hooks = [n for _, n in out["log"]]
+    assert fractions[0] == 1.0 and 0.0 < fractions[3] < 1.0 and fractions[7] == 1.0, out["log"]
+    base = hooks[0]  # DeepSpeed's own
+    assert hooks[3:7] == [hooks[3]] * 4 and hooks[3] > base, out["log"]
+    assert all(n == base for n in hooks[:3] + hooks[7:]), out["log"]
+    assert out["diff"] <= 1e-6
