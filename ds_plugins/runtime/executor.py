@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _SEND_F, _RECV_F, _SEND_B, _RECV_B = ActionKind.SEND_F, ActionKind.RECV_F, ActionKind.SEND_B, ActionKind.RECV_B
 
+_NOTHING_RECEIVED: Mapping = {}  # read-only: what a compute action without receives gets
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
+
 ACTION_ANNOTATION_PREFIX = "interleaf "
 """Name prefix of the profiler range around each compute action when ``annotate_actions`` is on; the rest of the
 name is the action (``str(Action)``, e.g. ``"interleaf 0F3"``)."""
@@ -367,6 +370,7 @@ class PipelineExecutor:
         self.annotate_actions = bool(annotate_actions)
         self.track_memory = bool(track_memory)
         self.last_stage = shape.num_stages - 1
+        self._rank_of = tuple(shape.rank_of(s) for s in range(shape.num_stages))  # per action: no range checks
         ordered = p2p is not None and p2p.ordered
         if recv_lookahead is None and os.environ.get("INTERLEAF_RECV_LOOKAHEAD"):
             recv_lookahead = int(os.environ["INTERLEAF_RECV_LOOKAHEAD"])  # debugging knob (docs/runtime.md)
@@ -497,52 +501,70 @@ class PipelineExecutor:
         self._return_outputs = return_outputs
         self._forward_only = forward_only
         cuda_events = self.timing == "action" and self.device.type == "cuda"
+        host_timing = self.timing != "none" and not cuda_events
+        sync_timing = self.timing == "sync"
         samples: list[tuple[ActionKind, int, Any]] = []
         memory: dict[tuple[ActionKind, int], list[int]] = defaultdict(list)
         track_memory = self.track_memory and self.device.type == "cuda"
         wait_s = 0.0
         step_events = None
+        stream = None
         if cuda_events:
+            # the step's stream, looked up once (Event.record() without one builds a Stream object every call)
+            stream = torch.cuda.current_stream(self.device)
             step_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            step_events[0].record()
-        if self.timing == "sync":
+            step_events[0].record(stream)
+        if sync_timing:
             self._sync()
+        p2p = self.p2p
+        quiesce = p2p is not None and (first or self.sync_transfers)
+        recvs_before, sends_after = plan.recvs_before, plan.sends_after
+        compute = self._compute
         t_start = time.perf_counter()
         grad_mode = torch.no_grad() if forward_only else torch.enable_grad()
         try:
             with grad_mode:
                 n = len(plan.compute)
                 for j, action in enumerate(plan.compute):
-                    wait_s += self._post_recvs(plan, j, forward_only, lookahead)
-                    inputs_ready, waited = self._collect_inputs(plan, j, action)
-                    wait_s += waited
-                    if (first or self.sync_transfers) and self.p2p is not None:
-                        wait_s += self._quiesce()
+                    if p2p is not None:
+                        if recvs_before[j] or lookahead:
+                            wait_s += self._post_recvs(plan, j, forward_only, lookahead)
+                            inputs_ready, waited = self._collect_inputs(plan, j)
+                            wait_s += waited
+                        else:  # nothing to receive: issue the previous action's batched sends
+                            if p2p.batched:
+                                p2p.flush()
+                            inputs_ready = _NOTHING_RECEIVED
+                        if quiesce:
+                            wait_s += self._quiesce()
+                    else:
+                        inputs_ready = _NOTHING_RECEIVED
                     mem_before = torch.cuda.memory_allocated(self.device) if track_memory else 0
                     if cuda_events:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        self._compute(action, inputs_ready)
-                        end.record()
+                        start.record(stream)
+                        compute(action, inputs_ready)
+                        end.record(stream)
                         samples.append((action.kind, action.stage, (start, end)))
-                    elif self.timing != "none":
-                        if self.timing == "sync":
+                    elif host_timing:
+                        if sync_timing:
                             self._sync()
                         t0 = time.perf_counter()
-                        self._compute(action, inputs_ready)
-                        if self.timing == "sync":
+                        compute(action, inputs_ready)
+                        if sync_timing:
                             self._sync()
                         samples.append((action.kind, action.stage, time.perf_counter() - t0))
                     else:
-                        self._compute(action, inputs_ready)
+                        compute(action, inputs_ready)
                     if track_memory:
                         memory[(action.kind, action.stage)].append(
                             torch.cuda.memory_allocated(self.device) - mem_before
                         )
-                    for key in plan.sends_after[j]:
-                        self._send(key)
-                    if self.p2p is not None and j + 1 < n:
-                        self.p2p.reap_sends()
+                    if p2p is not None:
+                        for key in sends_after[j]:
+                            self._send(key)
+                        if j + 1 < n:
+                            p2p.reap_sends()
                 with (self.backward_context() if self.backward_context is not None else contextlib.nullcontext()):
                     leftover = self.queue.drain()
                 if leftover:
@@ -559,11 +581,11 @@ class PipelineExecutor:
                 self.p2p.abort()
             self._reset_state()
             raise
-        if self.timing == "sync":
+        if sync_timing:
             self._sync()
         host_wall = time.perf_counter() - t_start
         if step_events is not None:
-            step_events[1].record()
+            step_events[1].record(stream)
         losses = tuple(self._losses[i] for i in sorted(self._losses))
         outputs = tuple(self._outputs[i] for i in sorted(self._outputs))
         self._reset_state()
@@ -605,8 +627,7 @@ class PipelineExecutor:
     def _post_recvs(self, plan: _Plan, j: int, forward_only: bool, lookahead: int) -> float:
         """Post the receives compute action ``j`` needs, plus those up to ``recv_lookahead`` actions ahead whose
         shapes are known. Returns host seconds spent blocked (first-step metadata only)."""
-        if self.p2p is None:
-            return 0.0
+        assert self.p2p is not None
         t0 = time.perf_counter()
         for key in plan.recvs_before[j]:
             self._ensure_posted(key, plan)
@@ -625,7 +646,7 @@ class PipelineExecutor:
             return False
         if not self._ordered_recvs:
             return True
-        peer = self.shape.rank_of(key.src_stage)
+        peer = self._rank_of[key.src_stage]
         order = plan.peer_order[peer]
         start = self._peer_next[peer]
         idx = order.index(key, start)
@@ -639,7 +660,7 @@ class PipelineExecutor:
             self._posted[key] = self.p2p.post_recv(key)
             return
         # NCCL ignores tags: post every earlier message from this peer first, in the peer's send order.
-        peer = self.shape.rank_of(key.src_stage)
+        peer = self._rank_of[key.src_stage]
         order = plan.peer_order[peer]
         while True:
             idx = self._peer_next[peer]
@@ -651,12 +672,14 @@ class PipelineExecutor:
             if k == key:
                 return
 
-    def _collect_inputs(self, plan: _Plan, j: int, action: Action) -> tuple[dict[MessageKey, list[torch.Tensor]], float]:
-        if self.p2p is None or not plan.recvs_before[j]:
-            return {}, 0.0
+    def _collect_inputs(self, plan: _Plan, j: int) -> tuple[Mapping[MessageKey, tuple[PendingRecv, list[torch.Tensor]]], float]:
+        keys = plan.recvs_before[j]
+        if not keys:
+            return _NOTHING_RECEIVED, 0.0
+        assert self.p2p is not None
         t0 = time.perf_counter()
         received = {}
-        for key in plan.recvs_before[j]:
+        for key in keys:
             pending = self._posted.pop(key)
             received[key] = (pending, self.p2p.wait(pending))
         return received, time.perf_counter() - t0
@@ -671,39 +694,33 @@ class PipelineExecutor:
             self.p2p.send(key, grads)
 
     # ------------------------------------------------------------------ compute
-    def _compute(self, action: Action, received: dict) -> None:
+    def _compute(self, action: Action, received: Mapping) -> None:
         if self.annotate_actions:
             with torch.profiler.record_function(f"{ACTION_ANNOTATION_PREFIX}{action}"):
                 self._run_action(action, received)
         else:
             self._run_action(action, received)
 
-    def _run_action(self, action: Action, received: dict) -> None:
+    def _run_action(self, action: Action, received: Mapping) -> None:
         kind = action.kind
         if kind is _F:
             self._forward(action.stage, action.microbatch, received)
             return
-        if self.backward_context is not None:
-            with self.backward_context():
-                self._backward_action(action, received)
-        else:
-            self._backward_action(action, received)
-
-    def _backward_action(self, action: Action, received: dict) -> None:
-        kind = action.kind
-        if kind is _I or kind is _B:
-            self._backward(action.stage, action.microbatch, received, defer_weight=kind is _I)
-        elif kind is _W:
-            self.queue.run(action.stage, action.microbatch)
-        else:  # pragma: no cover - plans only hold compute actions
+        if kind is not _I and kind is not _B and kind is not _W:  # pragma: no cover - plans only hold compute actions
             raise RuntimeError(f"not a compute action: {action}")
+        context = self.backward_context
+        with context() if context is not None else _NO_CONTEXT:
+            if kind is _W:
+                self.queue.run(action.stage, action.microbatch)
+            else:
+                self._backward(action.stage, action.microbatch, received, defer_weight=kind is _I)
 
-    def _stage_input(self, stage: int, mb: int, received: dict) -> tuple[Any, list[torch.Tensor]]:
+    def _stage_input(self, stage: int, mb: int, received: Mapping) -> tuple[Any, list[torch.Tensor]]:
         """The value fed to ``stage`` for ``mb`` and the input leaves whose gradient goes back."""
         if stage == 0:
             value = self._inputs[mb]  # type: ignore[index]
             return _to_device(value, self.device), []
-        if self.shape.rank_of(stage - 1) == self.rank:
+        if self._rank_of[stage - 1] == self.rank:
             value, leaves = self._local_acts.pop((stage - 1, mb))
             return value, leaves
         key = MessageKey(stage - 1, "F", mb)
@@ -724,7 +741,7 @@ class PipelineExecutor:
         value = tuple(items) if spec.is_tuple else items[0]
         return value, leaves
 
-    def _forward(self, stage: int, mb: int, received: dict) -> None:
+    def _forward(self, stage: int, mb: int, received: Mapping) -> None:
         value, leaves = self._stage_input(stage, mb, received)
         module = self.stage_modules[stage]
         output = module(*value) if isinstance(value, (tuple, list)) else module(value)
@@ -744,17 +761,17 @@ class PipelineExecutor:
         roots = [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
         if not self._forward_only:
             self._forwarded[(stage, mb)] = _Forwarded(leaves, roots)
-        if self.shape.rank_of(stage + 1) == self.rank:
+        if self._rank_of[stage + 1] == self.rank:
             self._local_acts[(stage, mb)] = _hand_over(output, self._forward_only)
         else:
             self._outgoing_acts[(stage, mb)] = output
 
-    def _backward(self, stage: int, mb: int, received: dict, *, defer_weight: bool) -> None:
+    def _backward(self, stage: int, mb: int, received: Mapping, *, defer_weight: bool) -> None:
         saved = self._forwarded.pop((stage, mb))
         if stage == self.last_stage:
             roots, grads = saved.roots, [None] * len(saved.roots)
         else:
-            if self.shape.rank_of(stage + 1) == self.rank:
+            if self._rank_of[stage + 1] == self.rank:
                 grads = self._local_grads.pop((stage, mb))
             else:
                 _, grads = received[MessageKey(stage + 1, "B", mb)]
@@ -764,15 +781,14 @@ class PipelineExecutor:
                     f"stage {stage} micro-batch {mb}: {len(roots)} outputs need a gradient but {len(grads)} came back"
                 )
         if roots:
-            ctx = self.queue.deferring(stage, mb) if defer_weight else contextlib.nullcontext()
-            with ctx:
+            with self.queue.deferring(stage, mb) if defer_weight else _NO_CONTEXT:
                 torch.autograd.backward(roots, grads)
         if self.after_backward is not None:
             self.after_backward(stage)
         if stage == 0:
             return
         input_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in saved.input_leaves]
-        if self.shape.rank_of(stage - 1) == self.rank:
+        if self._rank_of[stage - 1] == self.rank:
             self._local_grads[(stage - 1, mb)] = input_grads
         else:
             self._outgoing_grads[(stage, mb)] = input_grads

@@ -27,6 +27,7 @@ import datetime
 import logging
 import os
 import pickle
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -180,7 +181,8 @@ class P2PCommunicator:
         self.blocking_cuda_waits = blocking_cuda_waits
         self._sent_specs: dict[tuple[int, bool], MessageSpec] = {}  # (src stage, grad enabled) -> spec
         self._recv_specs: dict[tuple[int, bool], MessageSpec] = {}
-        self._sends: list[_PendingSend] = []
+        self._grad_specs: dict[tuple[int, bool], tuple[TensorSpec, ...]] = {}  # sent_grad_specs, per receive
+        self._sends: dict[int, deque[_PendingSend]] = {}  # peer -> sends in posting order
         self._batch: dict[tuple[int, int], list[list[Any]]] = {}  # edge -> [[P2POp, work]] until flush()
         self._edge_groups: dict[tuple[int, int], dist.ProcessGroup | None] = {}
         if direction_groups is None and os.environ.get("INTERLEAF_DIRECTION_GROUPS"):
@@ -238,8 +240,14 @@ class P2PCommunicator:
 
     def sent_grad_specs(self, stage: int) -> tuple[TensorSpec, ...] | None:
         """Specs of the gradients ``stage`` receives back for what it sent forward (None before its first send)."""
-        spec = self._sent_specs.get((stage, torch.is_grad_enabled()))
-        return None if spec is None else spec.grad_specs()
+        pair = (stage, torch.is_grad_enabled())
+        specs = self._grad_specs.get(pair)
+        if specs is None:
+            spec = self._sent_specs.get(pair)
+            if spec is None:
+                return None
+            specs = self._grad_specs[pair] = spec.grad_specs()  # a sent spec never changes (send() checks)
+        return specs
 
     # ------------------------------------------------------------------ posting
     def _post(self, op: Any, tensor: torch.Tensor, peer: int, tag: int) -> Any:
@@ -318,7 +326,13 @@ class P2PCommunicator:
                 t = t.to(self.device)
             payload.append(t)
             works.append(self._post(dist.isend, t, peer, self._tag(key, key.direction, slot)))
-        self._sends.append(_PendingSend(key, peer, payload, works))
+        self._add_send(_PendingSend(key, peer, payload, works))
+
+    def _add_send(self, pending: _PendingSend) -> None:
+        queue = self._sends.get(pending.peer)
+        if queue is None:
+            queue = self._sends[pending.peer] = deque()
+        queue.append(pending)
 
     def _send_metadata(self, key: MessageKey, spec: MessageSpec, peer: int) -> None:
         data = pickle.dumps(_spec_to_plain(spec))
@@ -328,7 +342,7 @@ class P2PCommunicator:
             self._post(dist.isend, length, peer, self._tag(key, "META", 0)),
             self._post(dist.isend, payload, peer, self._tag(key, "META", 1)),
         ]
-        self._sends.append(_PendingSend(key, peer, [length, payload], works))
+        self._add_send(_PendingSend(key, peer, [length, payload], works))
 
     def post_recv(self, key: MessageKey, *, grad_specs: Sequence[TensorSpec] | None = None) -> PendingRecv:
         """Post the receive of ``key``. For ``"F"`` messages seen for the first time this first receives the
@@ -405,30 +419,40 @@ class P2PCommunicator:
     def wait_sends(self) -> None:
         """Wait for every send posted so far (call before reusing their buffers and at the end of a step)."""
         self.flush()
-        sends, self._sends = self._sends, []
-        for s in sends:
-            for work in s.works:
-                self._wait_work(work, s.key, s.peer, "send")
+        sends, self._sends = self._sends, {}
+        for queue in sends.values():
+            for s in queue:
+                for work in s.works:
+                    self._wait_work(work, s.key, s.peer, "send")
 
     def reap_sends(self) -> None:
-        """Forget sends that have completed (keeps memory bounded within a long step; never blocks)."""
-        still = []
-        for s in self._sends:
-            done = True
-            for w in s.works:
-                work = w[1] if isinstance(w, list) else w
-                pieces = work if isinstance(work, tuple) else (work,)
-                if any(piece is None or not piece.is_completed() for piece in pieces):
-                    done = False
-                    break
-            if not done:
-                still.append(s)
-        self._sends = still
+        """Forget completed sends (keeps memory bounded within a long step; never blocks), oldest first per peer:
+        each peer's sends are checked up to the first one still running. Sends to one peer complete in posting
+        order (NCCL: one stream per direction), so nothing completed is kept long, and a call costs one check
+        per peer plus one per send it forgets, not one per send in flight (the executor calls it after every
+        compute action, and a V schedule has dozens of sends in flight when the host runs ahead of the GPU)."""
+        for queue in self._sends.values():
+            while queue and _completed(queue[0]):
+                queue.popleft()
 
     def abort(self) -> None:
         """Forget all pending operations (after an error; the process group is unusable for this step)."""
-        self._sends = []
+        self._sends = {}
         self._batch = {}
+
+
+def _completed(send: _PendingSend) -> bool:
+    """Whether every operation of ``send`` has finished (False while a batched one is not issued yet)."""
+    for w in send.works:
+        work = w[1] if isinstance(w, list) else w
+        if work is None:
+            return False
+        if isinstance(work, tuple):
+            if not all(piece.is_completed() for piece in work):
+                return False
+        elif not work.is_completed():
+            return False
+    return True
 
 
 _DIRECTION_GROUPS: dict[tuple, tuple[Any, dict[tuple[int, int], dist.ProcessGroup]]] = {}

@@ -24,11 +24,10 @@ closures into the same queue through :func:`active_deferral` / :meth:`WeightGrad
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -109,27 +108,43 @@ class WeightGradQueue:
     def __len__(self) -> int:
         return sum(len(c) for c in self._pending.values())
 
-    @contextlib.contextmanager
-    def deferring(self, stage: int, microbatch: int) -> Iterator["WeightGradTarget"]:
-        """While active, split linears queue their weight-gradient GEMMs here under ``(stage, microbatch)``.
+    def deferring(self, stage: int, microbatch: int) -> "_Deferring":
+        """A context manager: while active, split linears queue their weight-gradient GEMMs here under
+        ``(stage, microbatch)``; it yields the :class:`WeightGradTarget` they go to.
 
         The target is process-global (not thread-local) on purpose: on CUDA the autograd engine runs backward
         functions on a device thread, not the thread that called ``torch.autograd.backward``.
         """
+        return _Deferring(self, stage, microbatch)
+
+
+class _Deferring:
+    """:meth:`WeightGradQueue.deferring` (a plain class: entered once per I action, cheaper than a generator)."""
+
+    __slots__ = ("queue", "key", "closures", "previous")
+
+    def __init__(self, queue: WeightGradQueue, stage: int, microbatch: int) -> None:
+        self.queue = queue
+        self.key = (stage, microbatch)
+
+    def __enter__(self) -> "WeightGradTarget":
         global _ACTIVE
-        previous = _ACTIVE
-        key = (stage, microbatch)
-        closures = self._pending.get(key)
+        pending = self.queue._pending
+        closures = pending.get(self.key)
         if closures is None:
-            closures = self._pending[key] = []
-        target = WeightGradTarget(self, stage, microbatch, closures)
+            closures = pending[self.key] = []
+        self.closures = closures
+        target = WeightGradTarget(self.queue, self.key[0], self.key[1], closures)
+        self.previous = _ACTIVE
         _ACTIVE = target
-        try:
-            yield target
-        finally:
-            _ACTIVE = previous
-            if not closures and self._pending.get(key) is closures:
-                del self._pending[key]  # nothing was deferred: leave no empty key behind
+        return target
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _ACTIVE
+        _ACTIVE = self.previous
+        pending = self.queue._pending
+        if not self.closures and pending.get(self.key) is self.closures:
+            del pending[self.key]  # nothing was deferred: leave no empty key behind
 
 
 @dataclass(frozen=True, slots=True)
