@@ -427,8 +427,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
             torch.cuda.reset_peak_memory_stats(device)
         self._excluded_s += time.perf_counter() - began
 
-    def _observe(self, synced: float) -> ReplanRequest | None:
-        """At the step's synchronization point: the last iteration's measurements for the re-planner."""
+    def _observe(self, synced: float) -> IterationObservation | None:
+        """At the step's synchronization point: the last iteration's measurements (None when there is none)."""
         ex = self._executor
         stall = ex.collect_stall_s() if ex is not None else 0.0
         last, self._last_sync = self._last_sync, synced
@@ -441,6 +441,13 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         obs = IterationObservation(period_s=synced - last - excluded, host_numel=timings.cpu_numel,
                                    host_busy_s=timings.cpu_busy_s, stall_s=stall, disturbed=disturbed)
         self.last_observation = obs
+        return obs
+
+    def _replan_request(self, obs: IterationObservation | None) -> ReplanRequest | None:
+        """The re-planner's verdict on an observation; called once the GPU half of the step is enqueued (the device
+        would otherwise idle through this Python after the norm's synchronization)."""
+        if obs is None:
+            return None
         request = self._replanner.observe(obs)
         if request is not None and self.interleaf_config.mode == "interleaved" and (
                 self.interleaf_config.gpu_fraction == "auto" or len(self.plan_history) == 1):
@@ -662,7 +669,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 self.overflow = True
         # the norm read above synchronized with the device: backward is over, the iteration period ends here
         synced = time.perf_counter()
-        request = self._observe(synced) if not self.overflow else None
+        observation = self._observe(synced) if not self.overflow else None
         if self.overflow:
             self._last_sync = None  # a skipped step is no steady-state iteration
             if self._executor is not None:
@@ -703,6 +710,7 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         # gradients routed by the executor this iteration sit in the 16-bit host buffer (when that is on); the
         # first step's came through DeepSpeed's own fp32 path
         self._executor.step(hyper, lowp_grads=self._host_grads_lowp is not None and self._routed_this_iteration)
+        request = self._replan_request(observation)
         self._reset_grad_tracking()
         for i in range(len(self.bit16_groups)):  # as DeepSpeed's offload step: drop this step's grad partitions
             self._release_preflattened_grad_buffers(i)
