@@ -212,3 +212,42 @@ def dead_peer(rank: int, world: int, mode: str, timeout_s: float) -> dict:
     except RuntimeError as exc:
         return {"error": str(exc), "elapsed": time.monotonic() - t0}
     return {"error": None, "elapsed": time.monotonic() - t0}
+
+
+class _CountedWork:
+    """A send's work that counts its completion queries."""
+
+    queries = 0
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def is_completed(self) -> bool:
+        _CountedWork.queries += 1
+        return self.done
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+
+def reap_queries(rank: int, world: int, in_flight: int) -> dict:
+    """``in_flight`` sends to each of two peers: how many completion queries reap_sends makes while the oldest send
+    to peer 1 runs and every send to peer 2 has completed, and which sends it forgets."""
+    from ds_plugins.runtime.p2p import MessageKey, _PendingSend
+
+    p2p = P2PCommunicator({0: 0, 1: 1, 2: 2}, timeout_s=5)
+    works = {1: [], 2: []}
+    for mb in range(in_flight):
+        for peer in (1, 2):
+            work = _CountedWork(done=peer == 2 or mb > 0)  # to peer 1 the oldest runs, the later ones are done
+            works[peer].append(work)
+            p2p._add_send(_PendingSend(MessageKey(0, "F", mb), peer, [], [work]))
+    _CountedWork.queries = 0
+    p2p.reap_sends()
+    first = {"queries": _CountedWork.queries, "kept": {peer: len(q) for peer, q in p2p._sends.items()}}
+    works[1][0].done = True
+    _CountedWork.queries = 0
+    p2p.reap_sends()
+    second = {"queries": _CountedWork.queries, "kept": {peer: len(q) for peer, q in p2p._sends.items()}}
+    p2p.wait_sends()
+    return {"first": first, "second": second, "left": sum(len(q) for q in p2p._sends.values())}

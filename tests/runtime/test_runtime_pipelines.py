@@ -9,7 +9,7 @@ import pytest
 from ds_plugins.schedule.registry import SCHEDULE_NAMES
 
 from runtime_harness import run_ranks
-from runtime_workers import all_schedules, dead_peer
+from runtime_workers import all_schedules, dead_peer, reap_queries
 
 TOL = 1e-12
 
@@ -118,3 +118,14 @@ def test_dead_or_silent_peer_raises_within_timeout(tmp_path, mode):
     assert r["error"] is not None, "rank 0 finished a step whose peer never took part"
     assert "peer rank 1" in r["error"]
     assert r["elapsed"] < timeout_s + 10
+
+
+def test_reaping_sends_queries_each_peer_up_to_its_first_running_send(tmp_path):
+    """reap_sends runs after every compute action: with many sends in flight it must not query each of them (the
+    host cost per action would grow with the sends in flight, quadratic over a V schedule's step)."""
+    (r,) = run_ranks(reap_queries, 1, 20, tmp_path=tmp_path, timeout_s=60)
+    # peer 1: its oldest send runs -> one query, all 20 kept (the later ones completed but wait behind it);
+    # peer 2: all 20 completed -> 20 queries, all forgotten. Before: one query per send in flight, 40.
+    assert r["first"] == {"queries": 1 + 20, "kept": {1: 20, 2: 0}}
+    assert r["second"] == {"queries": 20, "kept": {1: 0, 2: 0}}
+    assert r["left"] == 0
