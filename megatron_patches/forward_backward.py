@@ -198,7 +198,7 @@ class _Runner:
         self.last_result = result
         if not self.measuring or forward_only:
             return
-        self.auto_samples.append((result.median_seconds(), result.mean_memory_bytes()))
+        self.auto_samples.append((result.typical_seconds(), result.mean_memory_bytes()))
         if len(self.auto_samples) < AUTO_WARMUP_STEPS:
             return
         timed = self.auto_samples[1:]  # the first step pays one-off costs (allocations, p2p metadata)

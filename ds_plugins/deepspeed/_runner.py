@@ -370,7 +370,7 @@ class ScheduleRunner:
     # ------------------------------------------------------------------ measured warm-up (auto, retune)
     def _measure_step(self, result: StepResult) -> None:
         cfg = self.config
-        self._samples.append(result.median_seconds())
+        self._samples.append(result.typical_seconds())
         self._memory.append(result.mean_memory_bytes())
         if self.steps < cfg.auto_warmup_iterations:
             return
@@ -436,7 +436,7 @@ class ScheduleRunner:
         """Cost model from the last step's measured F/I/W/B times of every pipeline rank (collective over the
         pipeline group), e.g. to simulate and draw the schedule as it ran."""
         gathered: list[Any] = [None] * self.shape.pp
-        torch.distributed.all_gather_object(gathered, self.last_result.median_seconds(), group=self.pipe_group)
+        torch.distributed.all_gather_object(gathered, self.last_result.typical_seconds(), group=self.pipe_group)
         return measured_costs(gathered, self.shape)
 
     # ------------------------------------------------------------------ evaluation

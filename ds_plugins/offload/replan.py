@@ -44,6 +44,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from .._stats import trimmed_mean
 from .planner import (
     ByteModel,
     HardwareRates,
@@ -220,10 +221,10 @@ class Replanner:
             samples = [(w, n) for w, n in samples if charged * n > 2.0 * self.interference_margin * reference]
         if len(samples) < self.history:
             return charged, 0.0, False
-        excess = _trimmed_mean([(window - reference) / reference for window, _ in samples])
+        excess = trimmed_mean([(window - reference) / reference for window, _ in samples])
         mean_window = reference * (1.0 + excess)
         if excess > self.interference_margin:
-            per_param = _trimmed_mean([(window - reference) / numel for window, numel in samples])
+            per_param = trimmed_mean([(window - reference) / numel for window, numel in samples])
             return max(0.0, per_param), mean_window, True
         return 0.0, mean_window, False  # within the margin: jitter, or a charge these samples contradict
 
@@ -348,13 +349,3 @@ class Replanner:
                     f"{1e3 * obs.host_busy_s:.1f} ms")
         return ReplanRequest(rates=rates, window_s=window, min_gpu_numel=floor, reason="; ".join(reasons),
                              measured=measured, interference_s_per_param=interference)
-
-
-def _trimmed_mean(values: list[float]) -> float:
-    """Mean without the smallest and the largest value (from three values on): one slow iteration (a collection
-    pause, a page fault storm) neither makes nor hides the interference, and unlike a median of a bimodal window
-    (fast and slow iterations alternating) it still reflects the average cost."""
-    ordered = sorted(values)
-    if len(ordered) >= 3:
-        ordered = ordered[1:-1]
-    return sum(ordered) / len(ordered)
