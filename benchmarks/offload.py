@@ -13,7 +13,7 @@ Runs (default order; baselines first):
     interleaf-auto-clip   interleaf-auto with gradient_clipping 1.0 (host updates wait for the global norm)
     interleaf-0.5         interleaf, gpu_fraction 0.5, no clipping
     interleaf-auto-overlap  (not run by default) interleaf-auto with overlap_comm true
-    interleaf-1.0         (not run by default) interleaf, gpu_fraction 1.0: nothing on the host, never re-planned;
+    interleaf-1.0         (not run by default) interleaf, gpu_fraction 1.0: nothing on the host, no state ever moved;
                           against `gpu` it is the cost of the path itself (gradients routed per tensor, the update)
 
 Without clipping (and bf16 with check_grad_overflow false) DeepSpeed can neither skip nor rescale a step, which is
@@ -71,7 +71,9 @@ def parse_args() -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(RUNS + OPTIONAL_RUNS)} (default: all but "
                         f"{','.join(OPTIONAL_RUNS)})")
     p.add_argument("--steps", type=int, default=None, help="timed iterations (default 8; tiny 4)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 3; tiny 2)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed iterations first (default 16: auto plans host work after its first 6 all-GPU "
+                        "iterations and needs a few more to charge interference and move back; tiny 2)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds since start after which the remaining runs are skipped (and listed as skipped) "
                         "so the table still comes out under the device's per-command limit (default 450; tiny: "
@@ -81,7 +83,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--zero-offload-optimizer", choices=("deepspeed", "torch"), default=None,
                    help="ZeRO-Offload baseline optimizer: DeepSpeedCPUAdam (default on GPU) or torch AdamW "
                         "(default with --tiny: avoids the cpu_adam JIT build)")
-    p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--output", default=None,
+                   help="markdown file whose section to update (default: BENCHMARKS.md on GPU; none on CPU or with "
+                        "--tiny, whose figures are no benchmark)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     p.add_argument("--json", default=None, help="also write the raw results here")
     args = p.parse_args()
@@ -92,7 +96,7 @@ def parse_args() -> argparse.Namespace:
     if args.steps is None:
         args.steps = 4 if args.tiny else 8
     if args.warmup is None:
-        args.warmup = 2 if args.tiny else 3
+        args.warmup = 2 if args.tiny else 16
     if args.time_budget is None and not args.tiny:
         args.time_budget = 450.0
     if args.micro_batch is None:
@@ -376,7 +380,8 @@ def plan_line(r: dict, *, warmup: int) -> str:
             line += " [" + "; ".join(reasons) + "]"
         # a plan "at step s" moves state inside iteration s - 1 (0-based; that iteration drains and streams it)
         n = len(r["iter_times"])
-        timed = [s for s in (h["step"] for h in history[1:] if h["moved"]) if warmup < s <= n]
+        # a move at step == warmup falls in the last untimed iteration, but the first timed one re-allocates
+        timed = [s for s in (h["step"] for h in history[1:] if h["moved"]) if warmup <= s <= n]
         if timed:
             line += (f". NOT SETTLED: state moved during the timed iterations (plans at step "
                      f"{', '.join(map(str, timed))}; timed: iterations {warmup}-{n - 1}), so its s/iter mixes "
@@ -453,8 +458,12 @@ def main() -> int:
     print(section)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-    if not args.no_write:
-        write_section(args.output, REPORT_SECTION, section)
+    output = args.output
+    if output is None and device.type == "cuda" and not args.tiny:
+        output = str(ROOT / "BENCHMARKS.md")
+    if output is not None and not args.no_write:
+        write_section(output, REPORT_SECTION, section)
+        print(f"updated {output}", flush=True)
     bad = [r["run"] for r in results if max_loss_diff(r, loss_reference(r["run"], results)) > LOSS_RTOL]
     if bad or failed:
         print(f"LOSS MISMATCH beyond {LOSS_RTOL}: {bad}; failed runs: {sorted(failed)}", file=sys.stderr)
