@@ -191,13 +191,11 @@ def test_forward_waits_follow_the_placement(tmp_path):
 
 
 def _accumulation(rank, world):
-    """Gradient accumulation 2 at gpu_fraction 1.0 against DeepSpeed without offload (managed by the engine, and
-    unmanaged: two backward calls per step); DeepSpeed's offload path would keep every running sum in host
-    memory (a copy down and up per gradient and micro-batch)."""
+    """Gradient accumulation 2 at gpu_fraction 1.0 against DeepSpeed without offload; DeepSpeed's offload path
+    would keep every running sum in host memory (a copy down and up per gradient and micro-batch)."""
     import deepspeed
 
     ga = dict(gradient_accumulation_steps=2, train_batch_size=2 * H.BATCH)
-    unmanaged = dict(managed_gradient_accumulation=False)
     data = H.batches(12)
     out = {}
     for name, cfg, dtype in (
@@ -205,8 +203,6 @@ def _accumulation(rank, world):
         ("il", H.ds_config(clip=0.05, interleaf={"gpu_fraction": 1.0}, **ga), torch.float32),
         ("ds_bf16", H.ds_config(offload=False, **ga, **BF16), torch.bfloat16),
         ("il_bf16", H.ds_config(interleaf={"gpu_fraction": 1.0}, **ga, **BF16), torch.bfloat16),
-        ("ds_unmanaged", H.ds_config(offload=False, clip=0.05, **unmanaged), torch.float32),
-        ("il_unmanaged", H.ds_config(clip=0.05, interleaf={"gpu_fraction": 1.0}, **unmanaged), torch.float32),
     ):
         model = H.make_model(dtype)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -214,8 +210,7 @@ def _accumulation(rank, world):
         host_sums = None
         for i, (x, y) in enumerate(data):
             engine.backward(H.loss_fn(engine(x.to(dtype)), y))
-            if "unmanaged" not in name or i % 2 == 1:
-                engine.step()
+            engine.step()
             if i == 1 and hasattr(engine.optimizer, "accumulated_grads_in_cpu"):  # after the first step
                 host_sums = {k: v.clone() for k, v in engine.optimizer.accumulated_grads_in_cpu.items()}
         opt = engine.optimizer
@@ -236,7 +231,7 @@ def test_gradient_accumulation_stays_on_the_device(tmp_path):
     import numpy as np
 
     out = H.run_ranks(_accumulation, 1, tmp_path)[0]
-    for il, ds in (("il", "ds"), ("il_bf16", "ds_bf16"), ("il_unmanaged", "ds_unmanaged")):
+    for il, ds in (("il", "ds"), ("il_bf16", "ds_bf16")):
         run = out[il]
         assert run["host_sums_untouched"]  # DeepSpeed's host buffers served the first step only
         assert run["device_sums"] == run["tensors"]
