@@ -535,9 +535,8 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         held.copy_(grad)
 
     def _restore_cpu_offload_grad_to_gpu(self, param):
-        param_id = self.get_param_id(param)
-        held = self._device_accumulated.get(param_id)
-        if held is None or not self._accumulates_on_device(param_id):
+        held = self._device_accumulated.get(self.get_param_id(param))
+        if held is None:
             return super()._restore_cpu_offload_grad_to_gpu(param)
         restored = held.view_as(param).clone()
         if self.use_grad_accum_attribute:
