@@ -133,8 +133,6 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
         subgroup is updated on the host (:meth:`_register_forward_waits`)."""
         self._forward_waits: list[tuple[torch.nn.Module, Any, bool]] = []  # (module, hook, prepend)
         self._wait_handles: list = []
-        self._device_accumulated: dict[int, torch.Tensor] = {}
-        """param id -> running micro-batch gradient sum of a GPU-updated parameter (DeepSpeed keeps it on the host)."""
         self._forward_seen: set[int] = set()
         self._rates: HardwareRates | None = None
         self._steps_done = 0
@@ -510,39 +508,6 @@ class InterleafZeroOptimizer(DeepSpeedZeroOptimizer):
                 self._early_hyper = self._next_step_hyper(grad_scale=1.0)
             if self._early_hyper is not None:
                 ex.submit_early(index, self._early_hyper, lowp_grads=self._host_grads_lowp is not None)
-
-    def _accumulates_on_device(self, param_id: int) -> bool:
-        ex = self._executor
-        index = self._param_subgroup.get(param_id) if ex is not None else None
-        return index is not None and ex.is_on_gpu(index) and not self.low_precision_master_weights_and_grads
-
-    def async_accumulate_grad_in_cpu_via_gpu(self, param):
-        """Gradient accumulation: DeepSpeed's offload path keeps each parameter's running sum in (pinned) host
-        memory - per gradient and micro-batch one copy down, one copy up and a host wait for the previous copy.
-        For a GPU-updated parameter the sum stays on the device: the same adds in the same dtype, so the same
-        gradients, without the transfers and the waits."""
-        param_id = self.get_param_id(param)
-        if not self._accumulates_on_device(param_id):
-            self._device_accumulated.pop(param_id, None)
-            return super().async_accumulate_grad_in_cpu_via_gpu(param)
-        grad = self.get_param_gradient_attribute(param).data.view(-1)
-        held = self._device_accumulated.get(param_id)
-        if held is None:
-            held = self._device_accumulated[param_id] = torch.zeros(param.numel(), dtype=param.dtype,
-                                                                    device=grad.device)
-        if self.micro_step_id > 0:
-            grad.add_(held)
-        held.copy_(grad)
-
-    def _restore_cpu_offload_grad_to_gpu(self, param):
-        held = self._device_accumulated.get(self.get_param_id(param))
-        if held is None:
-            return super()._restore_cpu_offload_grad_to_gpu(param)
-        restored = held.view_as(param).clone()
-        if self.use_grad_accum_attribute:
-            param.grad_accum = restored
-        else:
-            param.grad = restored
 
     def copy_grads_in_partition(self, param, group_idx=None):
         if self._executor is not None:
