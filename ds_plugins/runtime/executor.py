@@ -188,10 +188,11 @@ def measured_costs(
     ``results`` must cover every stage: gather them from all pipeline ranks first (e.g.
     ``dist.all_gather_object`` of ``result.typical_seconds()``; plain per-step dicts of seconds are accepted,
     and a :class:`StepResult` contributes its :meth:`~StepResult.typical_seconds`). Each stage and kind gets the
-    trimmed mean of its per-step figures (one step slowed by a stall is dropped from three steps on). Stages
-    measured only with a full backward ``B`` get ``I = W = B/2`` (logged); run a split-backward schedule (e.g.
-    ``zb-h1``) during warm-up for real I/W figures. Activation memory comes from ``memory`` (``mean_memory_bytes()`` dicts) when given, else 1 per stage with W keeping
-    :data:`~ds_plugins.schedule.costs.UNIFORM_WEIGHT_GRAD_SHARE` of it.
+    trimmed mean of its per-step figures (a plain mean of one or two steps; from three on the slowest and the
+    fastest are dropped; both adapters measure two warm-up steps by default). Stages measured only with a full
+    backward ``B`` get ``I = W = B/2`` (logged); run a split-backward schedule (e.g. ``zb-h1``) during warm-up for
+    real I/W figures. Activation memory comes from ``memory`` (``mean_memory_bytes()`` dicts) when given, else 1
+    per stage with W keeping :data:`~ds_plugins.schedule.costs.UNIFORM_WEIGHT_GRAD_SHARE` of it.
     """
     sums: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in results:
@@ -204,7 +205,7 @@ def measured_costs(
         f = typical.get(("F", s))
         if f is None:
             raise ValueError(
-                f"measured_costs: no forward timing for stage {s}; gather StepResult.mean_seconds() from every "
+                f"measured_costs: no forward timing for stage {s}; gather StepResult.typical_seconds() from every "
                 "pipeline rank (dist.all_gather_object) and run with timing='action' or 'sync'"
             )
         i, w, b = typical.get(("I", s)), typical.get(("W", s)), typical.get(("B", s))

@@ -426,9 +426,10 @@ class P2PCommunicator:
                     self._wait_work(work, s.key, s.peer, "send")
 
     def reap_sends(self) -> None:
-        """Forget completed sends (keeps memory bounded within a long step; never blocks), oldest first per peer:
-        each peer's sends are checked up to the first one still running. Sends to one peer complete in posting
-        order (NCCL: one stream per direction), so nothing completed is kept long, and a call costs one check
+        """Forget completed sends (never blocks), oldest first per peer: each peer's sends are checked up to the
+        first one still running. On NCCL sends to one peer complete in posting order (one stream per direction),
+        so nothing completed is kept long (gloo reports a send completed only once it is waited for: there every
+        send stays until the step-end wait, as before), and a call costs one check
         per peer plus one per send it forgets, not one per send in flight (the executor calls it after every
         compute action, and a V schedule has dozens of sends in flight when the host runs ahead of the GPU)."""
         for queue in self._sends.values():

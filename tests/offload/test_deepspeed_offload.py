@@ -25,7 +25,7 @@ def _plan_info(engine) -> dict:
         "gpu_numel": ex.timings.gpu_numel,
         "subgroups": len(ex.subgroups),
         "step": [int(opt.optimizer.state[p]["step"]) for p in opt.single_partition_of_fp32_groups],
-        "hooks": len(opt._hook_handles),
+        "hooks": len(opt._wait_handles),  # per-layer forward waits (registered while some subgroup is on the host)
         "early_numel": ex.timings.early_numel,
         "placements": [p.value for p in ex.placements],
         "host_grads_16bit": opt._host_grads_lowp is not None,
@@ -127,7 +127,8 @@ def test_params_equal_deepspeed_without_offload(fp32_runs, fraction):
         assert H.max_rel_diff(run["params"][step], fp32_runs["ds"]["params"][step]) <= TOL, step
         assert H.max_rel_diff(run["params"][step], fp32_runs["torch"]["params"][step]) <= TOL, step
     assert run["plan"]["step"] == [STEPS]
-    assert run["plan"]["hooks"] > 0  # per-layer waits are installed (dp=1)
+    # per-layer waits are installed (dp=1) exactly while some subgroup is updated on the host
+    assert (run["plan"]["hooks"] > 0) == any(p == "cpu" for p in run["plan"]["placements"]), run["plan"]
     reasons = run["plan"]["plan_reasons"]
     if fraction == "auto":  # re-planned from the first measured iteration (and possibly later ones)
         assert len(reasons) >= 2 and "window measured" in reasons[1], reasons
@@ -445,7 +446,7 @@ def _pipeline_scenarios(rank, world):
                 engine.optimizer.wait_for_updates()
             params.append(H.snapshot(engine.module))
         return {"params": params, "losses": losses, "optimizer": type(engine.optimizer).__name__,
-                "engine": type(engine).__name__, "hooks": len(getattr(engine.optimizer, "_hook_handles", []))}
+                "engine": type(engine).__name__, "hooks": len(getattr(engine.optimizer, "_wait_handles", []))}
 
     pipe = dict(gradient_accumulation_steps=2, train_batch_size=2 * H.BATCH, pipeline={"activation_checkpoint_interval": 0})
     both = H.ds_config(stage=1, interleaf={"gpu_fraction": 0.5}, **pipe)
