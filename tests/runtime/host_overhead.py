@@ -18,6 +18,7 @@ itself, does not depend on those sizes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -31,7 +32,6 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import ds_plugins.runtime.p2p as p2p_module  # noqa: E402
-import ds_plugins.runtime.weight_grad as weight_grad  # noqa: E402
 from ds_plugins.runtime import P2PCommunicator, PipelineExecutor, build_stage_modules  # noqa: E402
 from ds_plugins.runtime.p2p import describe  # noqa: E402
 from ds_plugins.schedule.ir import ActionKind  # noqa: E402
@@ -147,11 +147,8 @@ def _bare_step(executors, xs, ys, m, loss_fn, device, per_kind: dict) -> float:
                 saved[(s, mb)] = out
             elif kind is I or kind is B:
                 out = saved.pop((s, mb))
-                if kind is I:
-                    closures = queue._pending.setdefault((s, mb), [])
-                    weight_grad._ACTIVE = weight_grad.WeightGradTarget(queue, s, mb, closures)
-                torch.autograd.backward([out], None if s == ex.last_stage else [torch.ones_like(out)])
-                weight_grad._ACTIVE = None
+                with queue.deferring(s, mb) if kind is I else contextlib.nullcontext():
+                    torch.autograd.backward([out], None if s == ex.last_stage else [torch.ones_like(out)])
             else:
                 queue.run(s, mb)
             times.append(clock() - t_action)
