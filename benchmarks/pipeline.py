@@ -16,7 +16,10 @@ best torch.distributed.pipelining row at the same m (issue 3's target: >= 1.15x)
 bubble (interleaf: share of each rank's schedule time not computing, mean over ranks, from the executor's
 F/I/W/B timings; DeepSpeed: the same from its forward/backward instruction timings; torch: not measured),
 bubble vs ideal (1 - tokens/s / ideal, where ideal is the slowest rank's own F+B compute measured in the
-interleaf 1f1b run: anchors.md's definition), and peak allocated memory per rank (GiB).
+interleaf 1f1b run: anchors.md's definition), and peak allocated memory per rank (GiB). Each row's log line also
+gives, per rank, the share of the step the host spent issuing it (interleaf rows) and, when any, the caching
+allocator's cudaMalloc retries / calls during the timed steps (a retry frees the cache and synchronizes the
+device: a stall no schedule model sees).
 
 GPU (writes its section of BENCHMARKS.md, one per layout: "benchmarks/pipeline.py pp=4")::
 
@@ -48,7 +51,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
-from benchmarks.device_memory import allocated_gib_per_rank, release_between_rows  # noqa: E402
+from benchmarks.device_memory import allocated_gib_per_rank, allocator_events, release_between_rows  # noqa: E402
 from benchmarks.local_ranks import run_local_ranks, show_interleaf_logs  # noqa: E402
 from benchmarks.report import merge_from, section_ids, write_section  # noqa: E402
 
@@ -203,6 +206,7 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.distributed.barrier()
+    alloc_before = allocator_events(device)
     t0 = time.perf_counter()
     host_share = []  # interleaf: host time issuing the executor's step / its device time, per step
     for _ in range(args.steps):
@@ -212,6 +216,7 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
             host_share.append(result.host_wall_s / max(result.wall_s, 1e-9))
     _sync(device)
     elapsed = time.perf_counter() - t0
+    alloc_after = allocator_events(device)
     elapsed = max(r[0] for r in _gather_floats([elapsed], device))
     tokens = cfg.seq * m * args.steps * engine.grid.data_parallel_size
     if runner is not None:
@@ -241,6 +246,9 @@ def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
     peaks = [max(r) for r in both]
     row = Row(variant, m, tokens / elapsed, bubble, peaks, busy_max_s=busy_max, schedule=name)
     row.extra["peak_gib_warmup_timed"] = both
+    # per rank: cudaMalloc retries (each frees the cache and synchronizes) and cudaMalloc calls in the timed steps
+    row.extra["allocator_timed"] = [[int(x) for x in r] for r in _gather_floats(
+        [alloc_after[0] - alloc_before[0], alloc_after[1] - alloc_before[1]], device)]
     if host_share:
         # ~1.0: the host was still enqueueing when the GPU finished (host-bound); well below 1: it ran ahead
         row.extra["host_issue_share"] = [r[0] for r in _gather_floats([sum(host_share) / len(host_share)], device)]
@@ -416,7 +424,10 @@ def run_all(args: argparse.Namespace) -> list[Row]:
                   + (f"  peak warm-up/timed {' '.join(f'{w:.1f}/{t:.1f}' for w, t in row.extra['peak_gib_warmup_timed'])}"
                      if "peak_gib_warmup_timed" in row.extra else "")
                   + (f"  host issue / device step {'/'.join(f'{h:.2f}' for h in row.extra['host_issue_share'])}"
-                     if "host_issue_share" in row.extra else ""), flush=True)
+                     if "host_issue_share" in row.extra else "")
+                  + (f"  cudaMalloc retries/calls in the timed steps "
+                     f"{' '.join(f'{r}/{c}' for r, c in row.extra['allocator_timed'])}"
+                     if any(r or c for r, c in row.extra.get("allocator_timed", ())) else ""), flush=True)
     rows.sort(key=lambda r: (r.microbatches, args.variants.index(r.variant)))
     return rows
 
