@@ -17,6 +17,7 @@ import collections
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _harness as H
 
@@ -33,22 +34,36 @@ def _many_tensor_model() -> torch.nn.Module:
     return torch.nn.Sequential(*layers).to(torch.bfloat16)
 
 
+
+class _OpCount(TorchDispatchMode):
+    """Counts the (non-view) ops run under it, and which tensors were read to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.read_ids: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[str(func)] += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.read_ids.append(id(args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+def _counted_iteration(engine, x, y) -> dict:
+    """One bf16 training iteration with the ops of its forward, backward and step counted separately."""
+    counters = {phase: _OpCount() for phase in ("forward", "backward", "step")}
+    with counters["forward"]:
+        loss = H.loss_fn(engine(x.to(torch.bfloat16)), y)
+    with counters["backward"]:
+        engine.backward(loss)
+    with counters["step"]:
+        engine.step()
+    return counters
+
 def _count_ops(rank, world):
     import deepspeed
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: collections.Counter = collections.Counter()
-            self.read_ids: list[int] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.ops[str(func)] += 1
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.read_ids.append(id(args[0]))
-            return func(*args, **(kwargs or {}))
 
     out = {}
     for name, cfg in (("ds", H.ds_config(offload=False, **BF16)),
@@ -62,14 +77,7 @@ def _count_ops(rank, world):
                                           optimizer=H.make_optimizer(model.parameters()), config=cfg)
         phases = {}
         for step, (x, y) in enumerate(H.batches(3)):
-            counters = {phase: Count() for phase in ("forward", "backward", "step")}
-            with counters["forward"]:
-                loss = H.loss_fn(engine(x.to(torch.bfloat16)), y)
-            with counters["backward"]:
-                engine.backward(loss)
-            with counters["step"]:
-                engine.step()
-            phases = counters  # the last (steady) iteration's
+            phases = _counted_iteration(engine, x, y)  # the last (steady) iteration's
         opt = engine.optimizer
         host_counters = {id(state["step"]) for state in opt.optimizer.state.values()
                          if isinstance(state.get("step"), torch.Tensor)}
@@ -86,6 +94,7 @@ def _count_ops(rank, world):
 
 
 @pytest.fixture(scope="module")
+
 def counts(tmp_path_factory):
     return H.run_ranks(_count_ops, 1, tmp_path_factory.mktemp("all_gpu"))[0]
 
@@ -201,20 +210,9 @@ def _round_trip(rank, world):
     import gc
 
     import deepspeed
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import ds_plugins.deepspeed.offload_optimizer as offload_optimizer
     from ds_plugins.offload.replan import ReplanRequest
-
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: collections.Counter = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     planner = offload_optimizer.plan_offload
     forced = {"gpu_fraction": 1.0}
@@ -236,14 +234,7 @@ def _round_trip(rank, world):
         opt = engine.optimizer
         record = {}
         for step, (x, y) in enumerate(data):
-            counters = {phase: Count() for phase in ("forward", "backward", "step")}
-            with counters["forward"]:
-                loss = H.loss_fn(engine(x.to(torch.bfloat16)), y)
-            with counters["backward"]:
-                engine.backward(loss)
-            with counters["step"]:
-                engine.step()
-            del loss
+            counters = _counted_iteration(engine, x, y)
             if name == "ds":
                 continue
             ex = opt._executor
