@@ -16,9 +16,10 @@ a scaling pass) nor, before the first iterations, the forward+backward window. :
   forward + backward themselves grow while host work runs. The window of iterations with (almost) no host work
   (at most ``quiet_host_share`` of the parameters; ``auto`` always starts with everything on the GPU, and plans
   host work only after ``2 * history - 1`` such iterations) is the **reference** (the lowest median of ``history``
-  consecutive ones among the recent ones); the window handed to the planner is never larger than it (a window stretched by host work is
-  not room to hide more host work: on 1x H100 with 15 host threads that positive feedback kept 55% of the state
-  on the host while the window grew 156.6 -> 266.8 ms and the iteration ran 1.41x GPU-resident). Iterations with
+  consecutive ones among the recent ones); the window handed to the planner is never larger than it (a window
+  stretched by host work is not room to hide more host work: on 1x H100 with 15 host threads that positive
+  feedback kept 55% of the state on the host while the window grew 156.6 -> 266.8 ms and the iteration ran 1.41x
+  GPU-resident). Iterations with
   more host work are **samples**; once ``history`` of them exist and their (trimmed mean) window exceeds the
   reference by more than ``interference_margin`` (15%: the window jitters +-15% between iterations on that host,
   see :meth:`Replanner.worth_moving`), the excess is charged to host work as a cost per host-updated parameter

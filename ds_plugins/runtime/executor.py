@@ -161,8 +161,8 @@ class StepResult:
         """Seconds per ``(kind letter, stage)`` over the step's micro-batches as a cost model takes them: the mean
         without the slowest and fastest eighth (:func:`~ds_plugins._stats.trimmed_mean`). One action stretched by
         a stall moves a plain mean far from what the action costs (4x H200, pp=4, m=16: a stage's mean F read
-        10.1 ms against ~2 ms and ``auto`` planned a 37%-bubble order from it); a median would instead hide a
-        cost paid by every other action."""
+        10.1 ms against ~2 ms elsewhere - stalls or a slow rank, the log cannot tell - and ``auto`` planned a
+        37%-bubble order from it); a median would instead hide a cost paid by every other action."""
         return {(k.value, s): trimmed_mean(v) for (k, s), v in self.action_seconds.items() if v}
 
     def mean_memory_bytes(self) -> dict[tuple[str, int], float]:
