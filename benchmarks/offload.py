@@ -83,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--zero-offload-optimizer", choices=("deepspeed", "torch"), default=None,
                    help="ZeRO-Offload baseline optimizer: DeepSpeedCPUAdam (default on GPU) or torch AdamW "
                         "(default with --tiny: avoids the cpu_adam JIT build)")
+    p.add_argument("--host-threads", default="auto",
+                   help="interleaf.offload.host_threads of the interleaf rows: an integer or auto (default: half of "
+                        "the CPUs in the affinity mask, see docs/offload.md)")
     p.add_argument("--output", default=None,
                    help="markdown file whose section to update (default: BENCHMARKS.md on GPU; none on CPU or with "
                         "--tiny, whose figures are no benchmark)")
@@ -93,6 +96,8 @@ def parse_args() -> argparse.Namespace:
     for run in args.runs:
         if run not in RUNS + OPTIONAL_RUNS:
             p.error(f"unknown run {run!r}; choose from {', '.join(RUNS + OPTIONAL_RUNS)}")
+    if args.host_threads != "auto" and not (args.host_threads.isdigit() and int(args.host_threads) >= 1):
+        p.error(f"--host-threads must be an integer >= 1 or auto, got {args.host_threads!r}")
     if args.steps is None:
         args.steps = 4 if args.tiny else 8
     if args.warmup is None:
@@ -155,8 +160,15 @@ def ds_config(run: str, args, cuda: bool) -> dict:
     if run.startswith("interleaf"):
         fraction = run.split("-")[1]  # interleaf-<auto|0.5>[-clip|-overlap]
         cfg["interleaf"] = {"offload": {"mode": "interleaved",
-                                        "gpu_fraction": "auto" if fraction == "auto" else float(fraction)}}
+                                        "gpu_fraction": "auto" if fraction == "auto" else float(fraction),
+                                        "host_threads": host_threads_arg(args)}}
     return cfg
+
+
+def host_threads_arg(args) -> int | str:
+    """--host-threads as the config takes it: "auto" or an integer."""
+    value = getattr(args, "host_threads", "auto")
+    return value if value == "auto" else int(value)
 
 
 def make_optimizer(run: str, args, params, cuda: bool):
@@ -278,7 +290,8 @@ def render(results: list[dict], args, device_name: str, torch_version: str, ds_v
         SECTION,
         "",
         f"{datetime.date.today().isoformat()} · {device_name} · torch {torch_version} · deepspeed {ds_version} · "
-        f"{shape} · {args.steps} timed iterations after {args.warmup} warm-up (median; each iteration ends with a "
+        f"{shape} · interleaf host_threads {host_threads_arg(args)} · "
+        f"{args.steps} timed iterations after {args.warmup} warm-up (median; each iteration ends with a "
         "device synchronize) · baselines measured in the same process.",
         "",
         "Which row is compared with which: \"× GPU-resident\" divides by the GPU-resident run with the SAME "
@@ -449,6 +462,10 @@ def main() -> int:
         print(f"no run measured: failed {failed}, skipped (time budget) {skipped}", file=sys.stderr)
         return 1
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (DeepSpeed CPU accelerator)"
+    # the host half's speed is the host's (memory bandwidth, cores): name it next to the card
+    device_name += f" · host {len(os.sched_getaffinity(0))} CPUs in the affinity mask ({os.cpu_count()} on the machine)"
+    if device.type == "cuda":
+        device_name += f", {torch.cuda.device_count()} GPU(s) visible to the process"
     section = render(results, args, device_name, torch.__version__, deepspeed.__version__, shape)
     if failed:
         section += "\nFailed runs: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) + "\n"
