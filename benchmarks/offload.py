@@ -171,6 +171,15 @@ def host_threads_arg(args) -> int | str:
     return value if value == "auto" else int(value)
 
 
+def host_threads_label(args, results: list[dict]) -> str:
+    """--host-threads for the header, with what ``auto`` resolved to when the rows recorded it."""
+    value = host_threads_arg(args)
+    resolved = sorted({r["host_threads"] for r in results if r.get("host_threads") is not None})
+    if value == "auto" and resolved:
+        return f"auto (= {', '.join(map(str, resolved))})"
+    return str(value)
+
+
 def make_optimizer(run: str, args, params, cuda: bool):
     import torch
 
@@ -232,6 +241,7 @@ def one_run(run: str, args, base_model, batches, device) -> dict:
         ex = opt._executor
         plan = opt.last_plan
         result["host_state"] = ex.host_state_fraction()
+        result["host_threads"] = ex._host_threads  # what host_threads resolved to (auto: half of the CPUs)
         result["gpu_fraction"] = plan.gpu_fraction if plan is not None else None
         result["plan"] = {"placements": [p.value for p in plan.placements],
                           "predicted_overhead_s": plan.estimate.overhead_s,
@@ -290,7 +300,7 @@ def render(results: list[dict], args, device_name: str, torch_version: str, ds_v
         SECTION,
         "",
         f"{datetime.date.today().isoformat()} · {device_name} · torch {torch_version} · deepspeed {ds_version} · "
-        f"{shape} · interleaf host_threads {host_threads_arg(args)} · "
+        f"{shape} · interleaf host_threads {host_threads_label(args, results)} · "
         f"{args.steps} timed iterations after {args.warmup} warm-up (median; each iteration ends with a "
         "device synchronize) · baselines measured in the same process.",
         "",
