@@ -12,8 +12,19 @@ Keep the device time per action below the host time (small ``--hidden``/``--seq`
 for the launch queue and measures the GPU. The number of kernels per action, and so the host cost of the model
 itself, does not depend on those sizes.
 
+A schedule may name its own layers per stage (``zb-h2:8 zb-v:4``: both run 4x8 pipeline layers, zb-v as 8 chunks
+of 4), so a V schedule's actions are compared with actions of the same number of layers. The schedules' steps
+are interleaved (machine drift hits all alike), and each also reports the executor's host time per action by kind
+and, over the stages holding only transformer layers (``--model gpt``: not the first and the last), per layer.
+Per-layer figures that differ between schedules at equal layers per action point at a cost of the schedule's
+runtime state (retained graphs, queued W work); equal per-layer figures with a higher cost per action at fewer
+layers point at a fixed cost per action (compare ``zb-h2:2 zb-h2:4 zb-h2:8``: the intercept of host time
+against layers).
+
     OMP_NUM_THREADS=1 python tests/runtime/host_overhead.py                       # CPU, 4 Linear per stage
+    OMP_NUM_THREADS=1 python tests/runtime/host_overhead.py --model gpt --schedules zb-h2:8 zb-v:4
     python tests/runtime/host_overhead.py --device cuda --model gpt --schedules 1f1b zb-h1 zb-v
+    python tests/runtime/host_overhead.py --device cuda --model gpt --schedules zb-h2:8 zb-v:4 zb-h2:4 zb-h2:2
 """
 from __future__ import annotations
 
@@ -59,11 +70,11 @@ def _instant_transport(sends_complete: bool) -> types.SimpleNamespace:
     return fake
 
 
-def _model(args, num_stages: int, device: torch.device):
+def _model(args, num_stages: int, layers_per_stage: int, device: torch.device):
     """(layers, per-micro-batch inputs, targets, loss_fn)."""
     g = torch.Generator().manual_seed(0)
     if args.model == "linear":
-        layers = [nn.Linear(args.hidden, args.hidden) for _ in range(args.layers_per_stage * num_stages)]
+        layers = [nn.Linear(args.hidden, args.hidden) for _ in range(layers_per_stage * num_stages)]
         xs = [torch.randn(args.rows, args.hidden, generator=g) for _ in range(args.microbatches)]
         ys = [torch.randn(args.rows, args.hidden, generator=g) for _ in range(args.microbatches)]
 
@@ -72,7 +83,7 @@ def _model(args, num_stages: int, device: torch.device):
     else:
         from benchmarks import gpt
 
-        cfg = gpt.GPTConfig(layers=args.layers_per_stage * num_stages - 3 if num_stages > 1 else 1,
+        cfg = gpt.GPTConfig(layers=layers_per_stage * num_stages - 3 if num_stages > 1 else 1,
                             hidden=args.hidden, heads=args.heads, seq=args.seq, vocab=args.vocab)
         layers = gpt.build_layers(cfg)
         batches = gpt.synthetic_batches(cfg, 1, args.microbatches)
@@ -102,6 +113,30 @@ def _seed_specs(executors, layers_by_stage, x0) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _time_compute(executor: PipelineExecutor, sink: list) -> None:
+    """Record the host seconds of every compute action of ``executor`` into ``sink`` as (kind letter, stage,
+    seconds): the executor's own dispatch, the stage work and, for I/B, the autograd pass (on CUDA: the time until
+    the autograd engine returned, kernels issued, not run)."""
+    compute = executor._compute
+    clock = time.perf_counter
+
+    def timed(action, received):
+        t0 = clock()
+        compute(action, received)
+        sink.append((action.kind.value, action.stage, clock() - t0))
+
+    executor._compute = timed  # the executor looks _compute up once per step
+
+
+def _per_kind(samples, stages=None) -> dict:
+    """Median host seconds per action by kind letter (over ``stages`` only, when given)."""
+    by_kind: dict = {}
+    for kind, stage, seconds in samples:
+        if stages is None or stage in stages:
+            by_kind.setdefault(kind, []).append(seconds)
+    return {k: sorted(v)[len(v) // 2] for k, v in sorted(by_kind.items())}
 
 
 def _executor_step(executors, xs, ys, m, device) -> float:
@@ -165,8 +200,9 @@ def main() -> None:
     p.add_argument("--model", choices=("linear", "gpt"), default="linear")
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--microbatches", "-m", type=int, default=16)
-    p.add_argument("--schedules", nargs="+", default=["1f1b", "zb-h1", "zb-v"])
-    p.add_argument("--layers-per-stage", type=int, default=4)
+    p.add_argument("--schedules", nargs="+", default=["1f1b", "zb-h1", "zb-v"],
+                   help="schedule names, each optionally with its own layers per stage: zb-h2:8 zb-v:4")
+    p.add_argument("--layers-per-stage", type=int, default=4, help="for schedules named without :LAYERS")
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--rows", type=int, default=2, help="linear model: rows per micro-batch")
     p.add_argument("--heads", type=int, default=4)
@@ -185,14 +221,18 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
     dist.init_process_group("gloo", rank=0, world_size=1)
     p2p_module.dist = _instant_transport(not args.sends_pending)
-    print(f"{args.model} model, {args.layers_per_stage} layers per stage, pp={args.pp}, m={args.microbatches}, "
+    print(f"{args.model} model, {args.layers_per_stage} layers per stage unless named, pp={args.pp}, m={args.microbatches}, "
           f"{device}, timing={args.timing}, sends {'pending to step end' if args.sends_pending else 'complete at once'}")
-    for name in args.schedules:
+    cases = []
+    for entry in args.schedules:
+        name, _, lps = entry.partition(":")
+        layers_per_stage = int(lps) if lps else args.layers_per_stage
         schedule = build_schedule(name, pp=args.pp, microbatches=args.microbatches)
         shape = schedule.shape
-        layers, xs, ys, loss_fn = _model(args, shape.num_stages, device)
+        layers, xs, ys, loss_fn = _model(args, shape.num_stages, layers_per_stage, device)
         executors = []
         by_stage = {}
+        samples: list = []
         for rank in range(shape.pp):
             modules = build_stage_modules(layers, shape, rank)
             by_stage.update(modules)
@@ -209,18 +249,37 @@ def main() -> None:
         for _ in range(3):
             _executor_step(executors, xs, ys, args.microbatches, device)
             _bare_step(executors, xs, ys, args.microbatches, loss_fn, device, {})
-        ex_times, bare_times, per_kind = [], [], {}
-        for _ in range(args.steps):  # interleaved, so drifts of the machine hit both alike
-            ex_times.append(_executor_step(executors, xs, ys, args.microbatches, device))
-            bare_times.append(_bare_step(executors, xs, ys, args.microbatches, loss_fn, device, per_kind))
-        ex_min, bare_min = min(ex_times), min(bare_times)
-        ex_med, bare_med = sorted(ex_times)[len(ex_times) // 2], sorted(bare_times)[len(bare_times) // 2]
-        print(f"{name:8s} {actions:4d} actions: executor {1e6 * ex_min / actions:7.1f} us/action (median "
+        for ex in executors:
+            _time_compute(ex, samples)
+        # stages made of transformer layers only (gpt: the first holds the embedding, the last norm, head, loss)
+        inner = set(range(shape.num_stages)) if args.model == "linear" else set(range(1, shape.num_stages - 1))
+        cases.append(types.SimpleNamespace(label=f"{name}:{layers_per_stage}", layers_per_stage=layers_per_stage,
+                                           executors=executors, xs=xs, ys=ys, loss_fn=loss_fn, actions=actions,
+                                           samples=samples, inner=inner, ex_times=[], bare_times=[], per_kind={}))
+    for _ in range(args.steps):  # interleaved, so drifts of the machine hit every schedule and both paths alike
+        for case in cases:
+            case.ex_times.append(_executor_step(case.executors, case.xs, case.ys, args.microbatches, device))
+            case.bare_times.append(_bare_step(case.executors, case.xs, case.ys, args.microbatches, case.loss_fn,
+                                              device, case.per_kind))
+    for case in cases:
+        actions = case.actions
+        ex_min, bare_min = min(case.ex_times), min(case.bare_times)
+        ex_med = sorted(case.ex_times)[len(case.ex_times) // 2]
+        bare_med = sorted(case.bare_times)[len(case.bare_times) // 2]
+        print(f"{case.label:8s} {actions:4d} actions: executor {1e6 * ex_min / actions:7.1f} us/action (median "
               f"{1e6 * ex_med / actions:7.1f}), bare {1e6 * bare_min / actions:7.1f} (median "
               f"{1e6 * bare_med / actions:7.1f}) -> executor adds {1e6 * (ex_min - bare_min) / actions:6.1f} us/action "
               f"(medians: {1e6 * (ex_med - bare_med) / actions:6.1f})", flush=True)
-        kinds = ", ".join(f"{k} {1e6 * sorted(v)[len(v) // 2]:.0f}" for k, v in sorted(per_kind.items()))
+        kinds = ", ".join(f"{k} {1e6 * sorted(v)[len(v) // 2]:.0f}" for k, v in sorted(case.per_kind.items()))
         print(f"{'':8s} bare host us per action (median) by kind: {kinds}", flush=True)
+        executor_kinds = ", ".join(f"{k} {1e6 * v:.0f}" for k, v in _per_kind(case.samples).items())
+        print(f"{'':8s} executor host us per action (median) by kind: {executor_kinds}", flush=True)
+        inner = _per_kind(case.samples, case.inner)
+        if inner:
+            per_layer = ", ".join(f"{k} {1e6 * v:.0f} ({1e6 * v / case.layers_per_stage:.0f} per layer)"
+                                  for k, v in inner.items())
+            print(f"{'':8s} executor host us per action on stages {min(case.inner)}-{max(case.inner)} (median): "
+                  f"{per_layer}", flush=True)
     dist.destroy_process_group()
 
 
