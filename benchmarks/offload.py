@@ -30,6 +30,7 @@ its section of BENCHMARKS.md.
     python benchmarks/offload.py                       # device: nvidia-h100-x1, ~6-8 min incl. JIT builds
     python benchmarks/offload.py --tiny                # a tiny GPT; runs on CPU (DS_ACCELERATOR=cpu) in ~1 min
     python benchmarks/offload.py --runs gpu,interleaf-auto --steps 8
+    python benchmarks/offload.py --runs gpu,interleaf-0.5 --host-threads 14   # more host threads for a fixed split
 
 s/iter: median over the timed iterations (after --warmup), each iteration ended by a device synchronize.
 "host state": share of the fp32 optimizer state (master, m, v) that lives in host memory between steps.
