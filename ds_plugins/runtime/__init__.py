@@ -2,7 +2,7 @@
 
 See docs/runtime.md.
 """
-from .executor import PipelineExecutor, StepResult, Timing, costs_from_ranks, measured_costs
+from .executor import PipelineExecutor, SplitMode, StepResult, Timing, costs_from_ranks, measured_costs
 from .p2p import MessageKey, P2PCommunicator
 from .stages import StageModule, build_stage_modules, partition_layers
 from .weight_grad import (
@@ -18,6 +18,7 @@ __all__ = [
     "MessageKey",
     "P2PCommunicator",
     "PipelineExecutor",
+    "SplitMode",
     "StageModule",
     "StepResult",
     "Timing",

@@ -5,8 +5,8 @@
 
 - ``F``  (stage s, micro-batch i): the stage module on its input (stage 0: the caller's input; else the
   activation received from stage s-1 or handed over on this rank); the last stage also applies ``loss_fn``.
-- ``I``  the input-gradient half of backward: ``torch.autograd.backward`` from the stage's outputs with the
-  received output gradient, inside :meth:`WeightGradQueue.deferring` so split linears queue their weight GEMMs.
+- ``I``  the input-gradient half of backward from the stage's outputs with the received output gradient; split
+  linears queue their weight GEMMs (``split_mode``: autograd edges recorded in F, or the ``Function`` form).
 - ``W``  the queued weight-gradient work of (s, i).
 - ``B``  a full backward (same call, no deferral).
 - ``SEND_*``/``RECV_*``: :class:`~ds_plugins.runtime.p2p.P2PCommunicator` messages. Receives are posted early
@@ -35,9 +35,10 @@ from ..schedule.costs import UNIFORM_WEIGHT_GRAD_SHARE, CostModel
 from ..schedule.ir import Action, ActionKind, PipelineShape, Schedule
 from ..schedule.lowering import add_communication, serialize
 from .p2p import MessageKey, MessageSpec, P2PCommunicator, PendingRecv, TensorSpec
-from .weight_grad import WeightGradQueue
+from .weight_grad import WeightGradQueue, backward_input, check_recorded_graph, recording_linears
 
-__all__ = ["ACTION_ANNOTATION_PREFIX", "PipelineExecutor", "StepResult", "costs_from_ranks", "measured_costs", "Timing"]
+__all__ = ["ACTION_ANNOTATION_PREFIX", "PipelineExecutor", "SplitMode", "StepResult", "costs_from_ranks", "measured_costs",
+           "Timing"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,12 @@ _NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 ACTION_ANNOTATION_PREFIX = "interleaf "
 """Name prefix of the profiler range around each compute action when ``annotate_actions`` is on; the rest of the
 name is the action (``str(Action)``, e.g. ``"interleaf 0F3"``)."""
+
+SplitMode = Literal["autograd", "function"]
+"""How I defers the weight GEMMs of switched ``nn.Linear`` layers (:mod:`ds_plugins.runtime.weight_grad`):
+``"autograd"`` (default) records each linear's output edge during F and asks autograd for every gradient but
+those weights' in one call, no Python per linear; ``"function"`` runs the layers as a Python
+``autograd.Function`` that queues its GEMM from its backward (the older form, more host time per layer)."""
 
 Timing = Literal["none", "action", "sync"]
 """How the executor times compute: ``"none"`` (wall time only), ``"action"`` (every compute action; CUDA events
@@ -265,6 +272,8 @@ class _Forwarded:
     """Input tensors made leaves that need a gradient (sent back to the previous stage, in order)."""
     roots: list[torch.Tensor]
     """Output tensors that need a gradient (for the last stage: the scaled loss)."""
+    records: list | None = None
+    """Split linears recorded during the forward (``split_mode="autograd"`` and an I action follows)."""
 
 
 @dataclass(slots=True)
@@ -276,6 +285,8 @@ class _Plan:
     sends_after: list[list[MessageKey]] = field(default_factory=list)
     peer_order: dict[int, list[MessageKey]] = field(default_factory=dict)
     """For each peer pipeline rank: the messages it sends to this rank, in its posting order."""
+    split: set[tuple[int, int]] = field(default_factory=set)
+    """(stage, micro-batch) pairs whose backward is an I action (their forward records split linears)."""
 
 
 class PipelineExecutor:
@@ -322,6 +333,9 @@ class PipelineExecutor:
             Off by default because ``record_function`` is not free without a profiler: it enters and leaves a
             dispatcher op per call (~11 us per action on this repo's CI host, against ~0.1 us for the flag check),
             host time taken from kernel launches in exactly the host-bound steps one profiles.
+        split_mode: see :data:`SplitMode` (the environment variable ``INTERLEAF_SPLIT_MODE`` overrides the
+            default). With ``"autograd"`` the I action adds the gradients of a stage's parameters other than the
+            split linears' weights to ``param.grad`` itself: hooks registered on parameters do not run for them.
     """
 
     def __init__(
@@ -342,6 +356,7 @@ class PipelineExecutor:
         track_memory: bool = False,
         after_backward: Callable[[int], None] | None = None,
         annotate_actions: bool = False,
+        split_mode: SplitMode | None = None,
     ) -> None:
         shape = schedule.shape
         if not 0 <= rank < shape.pp:
@@ -356,6 +371,11 @@ class PipelineExecutor:
             raise ValueError(f"timing must be 'none', 'action' or 'sync', got {timing!r}")
         if shape.pp > 1 and p2p is None:
             raise ValueError("pp > 1 needs a P2PCommunicator (P2PCommunicator.for_shape(shape, pipeline_ranks))")
+        if split_mode is None:
+            split_mode = os.environ.get("INTERLEAF_SPLIT_MODE", "autograd")  # type: ignore[assignment]
+        if split_mode not in ("autograd", "function"):
+            raise ValueError(f"split_mode must be 'autograd' or 'function', got {split_mode!r}"
+                             " (INTERLEAF_SPLIT_MODE, if set, gives the default)")
         if recv_lookahead is not None and recv_lookahead < 0:
             raise ValueError(f"recv_lookahead must be >= 0 or None, got {recv_lookahead}")
         self.schedule = add_communication(schedule)
@@ -372,6 +392,10 @@ class PipelineExecutor:
         self.after_backward = after_backward
         self.annotate_actions = bool(annotate_actions)
         self.track_memory = bool(track_memory)
+        self.split_mode: SplitMode = split_mode
+        self._split_checked: set[int] = set()  # stages whose graph was walked (check_recorded_graph)
+        self._no_record: set[int] = set()  # stages found holding a reentrant checkpoint: Function form
+        self._record: Any = ()  # (stage, micro-batch) pairs whose forward records split linears, this step
         self.last_stage = shape.num_stages - 1
         self._rank_of = tuple(shape.rank_of(s) for s in range(shape.num_stages))  # per action: no range checks
         ordered = p2p is not None and p2p.ordered
@@ -417,6 +441,8 @@ class PipelineExecutor:
         for a in self._program(schedule, self.rank, forward_only):
             if a.kind.is_compute:
                 plan.compute.append(a)
+                if a.kind is _I:
+                    plan.split.add((a.stage, a.microbatch))
                 plan.recvs_before.append(pending_recvs)
                 plan.sends_after.append([])
                 pending_recvs = []
@@ -503,6 +529,7 @@ class PipelineExecutor:
         self._loss_scale = float(loss_scale)
         self._return_outputs = return_outputs
         self._forward_only = forward_only
+        self._record = () if forward_only or self.split_mode != "autograd" else plan.split
         cuda_events = self.timing == "action" and self.device.type == "cuda"
         host_timing = self.timing != "none" and not cuda_events
         sync_timing = self.timing == "sync"
@@ -747,7 +774,12 @@ class PipelineExecutor:
     def _forward(self, stage: int, mb: int, received: Mapping) -> None:
         value, leaves = self._stage_input(stage, mb, received)
         module = self.stage_modules[stage]
-        output = module(*value) if isinstance(value, (tuple, list)) else module(value)
+        records = None
+        if (stage, mb) in self._record and stage not in self._no_record:
+            with recording_linears() as records:
+                output = module(*value) if isinstance(value, (tuple, list)) else module(value)
+        else:
+            output = module(*value) if isinstance(value, (tuple, list)) else module(value)
         if stage == self.last_stage:
             if self._return_outputs:
                 self._outputs[mb] = _detach(output)
@@ -758,12 +790,13 @@ class PipelineExecutor:
                 raise ValueError("loss_fn must return a scalar tensor per micro-batch")
             self._losses[mb] = loss.detach()
             if not self._forward_only:
-                self._forwarded[(stage, mb)] = _Forwarded(leaves, [loss * self._loss_scale] if loss.requires_grad else [])
+                self._forwarded[(stage, mb)] = _Forwarded(
+                    leaves, [loss * self._loss_scale] if loss.requires_grad else [], records or None)
             return
         items = output if isinstance(output, (tuple, list)) else (output,)
         roots = [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
         if not self._forward_only:
-            self._forwarded[(stage, mb)] = _Forwarded(leaves, roots)
+            self._forwarded[(stage, mb)] = _Forwarded(leaves, roots, records or None)
         if self._rank_of[stage + 1] == self.rank:
             self._local_acts[(stage, mb)] = _hand_over(output, self._forward_only)
         else:
@@ -783,14 +816,35 @@ class PipelineExecutor:
                 raise RuntimeError(
                     f"stage {stage} micro-batch {mb}: {len(roots)} outputs need a gradient but {len(grads)} came back"
                 )
+        leaf_grads = None
         if roots:
-            with self.queue.deferring(stage, mb) if defer_weight else _NO_CONTEXT:
-                torch.autograd.backward(roots, grads)
+            # (micro-batches forwarded before the stage's first I was checked may hold records of a stage found
+            # unsplittable by edges: they take the Function path too, with their recorded linears' GEMMs now)
+            records = saved.records if defer_weight and stage not in self._no_record else None
+            shared: set[int] | None = set()
+            if records and stage not in self._split_checked:
+                self._split_checked.add(stage)
+                shared = check_recorded_graph(roots, records)
+                if shared is None:
+                    logger.info("rank %d stage %d: its graph holds a reentrant checkpoint, which refuses "
+                                "torch.autograd.grad: split_mode 'function' for this stage", self.rank, stage)
+                    self._no_record.add(stage)
+                    records = None  # this micro-batch's recorded linears compute their weight gradient now
+            if records:
+                leaf_grads = backward_input(
+                    roots, grads, saved.input_leaves, records,
+                    [p for p in self.stage_modules[stage].parameters() if p.requires_grad], self.queue, stage, mb,
+                    shared=shared)
+            else:
+                with self.queue.deferring(stage, mb) if defer_weight else _NO_CONTEXT:
+                    torch.autograd.backward(roots, grads)
         if self.after_backward is not None:
             self.after_backward(stage)
         if stage == 0:
             return
-        input_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in saved.input_leaves]
+        if leaf_grads is None:
+            leaf_grads = [leaf.grad for leaf in saved.input_leaves]
+        input_grads = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(leaf_grads, saved.input_leaves)]
         if self._rank_of[stage - 1] == self.rank:
             self._local_grads[(stage - 1, mb)] = input_grads
         else:

@@ -19,6 +19,17 @@ Mechanism (no private torch API):
 - Everything else (norms, embeddings, biases, any non-Linear parameter) gets its gradient from the normal
   autograd pass in I. The math and the per-micro-batch accumulation are the same as an undivided backward.
 
+A cheaper form on the host (the executor's default, ``split_mode="autograd"``): during a forward whose backward
+will be split, :func:`recording_linears` is active and switched linears run plain ``F.linear`` (autograd's own
+C++ nodes, no Python ``Function``) and record ``(weight, input, gradient edge of the output)``.
+:func:`backward_input` then runs I as one ``torch.autograd.grad`` towards the stage's input leaves, its other
+parameters and those edges: autograd computes every input gradient and skips the weight GEMMs of the recorded
+linears (their weights are not asked for), and hands back each linear's output gradient, from which the W
+closure computes ``dy^T x``. Same GEMMs, no Python per linear in forward or backward. A weight used elsewhere in
+the stage's graph too (found by one walk of the graph per stage, :func:`check_recorded_graph`) is left to
+autograd, and its linears go back to the ``Function`` form; a stage whose graph holds a reentrant checkpoint
+(which refuses ``torch.autograd.grad``) stops recording and runs the ``Function`` form throughout.
+
 Adapters with their own linear layers (Megatron's ``LinearWithGradAccumulationAndAsyncCommunication``) put
 closures into the same queue through :func:`active_deferral` / :meth:`WeightGradQueue.put`.
 """
@@ -27,19 +38,24 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = [
     "GradAccumulator",
+    "LinearRecord",
     "WeightGradQueue",
     "WeightGradTarget",
     "accumulate_into_grad",
     "active_deferral",
+    "backward_input",
+    "check_recorded_graph",
     "disable_weight_grad_split",
     "enable_weight_grad_split",
+    "recording_linears",
     "split_linear",
 ]
 
@@ -179,19 +195,27 @@ def _weight_grad(grad_output: torch.Tensor, saved_input: torch.Tensor) -> torch.
 
 class _DeferredWeightGrad:
     """One queued W GEMM: ``accumulate(param, dy^T x)`` (a plain object: cheaper than a closure with defaults,
-    and it keeps exactly the two tensors the GEMM reads)."""
+    and it keeps exactly the two tensors the GEMM reads). ``version``: the input's version counter when the
+    forward read it (recorded linears; None when autograd's saved tensors already check it)."""
 
-    __slots__ = ("param", "grad_output", "saved_input", "accumulate")
+    __slots__ = ("param", "grad_output", "saved_input", "accumulate", "version")
 
-    def __init__(self, param, grad_output, saved_input, accumulate) -> None:
+    def __init__(self, param, grad_output, saved_input, accumulate, version=None) -> None:
         self.param = param
         self.grad_output = grad_output
         self.saved_input = saved_input
         self.accumulate = accumulate
+        self.version = version
 
     def __call__(self) -> None:
         grad_output, saved_input = self.grad_output, self.saved_input
         self.grad_output = self.saved_input = None  # release the activations once their GEMM is enqueued
+        if self.version is not None and saved_input._version != self.version:
+            raise RuntimeError(
+                f"the input of a linear layer (weight {tuple(self.param.shape)}) was modified in place after the "
+                "forward read it, so its deferred weight gradient cannot be computed (autograd raises the same "
+                "for an undivided backward): make that in-place op out of place"
+            )
         self.accumulate(self.param, _weight_grad(grad_output, saved_input))
 
 
@@ -249,14 +273,139 @@ def split_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _SplitLinearFunction.apply(x, layer.weight, layer.bias)
 
 
+class LinearRecord:
+    """A switched linear's call recorded during a forward (:func:`recording_linears`): what :func:`backward_input`
+    and the W closure need, and no activation the autograd graph does not hold anyway."""
+
+    __slots__ = ("module", "weight", "x", "edge", "version")
+
+    def __init__(self, module: nn.Module, weight: torch.Tensor, x: torch.Tensor, edge: GradientEdge) -> None:
+        self.module = module
+        self.weight = weight
+        self.x = x
+        self.edge = edge
+        self.version = x._version
+
+
+_RECORDING: list[LinearRecord] | None = None
+
+
+class recording_linears:
+    """While active, switched linears run plain ``F.linear`` and append a :class:`LinearRecord` to the list the
+    context yields (outside autocast; a linear marked as sharing its weight keeps the ``Function`` form). Enter
+    it around the forward of a micro-batch whose backward :func:`backward_input` will split."""
+
+    __slots__ = ("records", "previous")
+
+    def __enter__(self) -> list[LinearRecord]:
+        global _RECORDING
+        self.previous = _RECORDING
+        self.records = _RECORDING = []
+        return self.records
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _RECORDING
+        _RECORDING = self.previous
+
+
 class _SplitLinearMixin:
     """Forward of an ``nn.Linear`` switched to the split-backward function (state_dict unchanged)."""
+
+    _interleaf_recordable = True
+    """False once :func:`backward_input` found this layer's weight used elsewhere in the graph too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         weight = self.weight
         if not (weight.requires_grad and torch.is_grad_enabled()):  # no weight gradient to defer: plain linear
             return torch.nn.functional.linear(x, weight, self.bias)
+        records = _RECORDING
+        if records is not None and self._interleaf_recordable and not torch.is_autocast_enabled(x.device.type):
+            out = torch.nn.functional.linear(x, weight, self.bias)
+            records.append(LinearRecord(self, weight, x, get_gradient_edge(out)))
+            return out
         return _SplitLinearFunction.apply(x, weight, self.bias)
+
+
+def check_recorded_graph(roots: Sequence[torch.Tensor], records: Sequence[LinearRecord]) -> set[int] | None:
+    """One walk of the graph of ``roots`` (public ``next_functions``) before the first :func:`backward_input` of a
+    stage. Returns the ids of recorded weights that something other than their recorded linears uses too (a tied
+    embedding, a functional use: more edges into the weight's gradient accumulator than records of it; each
+    ``F.linear`` call adds exactly one), or None when the graph holds a reentrant checkpoint
+    (``CheckpointFunction``: DeepSpeed's and torch's ``use_reentrant=True`` refuse ``torch.autograd.grad``), so
+    the stage cannot be split by edges at all."""
+    expected: dict[int, int] = {}
+    for r in records:
+        expected[id(r.weight)] = expected.get(id(r.weight), 0) + 1
+    found: dict[int, int] = dict.fromkeys(expected, 0)
+    seen: set = set()
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if "Checkpoint" in type(node).__name__:
+            return None
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            variable = getattr(nxt, "variable", None)
+            if variable is not None:  # AccumulateGrad: a leaf
+                if id(variable) in found:
+                    found[id(variable)] += 1
+            elif nxt not in seen:
+                stack.append(nxt)
+    return {k for k, n in expected.items() if found[k] != n}
+
+
+def backward_input(
+    roots: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    leaves: Sequence[torch.Tensor],
+    records: Sequence[LinearRecord],
+    params: Sequence[torch.nn.Parameter],
+    queue: WeightGradQueue,
+    stage: int,
+    microbatch: int,
+    *,
+    shared: set[int] = frozenset(),  # type: ignore[assignment]
+) -> list[torch.Tensor | None]:
+    """The I pass of a forward run under :func:`recording_linears`; returns the gradients of ``leaves``.
+
+    ``params``: the stage's parameters that need a gradient. Every one but the recorded linears' weights gets
+    its gradient now, added to ``param.grad`` as autograd would (hooks on parameters do not run here); each
+    recorded linear gets a W closure under ``(stage, microbatch)`` in ``queue``. ``Function``-form linears met
+    on the way (autocast, recomputation inside the pass) defer through ``queue.deferring`` as usual.
+    ``shared``: ids of recorded weights used elsewhere too (:func:`check_recorded_graph`): computed whole now,
+    and their layers stop recording.
+    """
+    if shared:
+        names = sorted({f"{type(r.module).__name__}{tuple(r.weight.shape)}" for r in records if id(r.weight) in shared})
+        logger.info("weight-gradient split: %d linear weight(s) of stage %d are used elsewhere in its graph too "
+                    "(%s); their gradients come whole from the input-gradient pass", len(shared), stage,
+                    ", ".join(names))
+        for r in records:
+            if id(r.weight) in shared:
+                r.module._interleaf_recordable = False
+        records = [r for r in records if id(r.weight) not in shared]
+    deferred = {id(r.weight) for r in records}
+    now = [p for p in params if id(p) not in deferred]
+    n_leaves, n_now = len(leaves), len(now)
+    with queue.deferring(stage, microbatch):
+        got = torch.autograd.grad(roots, [*leaves, *now, *(r.edge for r in records)], grads, allow_unused=True)
+    for p, g in zip(now, got[n_leaves:n_leaves + n_now]):
+        if g is not None:
+            if g._base is not None or not g.is_contiguous():
+                g = g.clone(memory_format=torch.contiguous_format)
+            accumulate_into_grad(p, g)
+    accumulate = queue.accumulate_grad
+    outs = got[n_leaves + n_now:]
+    for i in range(len(records) - 1, -1, -1):  # backward order, as autograd would have run them
+        dy = outs[i]
+        if dy is not None:
+            r = records[i]
+            queue.put(stage, microbatch, _DeferredWeightGrad(r.weight, dy, r.x, accumulate, r.version))
+    return list(got[:n_leaves])
 
 
 _SPLIT_CLASSES: dict[type, type] = {}

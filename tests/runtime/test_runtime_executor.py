@@ -22,7 +22,7 @@ from runtime_harness import (
 TOL = 1e-12
 
 
-def _run(name: str, model: str = "mlp", microbatches: int = 4, steps: int = 2):
+def _run(name: str, model: str = "mlp", microbatches: int = 4, steps: int = 2, split_mode: str = "autograd"):
     schedule = build_schedule(name, pp=1, microbatches=microbatches)
     shape = schedule.shape
     n_layers = 2 * shape.num_stages
@@ -30,7 +30,7 @@ def _run(name: str, model: str = "mlp", microbatches: int = 4, steps: int = 2):
     layers = make(n_layers)
     modules = build_stage_modules(layers, shape, 0)
     inputs, targets = (mlp_batches if model == "mlp" else tuple_batches)(microbatches)
-    executor = PipelineExecutor(schedule, 0, modules, p2p=None, loss_fn=mse, device="cpu")
+    executor = PipelineExecutor(schedule, 0, modules, p2p=None, loss_fn=mse, device="cpu", split_mode=split_mode)
     results = [executor.run(inputs, targets, loss_scale=0.5) for _ in range(steps)]
     ref_grads, ref_losses = reference_grads(make(n_layers), inputs, targets, loss_scale=0.5, steps=steps)
     diff, count = max_grad_diff(layers, ref_grads, range(n_layers))
@@ -55,6 +55,13 @@ def test_single_rank_tuple_model_views_and_non_tensors(name):
     assert grad_diff <= TOL and loss_diff <= TOL
 
 
+@pytest.mark.parametrize("name", ["zb-v", "zb-h1"])
+@pytest.mark.parametrize("model", ["mlp", "tuple"])
+def test_single_rank_function_split_mode_matches_reference(name, model):
+    _, grad_diff, loss_diff = _run(name, model=model, split_mode="function")
+    assert grad_diff <= TOL and loss_diff <= TOL
+
+
 def test_forward_only_returns_outputs_and_leaves_grads_alone():
     schedule = build_schedule("zb-v", pp=1, microbatches=3)
     layers = mlp_layers(4)
@@ -74,6 +81,34 @@ def test_forward_only_returns_outputs_and_leaves_grads_alone():
     assert r.losses == ()
     executor.run(inputs, targets)  # a training step after evaluation still works
     assert all(p.grad is not None for layer in layers for p in layer.parameters())
+
+
+class _Checkpointed(torch.nn.Module):
+    """A layer run under a reentrant checkpoint (refuses torch.autograd.grad: the executor falls back)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+
+
+def test_reentrant_checkpoint_in_a_stage_falls_back_and_matches_reference(caplog):
+    # both forwards (recorded) before the first I, which finds the checkpoint: the second I must not split either
+    shape = PipelineShape(pp=1, microbatches=2)
+    schedule = Schedule("hand", shape, (tuple(Action.parse(t) for t in "0F0 0F1 0I0 0I1 0W1 0W0".split()),))
+    make = lambda: [_Checkpointed(m) if i == 1 else m for i, m in enumerate(mlp_layers(2))]  # noqa: E731
+    layers = make()
+    ex = PipelineExecutor(schedule, 0, build_stage_modules(layers, shape, 0), p2p=None, loss_fn=mse, device="cpu")
+    inputs, targets = mlp_batches(2)
+    with caplog.at_level("INFO", logger="ds_plugins.runtime.executor"):
+        for _ in range(2):
+            ex.run(inputs, targets)
+    assert "reentrant checkpoint" in caplog.text and ex._no_record == {0}
+    ref, _ = reference_grads(make(), inputs, targets, loss_scale=1.0, steps=2)
+    diff, count = max_grad_diff(layers, ref, range(2))
+    assert count > 0 and diff <= TOL
 
 
 def test_bad_arguments_raise_value_error():
@@ -96,6 +131,9 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="timing"):
         PipelineExecutor(single, 0, build_stage_modules(mlp_layers(2), single.shape, 0), p2p=None, loss_fn=mse,
                          device="cpu", timing="sometimes")
+    with pytest.raises(ValueError, match="split_mode"):
+        PipelineExecutor(single, 0, build_stage_modules(mlp_layers(2), single.shape, 0), p2p=None, loss_fn=mse,
+                         device="cpu", split_mode="hooks")
 
 
 def test_schedule_without_backward_is_reported_and_state_resets():

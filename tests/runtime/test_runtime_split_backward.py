@@ -12,6 +12,7 @@ from ds_plugins.runtime import (
     disable_weight_grad_split,
     enable_weight_grad_split,
 )
+from ds_plugins.runtime.weight_grad import backward_input, check_recorded_graph, recording_linears
 
 TOL = 1e-12
 
@@ -235,11 +236,12 @@ def test_put_after_the_key_ran_still_queues():
     assert queue.run(0, 0) == 1 and ran == ["a", "b"]
 
 
-@pytest.mark.parametrize("split_mode", ["B", "IW"])
+@pytest.mark.parametrize("split_mode", ["B", "IW", "IW-recorded"])
 def test_gpt_block_bf16_into_fp32_buffers_bit_identical(split_mode):
     """The benchmark's case: bf16 GPT blocks (benchmarks/gpt.py), gradients summed into fp32 buffers the way
     DeepSpeed's BF16_Optimizer does (autograd-made: hook ``hp += grad.to(fp32)``; deferred W: ``hp += grad``).
-    Split backward (full or I then W, W after every micro-batch's I) gives the very same bits as nn.Linear."""
+    Split backward (full or I then W, W after every micro-batch's I; the Function form or recorded edges) gives
+    the very same bits as nn.Linear."""
     from benchmarks.gpt import GPTConfig, TransformerLayer
 
     cfg = GPTConfig(layers=2, hidden=32, heads=4, seq=8, vocab=64)
@@ -273,6 +275,17 @@ def test_gpt_block_bf16_into_fp32_buffers_bit_identical(split_mode):
         ref_dx.append(leaf.grad)
     for mb, (x, dy) in enumerate(zip(xs, dys)):
         leaf = x.clone().requires_grad_(True)
+        if split_mode == "IW-recorded":
+            with recording_linears() as records:
+                out = split(leaf)
+            assert len(records) == 8
+            (g,) = backward_input([out], [dy], [leaf], records, list(split.parameters()), queue, 0, mb)
+            for p in split.parameters():  # what the executor's after_backward does for DeepSpeed (no hooks here)
+                if p.grad is not None:
+                    split_hp[id(p)].add_(p.grad.to(torch.float32).view(split_hp[id(p)].shape))
+                    p.grad = None
+            dx.append(g)
+            continue
         out = split(leaf)
         if split_mode == "IW":
             with queue.deferring(0, mb):
@@ -282,7 +295,151 @@ def test_gpt_block_bf16_into_fp32_buffers_bit_identical(split_mode):
         dx.append(leaf.grad)
     with torch.enable_grad():  # as in the executor; micro-batch order, as the reference sums them
         for mb in range(3):
-            assert queue.run(0, mb) == (8 if split_mode == "IW" else 0)
+            assert queue.run(0, mb) == (0 if split_mode == "B" else 8)
     assert all(torch.equal(a, b) for a, b in zip(dx, ref_dx))
     for (name, p), q in zip(split.named_parameters(), ref.parameters()):
         assert torch.equal(split_hp[id(p)], ref_hp[id(q)]), name
+
+
+# ---------------------------------------------------------------- split_mode="autograd": recorded edges
+
+
+def _recorded_i_then_w(model: nn.Module, xs, queue: WeightGradQueue, loss=lambda y: y.square().sum()):
+    """Forward under recording_linears, then backward_input (I) of every micro-batch; returns leaf grads."""
+    dx = []
+    for mb, x in enumerate(xs):
+        leaf = x.detach().clone().requires_grad_(True)
+        with recording_linears() as records:
+            out = loss(model(leaf))
+        params = [p for p in model.parameters() if p.requires_grad]
+        shared = check_recorded_graph([out], records) if mb == 0 else set()
+        assert shared == set()
+        (g,) = backward_input([out], [None], [leaf], records, params, queue, 0, mb, shared=shared)
+        dx.append(g)
+    return dx
+
+
+def test_recorded_edges_input_then_deferred_weight_equals_full_backward():
+    ref, split = _model(), _model()
+    enable_weight_grad_split(split)
+    xs_ref, xs = _batches(3), _batches(3)
+    for x in xs_ref:
+        ref(x).square().sum().backward()
+    queue = WeightGradQueue()
+    with recording_linears() as records:
+        split(xs[0])
+    assert [type(r.module).__name__ for r in records] == ["WeightGradSplitLinear"] * 3
+    assert not any("SplitLinearFunction" in type(r.edge.node).__name__ for r in records)  # autograd's own nodes
+    dx = _recorded_i_then_w(split, xs, queue)
+    for g, xr in zip(dx, xs_ref):
+        assert (g - xr.grad).abs().max() <= TOL
+    grads = _grads(split)
+    for name in ("0.weight", "3.weight", "5.weight"):  # recorded linears: their weight GEMMs wait for W
+        assert grads[name] is None
+    for name in ("0.bias", "1.weight", "1.bias", "5.bias"):
+        assert (grads[name] - dict(ref.named_parameters())[name].grad).abs().max() <= TOL
+    assert len(queue) == 9
+    for mb in (1, 2, 0):
+        assert queue.run(0, mb) == 3
+    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
+        assert (p.grad - q.grad).abs().max() <= TOL, name
+
+
+class _Tied(nn.Module):
+    """An embedding whose weight a switched linear also uses (LM head tied to the embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.mid = nn.Linear(6, 6)
+
+    def forward(self, ids_and_x):
+        ids, x = ids_and_x
+        return self.head(torch.tanh(self.mid(self.emb(ids) + x)))
+
+
+def test_weight_shared_with_an_embedding_is_found_and_left_to_autograd(caplog):
+    ref, split = _Tied().double(), _Tied().double()
+    enable_weight_grad_split(split)
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(0, 10, (2, 3), generator=g) for _ in range(2)]
+    xs = [torch.randn(2, 3, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    for i, x in zip(ids, xs):
+        ref((i, x)).square().sum().backward()
+    queue = WeightGradQueue()
+    with caplog.at_level("INFO", logger="ds_plugins.runtime.weight_grad"):
+        for mb, (i, x) in enumerate(zip(ids, xs)):
+            with recording_linears() as records:
+                out = split((i, x)).square().sum()
+            shared = check_recorded_graph([out], records) if mb == 0 else set()
+            assert len(shared) == (1 if mb == 0 else 0)
+            backward_input([out], [None], [], records, list(split.parameters()), queue, 0, mb, shared=shared)
+            assert len(records) == (2 if mb == 0 else 1)  # the head stops recording after the first walk
+            queue.run(0, mb)
+    assert "used elsewhere" in caplog.text
+    assert split.head._interleaf_recordable is False and split.mid._interleaf_recordable is True
+    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
+        assert (p.grad - q.grad).abs().max() <= TOL, name
+
+
+def test_recorded_input_modified_in_place_fails_at_w():
+    split = _model()
+    enable_weight_grad_split(split)
+    (x,) = _batches(1)
+    queue = WeightGradQueue()
+    leaf = x.detach().clone().requires_grad_(True)
+    with recording_linears() as records:
+        h = split[0](leaf)
+        y = split[5](split[4](split[3](split[2](split[1](h)))))
+    backward_input([y.sum()], [None], [leaf], records, list(split.parameters()), queue, 0, 0)
+    with torch.no_grad():
+        leaf.add_(1.0)  # the first linear's input changes before its W
+    with pytest.raises(RuntimeError, match="modified in place"):
+        queue.run(0, 0)
+
+
+def test_recording_under_autocast_uses_the_function_form_and_matches():
+    ref, split = _model().float(), _model().float()
+    enable_weight_grad_split(split)
+    xs = [x.float() for x in _batches(2)]
+    queue = WeightGradQueue()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in xs:
+            ref(x.detach().clone()).float().square().sum().backward()
+        for mb, x in enumerate(xs):
+            leaf = x.detach().clone().requires_grad_(True)
+            with recording_linears() as records:
+                out = split(leaf).float().square().sum()
+            assert records == []  # autocast: every linear took the Function form
+            backward_input([out], [None], [leaf], records, list(split.parameters()), queue, 0, mb)
+    assert len(queue) == 6
+    queue.drain()
+    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_recorded_linear_whose_output_is_unused_gets_no_gradient():
+    split = _model()
+    enable_weight_grad_split(split)
+    (x,) = _batches(1)
+    queue = WeightGradQueue()
+    with recording_linears() as records:
+        y = split(x)
+        split[5](split[4](y.new_ones(2, 3, 8)))  # recorded, but not part of the loss
+    backward_input([y.sum()], [None], [], records, list(split.parameters()), queue, 0, 0)
+    assert len(records) == 4 and len(queue) == 3
+
+
+def test_reentrant_checkpoint_in_the_graph_is_found():
+    split = _model()
+    enable_weight_grad_split(split)
+    (x,) = _batches(1)
+    with recording_linears() as records:
+        h = split[2](split[1](split[0](x)))
+        y = checkpoint(split[3], h, use_reentrant=True)
+        out = split[5](split[4](y)).sum()
+    assert [r.module for r in records] == [split[0], split[5]]  # the checkpointed linear ran under no_grad
+    assert check_recorded_graph([out], records) is None
