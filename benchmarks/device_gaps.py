@@ -32,11 +32,29 @@ from typing import Any, Callable, Iterable
 from ds_plugins.runtime.executor import ACTION_ANNOTATION_PREFIX
 from ds_plugins.schedule.ir import Action
 
-__all__ = ["device_gaps", "format_gaps", "gaps_from_file", "gaps_from_trace", "profile_step"]
+__all__ = ["device_gaps", "format_gaps", "gaps_from_file", "gaps_from_trace", "host_dispatch_us", "profile_step"]
 
 GAP_US = 20.0
 """Idle time between two kernels below this is launch latency, not a gap."""
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def host_dispatch_us(device: Any, ops: int = 20000) -> float:
+    """Host microseconds to issue one tiny CUDA op from Python (``x.add_(1)`` on 8 elements, the GPU far ahead of
+    nothing): how fast this host enqueues work. A step whose kernels are short against it is host-bound; hosts of
+    the same GPU kind differ by tens of percent, so benchmarks report it next to the card."""
+    import torch
+
+    x = torch.zeros(8, device=device)
+    for _ in range(1000):
+        x.add_(1)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(ops):
+        x.add_(1)
+    issued = time.perf_counter() - t0
+    torch.cuda.synchronize(device)
+    return 1e6 * issued / ops
 
 
 def add_profile_arguments(parser: Any, rows: str) -> None:

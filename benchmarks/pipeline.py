@@ -11,6 +11,10 @@ For m = 8 and m = 16 micro-batches (micro-batch 1, seq 2048, bf16, pp = 4, SGD):
   weights (no fp32 master copy: a cheaper step than DeepSpeed's bf16 optimizer). ``torch-zbv``
   (ScheduleZBVZeroBubble) runs on request.
 
+An interleaf variant named ``SCHEDULE/function`` (e.g. ``zb-h2/function``) runs that schedule with the executor's
+older split-backward form (``INTERLEAF_SPLIT_MODE=function``: split linears as a Python ``autograd.Function``)
+against the default recorded-edge form, in the same run.
+
 Reported per variant: tokens/s (warm-up steps excluded), ratio to DeepSpeed 1F1B of the same run, ratio to the
 best torch.distributed.pipelining row at the same m (issue 3's target: >= 1.15x), measured
 bubble (interleaf: share of each rank's schedule time not computing, mean over ranks, from the executor's
@@ -50,7 +54,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments  # noqa: E402
+from benchmarks.device_gaps import add_profile_arguments, check_profile_arguments, host_dispatch_us  # noqa: E402
 from benchmarks.device_memory import allocated_gib_per_rank, allocator_events, release_between_rows  # noqa: E402
 from benchmarks.local_ranks import run_local_ranks, show_interleaf_logs  # noqa: E402
 from benchmarks.report import merge_from, section_ids, write_section  # noqa: E402
@@ -66,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny GPT (CPU smoke test)")
     p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16])
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                   help=f"subset of: deepspeed-1f1b {' '.join(INTERLEAF)} {' '.join(TORCH)}")
+                   help=f"subset of: deepspeed-1f1b {' '.join(INTERLEAF)} {' '.join(TORCH)}; "
+                        "an interleaf schedule as SCHEDULE/function runs it with the Function split form")
     p.add_argument("--warmup", type=int, default=4, help="untimed iterations per variant (auto re-plans after 3)")
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
@@ -82,6 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="collective/p2p timeout of the process group: a hang aborts instead of eating the budget")
     args = p.parse_args(argv)
     check_profile_arguments(p, args)
+    for v in args.variants:
+        schedule, _, form = v.partition("/")
+        known = v in ("deepspeed-1f1b", *INTERLEAF, *TORCH) or (schedule in INTERLEAF and form == "function")
+        if not known:
+            p.error(f"unknown variant {v!r}: use deepspeed-1f1b, {', '.join(INTERLEAF)}, {', '.join(TORCH)}, "
+                    "or SCHEDULE/function for an interleaf schedule")
     return args
 
 
@@ -179,14 +190,24 @@ def _sync(device) -> None:
 
 
 def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
-    """DeepSpeed's engine (variant deepspeed-1f1b) or interleaf's (variant = schedule name)."""
+    """DeepSpeed's engine (variant deepspeed-1f1b) or interleaf's (variant = schedule name[/function])."""
+    schedule, _, form = variant.partition("/")
+    schedule = None if variant == "deepspeed-1f1b" else schedule
+    if form:  # the executor reads it when the engine builds it
+        os.environ["INTERLEAF_SPLIT_MODE"] = form
+    try:
+        return _run_deepspeed(variant, schedule, m, cfg, args, device)
+    finally:
+        os.environ.pop("INTERLEAF_SPLIT_MODE", None)
+
+
+def _run_deepspeed(variant: str, schedule: str | None, m: int, cfg, args, device) -> Row:
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
     from benchmarks import gpt
     from ds_plugins.deepspeed.baseline_timing import DeepSpeedStepTimer
 
-    schedule = None if variant == "deepspeed-1f1b" else variant
     world = torch.distributed.get_world_size()
     pp, _ = _layout(args)
     module = PipelineModule(layers=gpt.layer_specs(cfg), num_stages=pp, loss_fn=gpt.gpt_loss,
@@ -397,6 +418,8 @@ def run_all(args: argparse.Namespace) -> list[Row]:
     show_interleaf_logs(rank, "ds_plugins.schedule.generators.auto", "ds_plugins.deepspeed._runner")
     _layout(args)  # a --pp that does not divide the ranks fails here, before any variant
     cfg = _gpt_config(args.tiny)
+    if device.type == "cuda":  # every rank at once, as in the rows: the host's speed with all ranks on it
+        args.host_dispatch_us = [r[0] for r in _gather_floats([host_dispatch_us(device)], device)]
     rows: list[Row] = []
     # DeepSpeed and interleaf first (both m), torch.distributed.pipelining last: if a torch variant breaks the
     # process group, every other number has already been printed.
@@ -501,7 +524,11 @@ def main(args: argparse.Namespace) -> None:
             "DeepSpeed's, which favours the torch rows. vs best torch: tokens/s over the best "
             "torch.distributed.pipelining "
             "row at the same m (issue 3 target >= 1.15x). Measured bubble: idle share of the "
-            "schedule on each rank (mean over ranks); bubble vs ideal: 1 - tokens/s / ideal.\n"
+            "schedule on each rank (mean over ranks); bubble vs ideal: 1 - tokens/s / ideal."
+            + (f" Host: {os.cpu_count()} CPUs; issuing one tiny CUDA op from Python took "
+               f"{'/'.join(f'{u:.1f}' for u in args.host_dispatch_us)} us per rank (all ranks at once; "
+               "benchmarks/device_gaps.py host_dispatch_us): the host speed a host-bound step depends on."
+               if getattr(args, "host_dispatch_us", None) else "") + "\n"
         )
         text = head + "\n" + table(rows)
         print(text, flush=True)
