@@ -11,14 +11,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from deepspeed import comm as dist
 
 from ..runtime.executor import PipelineExecutor, StepResult, costs_from_ranks, measured_costs
 from ..runtime.p2p import P2PCommunicator
-from ..runtime.weight_grad import WeightGradQueue, accumulate_into_grad, enable_weight_grad_split
+from ..runtime.weight_grad import (
+    WeightGradQueue,
+    accumulate_all_into_grad,
+    accumulate_into_grad,
+    enable_weight_grad_split,
+)
 from ..schedule.registry import COST_TUNED, build_schedule, retune
 
 __all__ = ["ScheduleRunner", "IterationStats"]
@@ -102,7 +107,8 @@ class ScheduleRunner:
         self._zero = _ZERO_OPTIMIZER is not None and isinstance(opt, _ZERO_OPTIMIZER)
         if self._bf16:
             self._prepare_bf16(opt)
-        self.queue = WeightGradQueue(accumulate_grad=self._bf16_accumulate if self._bf16 else accumulate_into_grad)
+        self.queue = (WeightGradQueue(accumulate_grad=self._bf16_accumulate, accumulate_grads=self._bf16_accumulate_all)
+                      if self._bf16 else WeightGradQueue())
         if engine.torch_autocast_enabled():
             if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
                 raise ValueError("interleaf pipeline schedules do not support torch_autocast with fp16 gradient "
@@ -210,6 +216,27 @@ class ScheduleRunner:
         i, j, hp = where
         hp.add_(grad)
         self.engine.optimizer.fp32_groups_has_gradients[i][j] = True
+
+    def _bf16_accumulate_all(self, params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
+        """The input-gradient pass's gradients of a stage's other parameters (executor ``split_mode="autograd"``)
+        into the same buffers with one foreach add: the sums :meth:`_flush_bf16_grads` makes, without the round
+        trip through ``.grad``."""
+        index = self._bf16_index
+        has = self.engine.optimizer.fp32_groups_has_gradients
+        hps, adds = [], []
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            where = index.get(id(p))
+            if where is None:  # not optimized (frozen): keep autograd's behaviour
+                accumulate_all_into_grad((p,), (g,))
+                continue
+            i, j, hp = where
+            hps.append(hp)
+            adds.append(g)
+            has[i][j] = True
+        if hps:
+            torch._foreach_add_(hps, adds)
 
     # ------------------------------------------------------------------ data
     def _load(self, microbatches: int) -> tuple[list[Any] | None, list[Any] | None]:

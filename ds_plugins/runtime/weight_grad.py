@@ -46,9 +46,11 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = [
     "GradAccumulator",
+    "GradsAccumulator",
     "LinearRecord",
     "WeightGradQueue",
     "WeightGradTarget",
+    "accumulate_all_into_grad",
     "accumulate_into_grad",
     "active_deferral",
     "backward_input",
@@ -65,12 +67,27 @@ GradAccumulator = Callable[[torch.nn.Parameter, torch.Tensor], None]
 """``accumulate(param, grad)``: add a weight gradient computed by a W pass to wherever the trainer keeps it."""
 
 
+GradsAccumulator = Callable[[Sequence[torch.nn.Parameter], Sequence["torch.Tensor | None"]], None]
+"""``accumulate(params, grads)``: add the gradients an input-gradient pass computed for a stage's parameters other
+than the split linears' weights (``split_mode="autograd"``; None: the parameter got none)."""
+
+
 def accumulate_into_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
     """Default accumulation, the same as autograd's: ``param.grad = grad`` if unset, else ``param.grad += grad``."""
     if param.grad is None:
         param.grad = grad.to(param.dtype) if grad.dtype != param.dtype else grad
     else:
         param.grad.add_(grad)
+
+
+def accumulate_all_into_grad(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
+    """Default :data:`GradsAccumulator`: :func:`accumulate_into_grad` for each gradient, the new ``.grad``
+    contiguous and not a view, as autograd's own accumulation leaves it."""
+    for param, grad in zip(params, grads):
+        if grad is not None:
+            if grad._base is not None or not grad.is_contiguous():
+                grad = grad.clone(memory_format=torch.contiguous_format)
+            accumulate_into_grad(param, grad)
 
 
 class WeightGradQueue:
@@ -82,11 +99,15 @@ class WeightGradQueue:
     gradient is a value, not part of a graph (under grad mode the GEMM on the saved input, which requires grad,
     would record an autograd node and a gradient holding the micro-batch's activations alive).
     ``accumulate_grad`` is where the built-in split linear puts its gradients (default: ``param.grad``;
-    Megatron's ``main_grad`` or DeepSpeed's bf16 buffers pass their own).
+    Megatron's ``main_grad`` or DeepSpeed's bf16 buffers pass their own); ``accumulate_grads`` is where
+    :func:`backward_input` puts the gradients of the stage's other parameters (default: ``param.grad``; DeepSpeed's
+    bf16 buffers take them with one foreach add).
     """
 
-    def __init__(self, *, accumulate_grad: GradAccumulator = accumulate_into_grad) -> None:
+    def __init__(self, *, accumulate_grad: GradAccumulator = accumulate_into_grad,
+                 accumulate_grads: GradsAccumulator = accumulate_all_into_grad) -> None:
         self.accumulate_grad = accumulate_grad
+        self.accumulate_grads = accumulate_grads
         self._pending: "OrderedDict[tuple[int, int], list[Callable[[], None]]]" = OrderedDict()
 
     def put(self, stage: int, microbatch: int, closure: Callable[[], None]) -> None:
@@ -373,7 +394,8 @@ def backward_input(
     """The I pass of a forward run under :func:`recording_linears`; returns the gradients of ``leaves``.
 
     ``params``: the stage's parameters that need a gradient. Every one but the recorded linears' weights gets
-    its gradient now, added to ``param.grad`` as autograd would (hooks on parameters do not run here); each
+    its gradient now, through ``queue.accumulate_grads`` (default: into ``param.grad`` as autograd would; hooks
+    on parameters do not run here); each
     recorded linear gets a W closure under ``(stage, microbatch)`` in ``queue``. ``Function``-form linears met
     on the way (autocast, recomputation inside the pass) defer through ``queue.deferring`` as usual.
     ``shared``: ids of recorded weights used elsewhere too (:func:`check_recorded_graph`): computed whole now,
@@ -393,11 +415,7 @@ def backward_input(
     n_leaves, n_now = len(leaves), len(now)
     with queue.deferring(stage, microbatch):
         got = torch.autograd.grad(roots, [*leaves, *now, *(r.edge for r in records)], grads, allow_unused=True)
-    for p, g in zip(now, got[n_leaves:n_leaves + n_now]):
-        if g is not None:
-            if g._base is not None or not g.is_contiguous():
-                g = g.clone(memory_format=torch.contiguous_format)
-            accumulate_into_grad(p, g)
+    queue.accumulate_grads(now, got[n_leaves:n_leaves + n_now])
     accumulate = queue.accumulate_grad
     outs = got[n_leaves + n_now:]
     for i in range(len(records) - 1, -1, -1):  # backward order, as autograd would have run them
