@@ -81,13 +81,23 @@ def accumulate_into_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
 
 
 def accumulate_all_into_grad(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor | None]) -> None:
-    """Default :data:`GradsAccumulator`: :func:`accumulate_into_grad` for each gradient, the new ``.grad``
-    contiguous and not a view, as autograd's own accumulation leaves it."""
+    """Default :data:`GradsAccumulator`, what :func:`accumulate_into_grad` does for each gradient: a parameter
+    without ``.grad`` takes the gradient (contiguous and not a view, as autograd's own accumulation leaves it),
+    the others get one foreach add for all of them."""
+    sums, adds = [], []
     for param, grad in zip(params, grads):
-        if grad is not None:
+        if grad is None:
+            continue
+        current = param.grad
+        if current is None:
             if grad._base is not None or not grad.is_contiguous():
                 grad = grad.clone(memory_format=torch.contiguous_format)
-            accumulate_into_grad(param, grad)
+            param.grad = grad.to(param.dtype) if grad.dtype != param.dtype else grad
+        else:
+            sums.append(current)
+            adds.append(grad)
+    if sums:
+        torch._foreach_add_(sums, adds)
 
 
 class WeightGradQueue:
