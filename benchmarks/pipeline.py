@@ -476,16 +476,17 @@ def table(rows: list[Row]) -> str:
         # ideal tokens/s: the slowest rank's own F+B time per step, no waiting (from the interleaf 1f1b run)
         ideal = ideal_src.extra.get("ideal_tokens_per_s") if ideal_src is not None else None
         for r in sub:
-            ratio = f"{r.tokens_per_s / base:.2f}x" if base and r.tokens_per_s else "—"
-            vs_torch = f"{r.tokens_per_s / best_torch:.2f}x" if best_torch and r.tokens_per_s else "—"
+            # three decimals: a target such as 1.30x must not be met by rounding 1.298x up
+            ratio = f"{r.tokens_per_s / base:.3f}x" if base and r.tokens_per_s else "—"
+            vs_torch = f"{r.tokens_per_s / best_torch:.3f}x" if best_torch and r.tokens_per_s else "—"
             vs_ideal = f"{100 * max(0.0, 1 - r.tokens_per_s / ideal):.1f}%" if ideal and r.tokens_per_s else "—"
             peaks = " / ".join(f"{p:.1f}" for p in r.peak_gib) if r.peak_gib else "—"
             name = r.variant + (f" ({r.note})" if r.note else "")
             lines.append(f"| {name} | {r.schedule} | {r.tokens_per_s:,.0f} | {ratio} | {vs_torch} | {_pct(r.bubble)} | "
                          f"{vs_ideal} | {peaks} |")
         if ideal:
-            ideal_vs_base = f"{ideal / base:.2f}x" if base else "—"
-            ideal_vs_torch = f"{ideal / best_torch:.2f}x" if best_torch else "—"
+            ideal_vs_base = f"{ideal / base:.3f}x" if base else "—"
+            ideal_vs_torch = f"{ideal / best_torch:.3f}x" if best_torch else "—"
             lines.append(f"| ideal (slowest rank's own F+B, from the 1f1b run) | — | {ideal:,.0f} | "
                          f"{ideal_vs_base} | {ideal_vs_torch} | 0 | 0 | — |")
         lines.append("")

@@ -59,9 +59,11 @@ def test_pipeline_vs_best_torch_column():
             pb.Row("torch-izb", 8, 0.0, None, [], note="failed: ValueError: x")]
     text = pb.table(rows)
     assert "| vs DeepSpeed 1F1B | vs best torch |" in text
-    assert "| zb-v |  | 150 | 1.50x | 1.20x |" in text
-    assert "| torch-dualpipev |  | 125 | 1.25x | 1.00x |" in text
-    assert "| deepspeed-1f1b |  | 100 | 1.00x | 0.80x |" in text
+    assert "| zb-v |  | 150 | 1.500x | 1.200x |" in text
+    assert "| torch-dualpipev |  | 125 | 1.250x | 1.000x |" in text
+    assert "| deepspeed-1f1b |  | 100 | 1.000x | 0.800x |" in text
+    # a ratio just under a target stays under it in the table
+    assert "| 1.298x |" in pb.table([pb.Row("deepspeed-1f1b", 8, 1000.0, 0.2, [1.0]), pb.Row("auto", 8, 1298.3, 0.1, [1.0])])
 
 
 def test_megatron_measured_costs_per_rank_follow_the_placement():
