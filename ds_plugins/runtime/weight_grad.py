@@ -449,8 +449,9 @@ def _split_class_for(cls: type) -> type:
 
 def enable_weight_grad_split(module: nn.Module) -> int:
     """Make every ``nn.Linear`` inside ``module`` (exact class, not subclasses with their own forward) defer its
-    weight-gradient GEMM while a :meth:`WeightGradQueue.deferring` context is active. Idempotent; parameters,
-    buffers, hooks and ``state_dict`` stay as they are. Returns the number of layers switched."""
+    weight-gradient GEMM while a :meth:`WeightGradQueue.deferring` context is active, or record itself for
+    :func:`backward_input` while :func:`recording_linears` is. Idempotent; parameters, buffers, hooks and
+    ``state_dict`` stay as they are. Returns the number of layers switched."""
     switched = 0
     for sub in module.modules():
         if type(sub) is nn.Linear:
@@ -468,5 +469,6 @@ def disable_weight_grad_split(module: nn.Module) -> int:
         original = getattr(type(sub), "_original_class", None)
         if original is not None and isinstance(sub, _SplitLinearMixin):
             sub.__class__ = original
+            sub.__dict__.pop("_interleaf_recordable", None)
             restored += 1
     return restored

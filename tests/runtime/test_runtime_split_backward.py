@@ -381,6 +381,8 @@ def test_weight_shared_with_an_embedding_is_found_and_left_to_autograd(caplog):
             queue.run(0, mb)
     assert "used elsewhere" in caplog.text
     assert split.head._interleaf_recordable is False and split.mid._interleaf_recordable is True
+    disable_weight_grad_split(split)
+    assert "_interleaf_recordable" not in vars(split.head) and type(split.head) is nn.Linear
     for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
         assert (p.grad - q.grad).abs().max() <= TOL, name
 
