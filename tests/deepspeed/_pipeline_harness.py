@@ -40,6 +40,7 @@ class Scenario:
     bf16: bool = False
     grad_accum_fp32: bool = False  # "data_types": {"grad_accum_dtype": "fp32"} (DeepSpeed allows it with ZeRO-1)
     zero_stage: int = 0
+    overlap_comm: bool = False  # ZeRO-1's "overlap_comm": gradients reduced from accumulation hooks
     steps: int = STEPS
     eval_after: bool = False
     layers: int = 6
@@ -66,6 +67,8 @@ class Scenario:
         }
         if self.zero_stage:
             cfg["zero_allow_untested_optimizer"] = True
+        if self.overlap_comm:
+            cfg["zero_optimization"]["overlap_comm"] = True
         if self.bf16:
             cfg["bf16"] = {"enabled": True}
         if self.grad_accum_fp32:

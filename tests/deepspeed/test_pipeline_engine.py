@@ -76,6 +76,8 @@ FOUR_RANK = [
     Scenario(name="dp2-zb-v", schedule="zb-v", dp=2, extra={"auto_warmup_iterations": 1}),
     Scenario(name="dp2-1f1b-zero1", schedule="1f1b", dp=2, zero_stage=1),
     Scenario(name="dp2-zb-v-zero1-clip", schedule="zb-v", dp=2, zero_stage=1, clip=0.05),
+    # weight (W) and, with split_mode "autograd", norm/bias (I) gradients bypass the hooks overlap_comm reduces from
+    Scenario(name="dp2-zb-v-zero1-overlap", schedule="zb-v", dp=2, zero_stage=1, overlap_comm=True),
     Scenario(name="pp4-zb-v", schedule="zb-v"),
     Scenario(name="pp4-interleaved", schedule="interleaved-1f1b"),
     Scenario(name="pp4-zb-h2-tied", schedule="zb-h2", tied=True),
