@@ -4,9 +4,10 @@ Every pipeline rank's :class:`PipelineExecutor` runs in this process, one after 
 :class:`P2PCommunicator` in NCCL's mode (batched, untagged, one group per direction) whose transport calls
 (``batch_isend_irecv``) are replaced by works that complete at once (``--sends-pending``: sends complete only
 at step end, as when the host runs ahead of the GPU). Receive buffers are not filled: the numbers are host
-time, not results. The "bare" figure runs the same compute actions (stage forward + loss, autograd backward with
-the weight-gradient deferral, the queued W closures) with the least Python around them; the difference per
-action is what the executor, the p2p layer and the per-action timing cost on the host.
+time, not results. The "bare" figure runs the same compute actions (stage forward + loss, the input-gradient
+backward in the executor's split form, the queued W closures) with the least Python around them; the difference
+per action is what the executor, the p2p layer and the per-action timing cost on the host. Compare the split
+forms with ``INTERLEAF_SPLIT_MODE=function`` / ``autograd`` (each run's executor and bare loop use the same form).
 
 Keep the device time per action below the host time (small ``--hidden``/``--seq``), else on CUDA the host waits
 for the launch queue and measures the GPU. The number of kernels per action, and so the host cost of the model
@@ -45,6 +46,7 @@ from torch import nn  # noqa: E402
 import ds_plugins.runtime.p2p as p2p_module  # noqa: E402
 from ds_plugins.runtime import P2PCommunicator, PipelineExecutor, build_stage_modules  # noqa: E402
 from ds_plugins.runtime.p2p import describe  # noqa: E402
+from ds_plugins.runtime.weight_grad import backward_input, recording_linears  # noqa: E402
 from ds_plugins.schedule.ir import ActionKind  # noqa: E402
 from ds_plugins.schedule.registry import build_schedule  # noqa: E402
 
@@ -169,6 +171,8 @@ def _bare_step(executors, xs, ys, m, loss_fn, device, per_kind: dict) -> float:
                 leaves[(a.stage, a.microbatch)] = ts[0] if len(ts) == 1 else tuple(ts)
         saved = {}
         queue = ex.queue
+        # the executor's split form (split_mode): recorded edges for micro-batches whose backward is an I
+        recorded = {(a.stage, a.microbatch) for a in plan if a.kind is I} if ex.split_mode == "autograd" else set()
         _sync(device)
         t0 = clock()
         times = []
@@ -176,14 +180,26 @@ def _bare_step(executors, xs, ys, m, loss_fn, device, per_kind: dict) -> float:
             s, mb, kind = a.stage, a.microbatch, a.kind
             t_action = clock()
             if kind is F:
-                out = ex.stage_modules[s](xs[mb] if s == 0 else leaves[(s, mb)])
+                records = None
+                if (s, mb) in recorded:
+                    with recording_linears() as records:
+                        out = ex.stage_modules[s](xs[mb] if s == 0 else leaves[(s, mb)])
+                else:
+                    out = ex.stage_modules[s](xs[mb] if s == 0 else leaves[(s, mb)])
                 if s == ex.last_stage:
                     out = loss_fn(out, ys[mb]) * (1.0 / m)
-                saved[(s, mb)] = out
+                saved[(s, mb)] = (out, records)
             elif kind is I or kind is B:
-                out = saved.pop((s, mb))
-                with queue.deferring(s, mb) if kind is I else contextlib.nullcontext():
-                    torch.autograd.backward([out], None if s == ex.last_stage else [torch.ones_like(out)])
+                out, records = saved.pop((s, mb))
+                grads = [None if s == ex.last_stage else torch.ones_like(out)]
+                if records:
+                    inputs = leaves.get((s, mb), ())
+                    inputs = [t for t in (inputs if isinstance(inputs, tuple) else (inputs,)) if t.requires_grad]
+                    backward_input([out], grads, inputs, records,
+                                   [p for p in ex.stage_modules[s].parameters() if p.requires_grad], queue, s, mb)
+                else:
+                    with queue.deferring(s, mb) if kind is I else contextlib.nullcontext():
+                        torch.autograd.backward([out], grads)
             else:
                 queue.run(s, mb)
             times.append(clock() - t_action)
