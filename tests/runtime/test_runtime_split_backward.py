@@ -445,3 +445,37 @@ def test_reentrant_checkpoint_in_the_graph_is_found():
         out = split[5](split[4](y)).sum()
     assert [r.module for r in records] == [split[0], split[5]]  # the checkpointed linear ran under no_grad
     assert check_recorded_graph([out], records) is None
+
+
+class _AddedParam(nn.Module):
+    """``linear(x) + p`` with ``p`` of the output's shape: autograd hands the same tensor to ``p`` and to the
+    linear's output edge."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.lin = nn.Linear(4, 4, bias=False)
+        self.p = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return self.lin(x) + self.p
+
+
+def test_gradient_shared_by_a_parameter_and_a_recorded_output_is_not_aliased():
+    # p.grad made of the tensor that is also the linear's dy, then accumulated in place at micro-batch 1, would
+    # change micro-batch 0's dy before its W runs
+    ref, split = _AddedParam().double(), _AddedParam().double()
+    enable_weight_grad_split(split)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    dys = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    for x, dy in zip(xs, dys):
+        torch.autograd.backward([ref(x)], [dy])
+    queue = WeightGradQueue()
+    for mb, (x, dy) in enumerate(zip(xs, dys)):
+        with recording_linears() as records:
+            out = split(x)
+        backward_input([out], [dy.clone()], [], records, list(split.parameters()), queue, 0, mb)
+    queue.drain()  # both W after both I
+    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
+        assert (p.grad - q.grad).abs().max() <= TOL, name
