@@ -389,14 +389,16 @@ def check_recorded_graph(roots: Sequence[torch.Tensor], records: Sequence[Linear
     return {k for k, n in expected.items() if found[k] != n}
 
 
-def _unaliased(got: Sequence[torch.Tensor | None], start: int, count: int) -> list[torch.Tensor | None]:
+def _unaliased(got: Sequence[torch.Tensor | None], start: int, count: int,
+               grad_outputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """``got[start:start + count]`` (parameter gradients from one ``torch.autograd.grad``) with every gradient
-    that is also returned for another input cloned. Autograd hands one tensor to several inputs (an add passes its
-    gradient to both sides: ``linear(x) + b`` gives ``b`` and the linear's output the same tensor); a parameter's
+    that is also returned for another input, or is one of the ``grad_outputs`` passed in, cloned. Autograd hands
+    one tensor to several inputs (an add passes its gradient to both sides: ``linear(x) + b`` gives ``b`` and the
+    linear's output the same tensor, ``out = p + f(x)`` gives ``p`` the output's gradient itself); a parameter's
     ``.grad`` made of it and accumulated in place at the next micro-batch would change a ``dy`` still waiting for
-    its W, or an input gradient not yet sent. (AccumulateGrad avoids the same by its reference count.)"""
+    its W, or an input gradient not yet used. (AccumulateGrad avoids the same by its reference count.)"""
     others: set[int] = set()
-    for i, t in enumerate(got):
+    for i, t in enumerate((*got, *grad_outputs)):
         if t is not None and not start <= i < start + count:
             others.add(id(t))
             if t._base is not None:
@@ -450,7 +452,7 @@ def backward_input(
     n_leaves, n_now = len(leaves), len(now)
     with queue.deferring(stage, microbatch):
         got = torch.autograd.grad(roots, [*leaves, *now, *(r.edge for r in records)], grads, allow_unused=True)
-    queue.accumulate_grads(now, _unaliased(got, n_leaves, n_now))
+    queue.accumulate_grads(now, _unaliased(got, n_leaves, n_now, grads))
     accumulate = queue.accumulate_grad
     outs = got[n_leaves + n_now:]
     for i in range(len(records) - 1, -1, -1):  # backward order, as autograd would have run them

@@ -479,3 +479,34 @@ def test_gradient_shared_by_a_parameter_and_a_recorded_output_is_not_aliased():
     queue.drain()  # both W after both I
     for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
         assert (p.grad - q.grad).abs().max() <= TOL, name
+
+
+class _ParamPlusTanh(nn.Module):
+    """``p + tanh(linear(x))``: autograd gives ``p`` the output's gradient tensor itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.lin = nn.Linear(4, 4)
+        self.p = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return self.p + torch.tanh(self.lin(x))
+
+
+def test_parameter_gradient_that_is_the_output_gradient_passed_in_is_copied():
+    # the output gradient came from the next stage on this rank, which may still hold it (its W's dy): p.grad must
+    # not be that tensor, else accumulating p.grad in place at the next micro-batch changes it
+    split = _ParamPlusTanh().double()
+    enable_weight_grad_split(split)
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    dys = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    kept = [dy.clone() for dy in dys]
+    queue = WeightGradQueue()
+    for mb, (x, dy) in enumerate(zip(xs, dys)):
+        with recording_linears() as records:
+            out = split(x)
+        backward_input([out], [dy], [], records, list(split.parameters()), queue, 0, mb)
+    assert all(torch.equal(a, b) for a, b in zip(dys, kept))
+    assert split.p.grad is not dys[0] and torch.equal(split.p.grad, dys[0] + dys[1])
