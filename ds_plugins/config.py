@@ -47,6 +47,11 @@ class PipelineConfig:
     measured F/I/W times with its own generator and memory budget, and run the rebuilt order when the simulator
     finds it faster (the order built for F = I = W idles far more when, as on GPUs, I costs ~2x F). false: keep
     the F = I = W order and time nothing. Other schedules: no effect."""
+    split_mode: Literal["autograd", "function"] | None = None
+    """How the I pass skips the weight GEMMs of ``nn.Linear`` layers (docs/runtime.md): ``autograd`` (recorded
+    gradient edges, one ``torch.autograd.grad``; hooks on norm/bias parameters do not run in I) or ``function`` (a
+    Python ``autograd.Function`` per layer; more host time). None: ``autograd``, or the environment variable
+    ``INTERLEAF_SPLIT_MODE``."""
     timeout_s: float = 600.0
     """A p2p wait longer than this fails instead of hanging. gloo: the step raises an error naming the peer.
     NCCL: it is the timeout of the pipeline's p2p process groups, so torch's NCCL watchdog aborts the process when
@@ -65,6 +70,8 @@ class PipelineConfig:
             raise ValueError(f"auto_warmup_iterations must be >= 1, got {self.auto_warmup_iterations}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.split_mode not in (None, "autograd", "function"):
+            raise ValueError(f'split_mode must be "autograd", "function" or null, got {self.split_mode!r}')
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PipelineConfig":

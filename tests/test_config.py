@@ -42,3 +42,11 @@ def test_host_threads_must_be_a_positive_integer_or_auto(bad):
 def test_host_threads_resolution(setting, cpus, local_ranks, expected):
     offload = InterleafConfig.from_ds_config({"interleaf": {"offload": {"host_threads": setting}}}).offload
     assert offload.resolved_host_threads(cpus, local_ranks) == expected
+
+
+def test_split_mode_is_checked():
+    cfg = InterleafConfig.from_ds_config({"interleaf": {"pipeline": {"schedule": "zb-h2", "split_mode": "function"}}})
+    assert cfg.pipeline.split_mode == "function"
+    assert InterleafConfig.from_ds_config({"interleaf": {"pipeline": {}}}).pipeline.split_mode is None
+    with pytest.raises(ValueError, match='split_mode must be "autograd", "function" or null'):
+        InterleafConfig.from_ds_config({"interleaf": {"pipeline": {"split_mode": "hooks"}}})

@@ -148,6 +148,7 @@ class ScheduleRunner:
             track_memory=self._measuring,  # only the measured warm-up reads memory figures
             serialize_first=serialize_first,
             after_backward=self._flush_bf16_grads if self._bf16 else None,
+            split_mode=self.config.split_mode,
         )
 
     def _prepare_bf16(self, opt: Any) -> None:

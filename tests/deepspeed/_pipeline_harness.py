@@ -188,6 +188,7 @@ def _run_scenario(sc: Scenario, rank: int, out_dir: str) -> dict[str, Any]:
                              for h in runner.history]
         record["grad_norms"] = [h["grad_norm"] for h in record["history"]]
         record["tuning"] = runner.tuning
+        record["split_mode"] = runner.executor.split_mode
     if sc.eval_after:
         eval_data = gpt.synthetic_batches(cfg, MICRO_BATCH, sc.microbatches, seed=999 + dp_rank)
         record["eval"] = float(engine.eval_batch(iter(eval_data)))

@@ -32,6 +32,7 @@ TWO_RANK = [
     Scenario(name="deepspeed-tied", schedule=None, tied=True),
     Scenario(name="zb-v-tied", schedule="zb-v", tied=True),
     Scenario(name="1f1b-tied", schedule="1f1b", tied=True),
+    Scenario(name="zb-v-function", schedule="zb-v", extra={"split_mode": "function"}),  # the older split form
     Scenario(name="zb-h1-actckpt", schedule="zb-h1", checkpoint_interval=1),
     Scenario(name="zb-v-actckpt", schedule="zb-v", checkpoint_interval=2),
     # checkpoint written under zb-v after 1 step, resumed for 2 steps under other schedules (and zb-v itself)
@@ -205,6 +206,12 @@ def test_clipping_uses_global_norm_over_all_stages(two_rank, name):
 @pytest.mark.parametrize("name", ["deepspeed-tied", "zb-v-tied", "1f1b-tied"])
 def test_tied_embeddings(two_rank, name):
     _assert_matches_reference(_ok(two_rank, name), _by_name(name))
+
+
+def test_function_split_mode_from_the_config_block(two_rank):
+    r = _ok(two_rank, "zb-v-function")
+    assert r["ranks"][0]["split_mode"] == "function" and _ok(two_rank, "zb-v")["ranks"][0]["split_mode"] == "autograd"
+    _assert_matches_reference(r, _by_name("zb-v-function"))
 
 
 @pytest.mark.slow
