@@ -12,7 +12,7 @@ For m = 8 and m = 16 micro-batches (micro-batch 1, seq 2048, bf16, pp = 4, SGD):
   (ScheduleZBVZeroBubble) runs on request.
 
 An interleaf variant named ``SCHEDULE/function`` (e.g. ``zb-h2/function``) runs that schedule with the executor's
-older split-backward form (``INTERLEAF_SPLIT_MODE=function``: split linears as a Python ``autograd.Function``)
+older split-backward form (``"split_mode": "function"``: split linears as a Python ``autograd.Function``)
 against the default recorded-edge form, in the same run.
 
 Reported per variant: tokens/s (warm-up steps excluded), ratio to DeepSpeed 1F1B of the same run, ratio to the
@@ -117,7 +117,7 @@ def _gpt_config(tiny: bool):
     return gpt.ANCHOR
 
 
-def _ds_config(m: int, schedule: str | None, bf16: bool) -> dict:
+def _ds_config(m: int, schedule: str | None, bf16: bool, split_mode: str = "") -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": m,
@@ -132,6 +132,8 @@ def _ds_config(m: int, schedule: str | None, bf16: bool) -> dict:
     if schedule is not None:
         # a stuck p2p fails the variant within 2 minutes instead of hanging the whole run
         cfg["interleaf"] = {"pipeline": {"schedule": schedule, "auto_warmup_iterations": 3, "timeout_s": 120.0}}
+        if split_mode:
+            cfg["interleaf"]["pipeline"]["split_mode"] = split_mode
     return cfg
 
 
@@ -191,28 +193,19 @@ def _sync(device) -> None:
 
 def run_deepspeed(variant: str, m: int, cfg, args, device) -> Row:
     """DeepSpeed's engine (variant deepspeed-1f1b) or interleaf's (variant = schedule name[/function])."""
-    schedule, _, form = variant.partition("/")
-    schedule = None if variant == "deepspeed-1f1b" else schedule
-    if form:  # the executor reads it when the engine builds it
-        os.environ["INTERLEAF_SPLIT_MODE"] = form
-    try:
-        return _run_deepspeed(variant, schedule, m, cfg, args, device)
-    finally:
-        os.environ.pop("INTERLEAF_SPLIT_MODE", None)
-
-
-def _run_deepspeed(variant: str, schedule: str | None, m: int, cfg, args, device) -> Row:
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
     from benchmarks import gpt
     from ds_plugins.deepspeed.baseline_timing import DeepSpeedStepTimer
 
+    schedule, _, form = variant.partition("/")
+    schedule = None if variant == "deepspeed-1f1b" else schedule
     world = torch.distributed.get_world_size()
     pp, _ = _layout(args)
     module = PipelineModule(layers=gpt.layer_specs(cfg), num_stages=pp, loss_fn=gpt.gpt_loss,
                             partition_method="type:TransformerLayer")
-    engine, *_ = deepspeed.initialize(model=module, config=_ds_config(m, schedule, device.type == "cuda"),
+    engine, *_ = deepspeed.initialize(model=module, config=_ds_config(m, schedule, device.type == "cuda", form),
                                       model_parameters=module.parameters())
     runner = getattr(engine, "interleaf_runner", None)
     timer = DeepSpeedStepTimer(engine) if runner is None else None
