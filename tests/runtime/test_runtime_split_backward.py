@@ -29,6 +29,11 @@ def _batches(n: int) -> list[torch.Tensor]:
     return [torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(n)]
 
 
+def _assert_grads_match(split: nn.Module, ref: nn.Module) -> None:
+    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
+        assert (p.grad - q.grad).abs().max() <= TOL, name
+
+
 def _grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
 
@@ -56,8 +61,7 @@ def test_input_then_deferred_weight_equals_full_backward():
     for mb in (2, 0, 1):  # W out of order, after the other micro-batches' I
         assert queue.run(0, mb) == 3
     assert len(queue) == 0 and queue.run(0, 0) == 0
-    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
-        assert (p.grad - q.grad).abs().max() <= TOL, name
+    _assert_grads_match(split, ref)
 
 
 def test_without_deferral_split_linear_is_plain_linear():
@@ -119,8 +123,7 @@ def test_checkpointed_block_defers_weight_grads_exactly():
     assert len(queue) == 3
     queue.run(0, 0)
     ref(xr).sum().backward()
-    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
-        assert (p.grad - q.grad).abs().max() <= TOL, name
+    _assert_grads_match(split, ref)
 
 
 def test_enable_is_idempotent_keeps_state_and_disable_restores():
@@ -341,8 +344,7 @@ def test_recorded_edges_input_then_deferred_weight_equals_full_backward():
     assert len(queue) == 9
     for mb in (1, 2, 0):
         assert queue.run(0, mb) == 3
-    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
-        assert (p.grad - q.grad).abs().max() <= TOL, name
+    _assert_grads_match(split, ref)
 
 
 class _Tied(nn.Module):
@@ -383,8 +385,7 @@ def test_weight_shared_with_an_embedding_is_found_and_left_to_autograd(caplog):
     assert split.head._interleaf_recordable is False and split.mid._interleaf_recordable is True
     disable_weight_grad_split(split)
     assert "_interleaf_recordable" not in vars(split.head) and type(split.head) is nn.Linear
-    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
-        assert (p.grad - q.grad).abs().max() <= TOL, name
+    _assert_grads_match(split, ref)
 
 
 def test_recorded_input_modified_in_place_fails_at_w():
@@ -477,8 +478,7 @@ def test_gradient_shared_by_a_parameter_and_a_recorded_output_is_not_aliased():
             out = split(x)
         backward_input([out], [dy.clone()], [], records, list(split.parameters()), queue, 0, mb)
     queue.drain()  # both W after both I
-    for (name, p), (_, q) in zip(split.named_parameters(), ref.named_parameters()):
-        assert (p.grad - q.grad).abs().max() <= TOL, name
+    _assert_grads_match(split, ref)
 
 
 class _ParamPlusTanh(nn.Module):
