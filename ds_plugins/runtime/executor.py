@@ -774,11 +774,8 @@ class PipelineExecutor:
     def _forward(self, stage: int, mb: int, received: Mapping) -> None:
         value, leaves = self._stage_input(stage, mb, received)
         module = self.stage_modules[stage]
-        records = None
-        if (stage, mb) in self._record and stage not in self._no_record:
-            with recording_linears() as records:
-                output = module(*value) if isinstance(value, (tuple, list)) else module(value)
-        else:
+        record = (stage, mb) in self._record and stage not in self._no_record
+        with recording_linears() if record else _NO_CONTEXT as records:  # records: None without recording
             output = module(*value) if isinstance(value, (tuple, list)) else module(value)
         if stage == self.last_stage:
             if self._return_outputs:

@@ -92,7 +92,7 @@ def accumulate_all_into_grad(params: Sequence[torch.nn.Parameter], grads: Sequen
         if current is None:
             if grad._base is not None or not grad.is_contiguous():
                 grad = grad.clone(memory_format=torch.contiguous_format)
-            param.grad = grad.to(param.dtype) if grad.dtype != param.dtype else grad
+            accumulate_into_grad(param, grad)
         else:
             sums.append(current)
             adds.append(grad)

@@ -132,13 +132,18 @@ def _time_compute(executor: PipelineExecutor, sink: list) -> None:
     executor._compute = timed  # the executor looks _compute up once per step
 
 
+def _median(values) -> float:
+    """The middle value (the upper one of an even count)."""
+    return sorted(values)[len(values) // 2]
+
+
 def _per_kind(samples, stages=None) -> dict:
     """Median host seconds per action by kind letter (over ``stages`` only, when given)."""
     by_kind: dict = {}
     for kind, stage, seconds in samples:
         if stages is None or stage in stages:
             by_kind.setdefault(kind, []).append(seconds)
-    return {k: sorted(v)[len(v) // 2] for k, v in sorted(by_kind.items())}
+    return {k: _median(v) for k, v in sorted(by_kind.items())}
 
 
 def _executor_step(executors, xs, ys, m, device) -> float:
@@ -153,9 +158,9 @@ def _executor_step(executors, xs, ys, m, device) -> float:
     return total
 
 
-def _bare_step(executors, xs, ys, m, loss_fn, device, per_kind: dict) -> float:
-    """Host seconds of every rank's compute actions with no executor around them; adds host seconds per action
-    kind letter to ``per_kind`` (lists)."""
+def _bare_step(executors, xs, ys, m, loss_fn, device, samples: list) -> float:
+    """Host seconds of every rank's compute actions with no executor around them; appends (kind letter, stage,
+    host seconds) of each action to ``samples``."""
     F, I, B = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD
     total = 0.0
     clock = time.perf_counter
@@ -180,11 +185,7 @@ def _bare_step(executors, xs, ys, m, loss_fn, device, per_kind: dict) -> float:
             s, mb, kind = a.stage, a.microbatch, a.kind
             t_action = clock()
             if kind is F:
-                records = None
-                if (s, mb) in recorded:
-                    with recording_linears() as records:
-                        out = ex.stage_modules[s](xs[mb] if s == 0 else leaves[(s, mb)])
-                else:
+                with recording_linears() if (s, mb) in recorded else contextlib.nullcontext() as records:
                     out = ex.stage_modules[s](xs[mb] if s == 0 else leaves[(s, mb)])
                 if s == ex.last_stage:
                     out = loss_fn(out, ys[mb]) * (1.0 / m)
@@ -204,8 +205,7 @@ def _bare_step(executors, xs, ys, m, loss_fn, device, per_kind: dict) -> float:
                 queue.run(s, mb)
             times.append(clock() - t_action)
         total += clock() - t0
-        for a, t in zip(plan, times):
-            per_kind.setdefault(a.kind.value, []).append(t)
+        samples.extend((a.kind.value, a.stage, t) for a, t in zip(plan, times))
     _sync(device)
     return total
 
@@ -264,29 +264,28 @@ def main() -> None:
         actions = sum(len(ex._plans[False].compute) for ex in executors)
         for _ in range(3):
             _executor_step(executors, xs, ys, args.microbatches, device)
-            _bare_step(executors, xs, ys, args.microbatches, loss_fn, device, {})
+            _bare_step(executors, xs, ys, args.microbatches, loss_fn, device, [])
         for ex in executors:
             _time_compute(ex, samples)
         # stages made of transformer layers only (gpt: the first holds the embedding, the last norm, head, loss)
         inner = set(range(shape.num_stages)) if args.model == "linear" else set(range(1, shape.num_stages - 1))
         cases.append(types.SimpleNamespace(label=f"{name}:{layers_per_stage}", layers_per_stage=layers_per_stage,
                                            executors=executors, xs=xs, ys=ys, loss_fn=loss_fn, actions=actions,
-                                           samples=samples, inner=inner, ex_times=[], bare_times=[], per_kind={}))
+                                           samples=samples, inner=inner, ex_times=[], bare_times=[], bare_samples=[]))
     for _ in range(args.steps):  # interleaved, so drifts of the machine hit every schedule and both paths alike
         for case in cases:
             case.ex_times.append(_executor_step(case.executors, case.xs, case.ys, args.microbatches, device))
             case.bare_times.append(_bare_step(case.executors, case.xs, case.ys, args.microbatches, case.loss_fn,
-                                              device, case.per_kind))
+                                              device, case.bare_samples))
     for case in cases:
         actions = case.actions
         ex_min, bare_min = min(case.ex_times), min(case.bare_times)
-        ex_med = sorted(case.ex_times)[len(case.ex_times) // 2]
-        bare_med = sorted(case.bare_times)[len(case.bare_times) // 2]
+        ex_med, bare_med = _median(case.ex_times), _median(case.bare_times)
         print(f"{case.label:8s} {actions:4d} actions: executor {1e6 * ex_min / actions:7.1f} us/action (median "
               f"{1e6 * ex_med / actions:7.1f}), bare {1e6 * bare_min / actions:7.1f} (median "
               f"{1e6 * bare_med / actions:7.1f}) -> executor adds {1e6 * (ex_min - bare_min) / actions:6.1f} us/action "
               f"(medians: {1e6 * (ex_med - bare_med) / actions:6.1f})", flush=True)
-        kinds = ", ".join(f"{k} {1e6 * sorted(v)[len(v) // 2]:.0f}" for k, v in sorted(case.per_kind.items()))
+        kinds = ", ".join(f"{k} {1e6 * v:.0f}" for k, v in _per_kind(case.bare_samples).items())
         print(f"{'':8s} bare host us per action (median) by kind: {kinds}", flush=True)
         executor_kinds = ", ".join(f"{k} {1e6 * v:.0f}" for k, v in _per_kind(case.samples).items())
         print(f"{'':8s} executor host us per action (median) by kind: {executor_kinds}", flush=True)
