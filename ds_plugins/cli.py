@@ -7,8 +7,9 @@
     interleaf draw     --from-csv in.csv | --from-json in.json  [same outputs as simulate]
 
 Costs are one rank's whole share of the model for one micro-batch (split evenly over its vp chunks); activation
-memory is 1 per micro-batch per rank share, so 1F1B's rank 0 peaks at pp. Bad arguments print one line on
-stderr and exit with status 2.
+memory is 1 per micro-batch per rank share, so 1F1B's rank 0 peaks at pp. simulate, draw and compare also print
+the lower bound no order of the shape can beat (``schedule.simulate.lower_bound``). Bad arguments print one line
+on stderr and exit with status 2.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, NoReturn, Sequence
 
 from .schedule.costs import CostModel
 from .schedule.ir import PipelineShape, Schedule
-from .schedule.simulate import DeadlockError, SimulationResult, simulate
+from .schedule.simulate import DeadlockError, LowerBound, SimulationResult, lower_bound, simulate
 
 __all__ = ["main"]
 
@@ -188,8 +189,15 @@ def _build_parser() -> _Parser:
     return parser
 
 
+def _bounds(schedule: Schedule, costs: _Costs) -> tuple[LowerBound, LowerBound]:
+    """What no order of the schedule's shape can beat: any order, and orders with a full backward B."""
+    model = costs.model(schedule.shape)
+    return lower_bound(schedule.shape, model), lower_bound(schedule.shape, model, split_backward=False)
+
+
 def _schedule_summary(schedule: Schedule, result: SimulationResult, costs: _Costs, limit: float | None) -> dict:
     shape = schedule.shape
+    bound, full = _bounds(schedule, costs)
     return {
         "schedule": schedule.name,
         "pp": shape.pp,
@@ -203,6 +211,8 @@ def _schedule_summary(schedule: Schedule, result: SimulationResult, costs: _Cost
         "peak_activation_memory": list(result.peak_activation_memory),
         "busy": list(result.busy),
         "idle": list(result.idle),
+        "lower_bound": bound.as_dict(),
+        "lower_bound_full_backward": full.as_dict(),
     }
 
 
@@ -247,12 +257,19 @@ def _report(args: argparse.Namespace, schedule: Schedule, result: SimulationResu
         out.write(json.dumps(summary) + "\n")
         return
     shape = schedule.shape
+    bound, full = _bounds(schedule, args.costs)
     lines = [
         f"{schedule.name}: pp={shape.pp} vp={shape.vp} microbatches={shape.microbatches} "
         f"placement={shape.placement}; per-rank costs {args.costs}",
         f"makespan {result.makespan:g}   bubble {result.bubble_fraction:.1%}   "
         f"max peak activation memory {max(result.peak_activation_memory):g}"
         + (f" (limit {args.memory_limit:g})" if args.memory_limit is not None else ""),
+        f"lower bound: {bound}; makespan {_above(result.makespan, bound)} above it",
+    ]
+    if not schedule.splits_backward:
+        lines.append(f"  with a full backward B, as this schedule: {full}; makespan "
+                     f"{_above(result.makespan, full)} above it")
+    lines += [
         "",
         f"{'rank':>4}  {'busy':>8}  {'idle':>8}  {'bubble':>7}  {'peak memory':>11}",
     ]
@@ -328,6 +345,7 @@ def _compare_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["error"] = _one_line(exc)
             rows.append(row)
             continue
+        bound = lower_bound(schedule.shape, args.costs.model(schedule.shape))
         row.update(
             vp=schedule.shape.vp,
             placement=schedule.shape.placement,
@@ -335,6 +353,8 @@ def _compare_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             bubble_fraction=result.bubble_fraction,
             max_peak_activation_memory=max(result.peak_activation_memory),
             peak_activation_memory=list(result.peak_activation_memory),
+            lower_bound=bound.as_dict(),
+            ratio_to_lower_bound=result.makespan / bound.makespan if bound.makespan > 0 else None,
         )
         rows.append(row)
     baseline = next((r for r in rows if r["schedule"] == _BASELINE and "makespan" in r), None)
@@ -372,7 +392,8 @@ def _cmd_compare(args: argparse.Namespace, out: Any) -> int:
             + "\n"
         )
         return 0
-    header = f"{'schedule':<17} {'vp':>2}  {'makespan':>9}  {'bubble':>7}  {'max peak mem':>12}  {'vs 1f1b':>7}"
+    header = (f"{'schedule':<17} {'vp':>2}  {'makespan':>9}  {'bubble':>7}  {'max peak mem':>12}  {'vs bound':>8}  "
+              f"{'vs 1f1b':>7}")
     lines = [
         f"pp={args.pp} microbatches={args.microbatches} per-rank costs {args.costs}"
         + (f" memory limit {args.memory_limit:g}" if args.memory_limit is not None else ""),
@@ -384,12 +405,21 @@ def _cmd_compare(args: argparse.Namespace, out: Any) -> int:
             lines.append(f"{row['schedule']:<17} not available: {row['error']}")
             continue
         ratio = f"{row['ratio_to_1f1b']:.3f}" if "ratio_to_1f1b" in row else "-"
+        to_bound = f"{row['ratio_to_lower_bound']:.3f}" if row["ratio_to_lower_bound"] is not None else "-"
         lines.append(
             f"{row['schedule']:<17} {row['vp']:>2}  {row['makespan']:>9.4g}  {row['bubble_fraction']:>7.1%}  "
-            f"{row['max_peak_activation_memory']:>12.4g}  {ratio:>7}"
+            f"{row['max_peak_activation_memory']:>12.4g}  {to_bound:>8}  {ratio:>7}"
         )
+    shapes = dict.fromkeys((r["placement"], r["vp"]) for r in rows if "makespan" in r)  # in row order, once each
+    for placement, vp in shapes:
+        shape = PipelineShape(pp=args.pp, microbatches=args.microbatches, vp=vp, placement=placement)
+        lines.append(f"lower bound: {lower_bound(shape, args.costs.model(shape))}")
     out.write("\n".join(lines) + "\n")
     return 0
+
+
+def _above(makespan: float, bound: LowerBound) -> str:
+    return f"{makespan / bound.makespan - 1:.1%}" if bound.makespan > 0 else "-"
 
 
 def _cmd_plan(args: argparse.Namespace, out: Any) -> int:

@@ -5,17 +5,19 @@ Nothing in this package imports torch; it runs (and is tested) without it.
 from .costs import CostModel
 from .ir import Action, ActionKind, PipelineShape, Schedule
 from .lowering import add_communication, merge_backward, strip_communication
-from .simulate import DeadlockError, SimulationResult, simulate
+from .simulate import DeadlockError, LowerBound, SimulationResult, lower_bound, simulate
 
 __all__ = [
     "Action",
     "ActionKind",
     "CostModel",
     "DeadlockError",
+    "LowerBound",
     "PipelineShape",
     "Schedule",
     "SimulationResult",
     "add_communication",
+    "lower_bound",
     "merge_backward",
     "simulate",
     "strip_communication",

@@ -37,7 +37,7 @@ from .generators.zb_h1 import zb_h1
 from .generators.zb_h2 import zb_h2
 from .generators.zb_v import zb_v
 from .ir import PipelineShape, Schedule
-from .simulate import SimulationResult, simulate
+from .simulate import LowerBound, SimulationResult, lower_bound, simulate
 
 __all__ = ["COST_TUNED", "SCHEDULE_NAMES", "Retuned", "build_schedule", "retune", "schedule_shape"]
 
@@ -164,6 +164,9 @@ class Retuned:
     ``"uniform"`` (every chunk's activations alike, as the running order)."""
     dropped: str = ""
     """Why a rebuilt candidate was not considered (empty when none was dropped)."""
+    bound: LowerBound | None = None
+    """:func:`~ds_plugins.schedule.simulate.lower_bound` of the shape under the measured costs: what no order of this
+    shape and placement can beat."""
 
     @property
     def changed(self) -> bool:
@@ -171,14 +174,16 @@ class Retuned:
         return self.schedule is not self.given
 
     def summary(self) -> str:
-        """For logs, with costs in seconds (what ``measured_costs`` builds)."""
+        """For logs, with costs in seconds (what ``measured_costs`` builds); ends with :attr:`bound`, what no order of
+        the shape can beat under the measured times."""
         return (f"simulated step {1e3 * self.before.makespan:.1f} ms (bubble {100 * self.before.bubble_fraction:.1f}%) "
                 f"as built for F = I = W, {1e3 * self.after.makespan:.1f} ms (bubble "
                 f"{100 * self.after.bubble_fraction:.1f}%) rebuilt for the measured times under the "
                 f"{self.memory_model} memory model (peak activation memory per rank "
                 f"{_peaks(self.before)} -> {_peaks(self.after)})"
                 + (f"; {self.dropped}" if self.dropped else "") + ": "
-                + ("running the rebuilt order" if self.changed else "keeping the current order"))
+                + ("running the rebuilt order" if self.changed else "keeping the current order")
+                + (f"; {self.bound.describe(scale=1e3, unit=' ms')}" if self.bound is not None else ""))
 
 
 def _peaks(result: SimulationResult) -> str:
@@ -199,6 +204,7 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     else ``schedule`` itself. The candidate under ``costs``' memory model stays within the schedule's own budget of
     micro-batches per rank in ``costs``' units; the one under the uniform model is dropped when, under ``costs``'
     memory, it would hold more on some rank than both the running order and that budget (:attr:`Retuned.dropped`).
+    :attr:`Retuned.bound` is :func:`~ds_plugins.schedule.simulate.lower_bound` of the shape under ``costs``.
     """
     if schedule.name not in COST_TUNED:
         raise ValueError(f"{schedule.name} has a fixed order; only {', '.join(COST_TUNED)} are rebuilt from costs "
@@ -235,4 +241,5 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     best = min(range(len(candidates)), key=lambda k: results[k].makespan)
     (memory_model, rebuilt), after = candidates[best], results[best]
     faster = after.makespan < before.makespan * (1 - _RETUNE_MIN_GAIN)
-    return Retuned(rebuilt if faster else schedule, before, after, schedule, memory_model, dropped)
+    return Retuned(rebuilt if faster else schedule, before, after, schedule, memory_model, dropped,
+                   lower_bound(shape, costs))

@@ -9,15 +9,18 @@ dependencies are done (plus ``comm`` when the dependency ran on another rank):
 
 SEND/RECV actions of a lowered schedule take no rank time here; the transfer is the ``comm`` edge.
 A schedule whose ranks wait on each other in a cycle raises :class:`DeadlockError` with the stuck heads.
+
+:func:`lower_bound` gives, for a shape and a cost model, a makespan that no schedule of that shape can beat
+under these rules, whatever its order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .costs import CostModel
-from .ir import Action, ActionKind, Schedule
+from .ir import Action, ActionKind, PipelineShape, Schedule
 
-__all__ = ["DeadlockError", "TimedAction", "SimulationResult", "simulate", "dependencies"]
+__all__ = ["DeadlockError", "LowerBound", "TimedAction", "SimulationResult", "simulate", "dependencies", "lower_bound"]
 
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 
@@ -149,3 +152,136 @@ def _deps(action: Action, num_stages: int, grad_producer: dict[tuple[int, int], 
         producer = grad_producer.get((s + 1, i), _B)
         return (Action(s, _F, i), Action(s + 1, producer, i))
     return dependencies(action, num_stages, split_backward=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LowerBound:
+    """What :func:`lower_bound` proves: no schedule of :attr:`shape` runs faster than :attr:`makespan`."""
+
+    makespan: float
+    """The bound: ``max(per_rank + (critical_path,))``."""
+    rank: int | None
+    """The rank whose own work binds (the lowest such rank on a tie), or None when :attr:`critical_path` is
+    longer than every rank's bound."""
+    start: float
+    """The binding rank's earliest possible first action: the forwards of the stages before its first stage, one
+    ``comm`` per rank change along that chain. 0 when :attr:`rank` is None."""
+    work: float
+    """The binding rank's compute over all micro-batches (F + I + W of its stages, times ``microbatches``); when
+    :attr:`rank` is None, the critical path itself."""
+    drain: float
+    """Time that must follow the binding rank's last backward beyond its own work (see :func:`lower_bound`);
+    ``makespan == start + work + drain`` when :attr:`rank` is not None, 0 otherwise."""
+    critical_path: float
+    """One micro-batch's chain: every F, every I (or B), W of stage 0, and ``comm`` per rank change both ways."""
+    per_rank: tuple[float, ...]
+    """Each rank's bound: start + work + drain."""
+    split_backward: bool
+    """True: a bound on every order (backward split into I and W or not); False: on orders with a full backward B
+    only (a higher bound where W cannot fill bubbles)."""
+    shape: PipelineShape
+
+    def describe(self, *, scale: float = 1.0, unit: str = "") -> str:
+        """One line for logs, times multiplied by ``scale`` and suffixed by ``unit`` (e.g. ``1e3, " ms"`` for a
+        cost model in seconds)."""
+        shape = self.shape
+
+        def t(x: float) -> str:
+            return _num(x * scale) + unit
+
+        orders = f"no {shape.placement} order (pp={shape.pp}, vp={shape.vp}, m={shape.microbatches}"
+        orders += ")" if self.split_backward else ", full backward B)"
+        if self.rank is None:
+            return f"{orders} can beat {t(self.makespan)} (one micro-batch's critical path binds)"
+        why = f"rank {self.rank}: starts at {t(self.start)}, works {t(self.work)}"
+        if self.drain > 0:
+            why += f", then {t(self.drain)} must follow its last backward"
+        return f"{orders} can beat {t(self.makespan)} ({why})"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def as_dict(self) -> dict:
+        """JSON-friendly fields (the shape as placement and vp)."""
+        return {
+            "makespan": self.makespan,
+            "rank": self.rank,
+            "start": self.start,
+            "work": self.work,
+            "drain": self.drain,
+            "critical_path": self.critical_path,
+            "per_rank": list(self.per_rank),
+            "split_backward": self.split_backward,
+            "placement": self.shape.placement,
+            "vp": self.shape.vp,
+        }
+
+
+def lower_bound(shape: PipelineShape, costs: CostModel, *, split_backward: bool = True) -> LowerBound:
+    """A makespan no schedule of ``shape`` can beat under ``costs`` and :func:`simulate`'s rules, whatever its order
+    (and whatever memory cap it keeps: a cap only removes orders).
+
+    The first action of any schedule is an F of stage 0 at time 0 (nothing else can run first), so the makespan
+    is the last action's end. The bound is the largest of:
+
+    - per rank r, ``start + work + drain``. ``start``: every action of r waits (through its own stage's F) for
+      F of r's first stage s0, which waits for F of stages 0..s0-1, plus ``comm`` per rank change along that chain.
+      ``work``: r runs its actions one at a time, F + I + W of each of its stages per micro-batch (B = I + W).
+      ``drain``: let T be the end of r's last I (or B). Every F, I and B of r ran before T (an F precedes its own
+      I/B on r), with the W's r ran before T; after T come r's remaining W's, and, in parallel, the rest of
+      that micro-batch's backward: I (or B) of every stage below, W of stage 0, ``comm`` per rank change. So
+      makespan >= start + work + max(0, tail - W's of r over all micro-batches), tail the shortest such chain
+      over r's stages (the last I may be of any of them). With ``split_backward=False`` r has no W actions and
+      the drain is the whole tail (B of every stage below): for 1F1B at uniform costs this is its makespan.
+    - the critical path of one micro-batch: F of every stage, then I (B) of every stage back, then W of stage 0,
+      plus ``comm`` per rank change forward and backward.
+
+    Left out, because no proof covers them here: any interaction between ranks beyond these chains (a rank that
+    must idle while another works, e.g. a middle rank's gaps when W cannot fill them), memory caps (they only make
+    the bound looser, never wrong), and everything :func:`simulate` does not model (host overhead, overlap of
+    transfers with compute, contention).
+
+    ``split_backward=True`` bounds every order, split or not; ``False`` bounds orders with a full backward B only,
+    which is higher where W would have filled the start or the drain.
+    """
+    costs.for_shape(shape)
+    n, m = shape.num_stages, shape.microbatches
+    fwd, inp, wgt, comm = costs.forward, costs.backward_input, costs.backward_weight, costs.comm
+    head = [0.0] * n  # earliest start of F(s): forwards of stages < s and their transfers
+    tail = [0.0] * n  # what must follow the end of I/B(s): backward of stages < s, W(0) when split, transfers
+    forward_sum = backward_sum = 0.0
+    hops = 0
+    for s in range(1, n):
+        forward_sum += fwd[s - 1]
+        backward_sum += inp[s - 1] + (0.0 if split_backward else wgt[s - 1])
+        hops += shape.rank_of(s) != shape.rank_of(s - 1)
+        head[s] = forward_sum + comm * hops
+        tail[s] = backward_sum + comm * hops
+    if split_backward:
+        tail = [t + wgt[0] for t in tail]  # W(0) waits for I(0); it is the last action of that micro-batch
+    critical_path = sum(fwd) + sum(inp) + (wgt[0] if split_backward else sum(wgt)) + 2 * comm * hops
+
+    per_rank, parts = [], []
+    for r in range(shape.pp):
+        stages = shape.stages_of(r)
+        start = min(head[s] for s in stages)
+        work = costs.rank_compute_time(shape, r)
+        after_last_backward = min(tail[s] for s in stages)
+        if split_backward:  # the rank's W's can run after its last I, alongside that chain
+            drain = max(0.0, after_last_backward - m * sum(wgt[s] for s in stages))
+        else:
+            drain = after_last_backward
+        per_rank.append(start + work + drain)
+        parts.append((start, work, drain))
+    best = max(range(shape.pp), key=lambda r: (per_rank[r], -r))
+    if critical_path > per_rank[best] * (1 + 1e-12):
+        return LowerBound(critical_path, None, 0.0, critical_path, 0.0, critical_path, tuple(per_rank),
+                          split_backward, shape)
+    start, work, drain = parts[best]
+    return LowerBound(per_rank[best], best, start, work, drain, critical_path, tuple(per_rank), split_backward,
+                      shape)
+
+
+def _num(x: float) -> str:
+    """A time for a log line: 4 significant digits, no exponent below 10^4."""
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.0f}"
