@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="untimed iterations per variant (auto re-plans after 3)")
     p.add_argument("--steps", type=int, default=5, help="timed iterations per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
-    add_profile_arguments(p, "DeepSpeed/interleaf rows")
+    add_profile_arguments(p, "every row")
     p.add_argument("--pp", type=int, default=None,
                    help="pipeline stages (default: all ranks); data parallel = ranks / pp, e.g. --pp 4 on 8 GPUs")
     p.add_argument("--out", default=None, help="markdown file to update (default: BENCHMARKS.md on GPU, none on CPU)")
@@ -388,6 +388,13 @@ def run_torch(variant: str, m: int, cfg, args, device) -> Row:
     tokens = cfg.seq * m * args.steps * dp
     peaks = [r[0] for r in _gather_floats([_peak_gib(device)], device)]
     row = Row(variant, m, tokens / elapsed, None, peaks, schedule=cls.__name__)
+    if args.profile:  # after the timed figures and the peak, as for the DeepSpeed rows
+        from benchmarks.device_gaps import profile_step
+
+        row.extra["profile"] = profile_step(
+            lambda: one_step(args.warmup + args.steps), device, label=f"[pipeline bench] profile {variant} m={m}",
+            trace_path=args.trace_dir and os.path.join(
+                args.trace_dir, f"{variant}_m{m}_rank{torch.distributed.get_rank()}.json.gz"))
     del schedule, stages, modules, opt, params, data
     for group in (pp_group, dp_group):
         if group is not None:
