@@ -183,7 +183,8 @@ class Retuned:
                 f"{_peaks(self.before)} -> {_peaks(self.after)})"
                 + (f"; {self.dropped}" if self.dropped else "") + ": "
                 + ("running the rebuilt order" if self.changed else "keeping the current order")
-                + (f"; {self.bound.describe(scale=1e3, unit=' ms')}" if self.bound is not None else ""))
+                + (f"; under the measured times {self.bound.describe(scale=1e3, unit=' ms')}"
+                   if self.bound is not None else ""))
 
 
 def _peaks(result: SimulationResult) -> str:

@@ -240,7 +240,7 @@ def test_retune_log_line_ends_with_the_bound():
     outcome = retune(build_schedule("zb-v", pp=4, microbatches=8), seconds)
     assert outcome.bound is not None and outcome.bound.makespan == pytest.approx(0.28464)
     assert outcome.summary().endswith(
-        "; no v order (pp=4, vp=2, m=8) can beat 284.6 ms (rank 0: starts at 0 ms, works 284.6 ms)")
+        "; under the measured times no v order (pp=4, vp=2, m=8) can beat 284.6 ms (rank 0: starts at 0 ms, works 284.6 ms)")
     assert "rebuilt for the measured times" in outcome.summary()
 
 
