@@ -125,10 +125,11 @@ def test_auto_respects_memory_limit_and_takes_costs_vp() -> None:
 
 def test_auto_searches_only_the_given_placement() -> None:
     """A partitioned model fixes the placement: with ``placement=`` auto must not return the other one, even
-    where the other one simulates faster (here the unrestricted search picks a looped order)."""
+    where the other one simulates faster (here the unrestricted search picks a looped order: V puts the two heavy
+    stages 0 and 3 on rank 0, and its lower bound is above the looped order auto finds)."""
     pp, m = 2, 8
     f, i, w = 2.05, 4.45, 2.3
-    costs = CostModel(forward=(f + 0.1, f, f, f + 0.6), backward_input=(i, i, i, i + 0.8),
+    costs = CostModel(forward=(f + 0.6, f, f, f + 0.6), backward_input=(i + 0.6, i, i, i + 0.8),
                       backward_weight=(w, w, w, w + 0.5), comm=0.1, activation_memory=(1.1, 1.1, 1.1, 1.5),
                       weight_grad_memory=(0.4, 0.4, 0.4, 0.6))
     free = build_schedule("auto", pp=pp, microbatches=m, costs=costs)

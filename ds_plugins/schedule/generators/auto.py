@@ -1,13 +1,31 @@
 """``auto``: the shortest schedule we can find for measured costs under a per-rank activation-memory cap.
 
 A heuristic search in the spirit of the Zero Bubble paper's automatic scheduler (Qi et al., ICLR 2024, sec. 3.2:
-greedy initial solutions under a memory limit, several variants, keep the best): the shared greedy list
-scheduler runs with every combination of its knobs (I-first or F-first, lazy or eager W, waiting for the
-critical path or not, depth- or breadth-first forwards, 1F1B-like or free warm-up depth), over both placements
-when there are 2 chunks per rank, all under the cap. Every handcrafted schedule for the same number of chunks
-whose simulated peak memory fits the cap is evaluated too, and the candidate with the shortest simulated
-makespan wins (ties: lower peak memory). So ``auto`` is never slower in the simulator than a handcrafted
-schedule that fits the same cap.
+greedy initial solutions under a memory limit, several variants, keep the best). Candidates:
+
+- every handcrafted schedule for the same number of chunks whose simulated peak memory fits the cap;
+- the shared greedy list scheduler with every combination of its knobs (I-first or F-first, lazy or eager W,
+  waiting for the critical path or not, depth- or breadth-first forwards, 1F1B-like or free warm-up depth), over
+  both placements when there are 2 chunks per rank, each under a ladder of memory *budgets* at or below the cap.
+
+The candidate with the shortest simulated makespan wins (ties: lower peak memory). So ``auto`` is never slower in
+the simulator than a handcrafted schedule that fits the same cap.
+
+Why budgets below the cap: the greedy scheduler spends its budget on early forwards, and a looser budget can
+make a greedier start that ends worse (measured Megatron costs, pp=4, vp=2, m=8, looped: a cap of 22 GiB gave
+277.5 ms, 26 GiB 287.1 ms). An order that fits a cap also fits every larger one, so the search must not get
+slower when the cap grows. The budgets are a fixed grid per placement: the multiples of one micro-batch's
+footprint on the fullest rank divided by :data:`BUDGET_STEPS_PER_MICROBATCH`, from that footprint (the least
+that holds one micro-batch) up. Under a cap X the greedy candidates are the runs under every grid budget
+<= X, plus the run under X itself where it is one of those (a run reports the range of budgets that give the
+same run, :class:`~.list_scheduler.GreedyRun`; that range holds a grid point). That set only grows with X, so
+``auto``'s makespan never increases when the cap does. What it can miss: a run whose range of budgets lies
+between two grid points (memory needs that differ by less than a 16th of a micro-batch).
+
+Cost: each knob combination descends from the cap, and after each run jumps to the grid point below the run's
+range (the budgets in between give the same run); a run gives up as soon as it cannot beat the best schedule
+found so far (some rank's free time plus its work still to place), and a placement is dropped once the best
+reaches its :func:`~ds_plugins.schedule.simulate.lower_bound`. Neither changes the makespan found.
 
 The result's ``shape.placement`` says which placement won ("loop" or "v"); a runtime must partition the model
 by it.
@@ -15,14 +33,15 @@ by it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 from typing import Callable
 
 from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
-from ..simulate import SimulationResult, simulate
+from ..simulate import SimulationResult, lower_bound, simulate
 from .interleaved_1f1b import interleaved_1f1b
-from .list_scheduler import GreedyPolicy, list_schedule, policy_variants, rank_footprint
+from .list_scheduler import GreedyPolicy, greedy_run, policy_variants, rank_footprint
 from .one_f_one_b import one_f_one_b
 from .v_half import v_half
 from .v_min import v_min
@@ -35,6 +54,26 @@ __all__ = ["auto", "default_memory_limit", "handcrafted_candidates"]
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-9
+
+BUDGET_STEPS_PER_MICROBATCH = 16
+"""The greedy search's budgets are the multiples of one micro-batch's footprint on the fullest rank divided by this
+(see the module docstring). 16: at pp=4 with measured Megatron costs, 8 missed runs the search before budgets
+below the cap found (297.8 instead of 294.6 ms under 18.24 GiB); the search's time grows with it."""
+
+
+def _grid_point_below(x: float, step: float) -> float:
+    """The largest multiple of ``step`` strictly below ``x``."""
+    k = math.ceil(x / step) - 1
+    while k * step >= x:
+        k -= 1
+    while (k + 1) * step < x:
+        k += 1
+    return k * step
+
+
+def _grid_point_at_or_above(x: float, step: float) -> float:
+    """The smallest multiple of ``step`` at or above ``x``."""
+    return _grid_point_below(x, step) + step
 
 
 def default_memory_limit(shape: PipelineShape, costs: CostModel) -> float:
@@ -87,16 +126,15 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
     best: tuple[tuple[float, float], Schedule, str] | None = None
     best_handcrafted: tuple[float, str] | None = None
 
-    def consider(schedule: Schedule, result: SimulationResult, origin: str) -> None:
+    def consider(schedule: Schedule, makespan: float, peak: float, origin: str) -> None:
         nonlocal best, best_handcrafted
-        peak = max(result.peak_activation_memory)
         if peak > limit + _EPS:
             return
-        key = (result.makespan, peak)
+        key = (makespan, peak)
         if best is None or key < best[0]:
             best = (key, schedule, origin)
-        if not origin.startswith("greedy") and (best_handcrafted is None or result.makespan < best_handcrafted[0]):
-            best_handcrafted = (result.makespan, origin)
+        if not origin.startswith("greedy") and (best_handcrafted is None or makespan < best_handcrafted[0]):
+            best_handcrafted = (makespan, origin)
 
     for hshape, generator in handcrafted_candidates(shape):
         if hshape.placement not in placements:
@@ -106,20 +144,43 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
         except ValueError as err:  # e.g. a budget that cannot hold one micro-batch
             logger.debug("auto: skipping %s: %s", generator.__name__, err)
             continue
-        consider(schedule, simulate(schedule, costs), schedule.name)
+        result = simulate(schedule, costs)
+        consider(schedule, result.makespan, max(result.peak_activation_memory), schedule.name)
 
-    for placement in placements:
+    runs = given_up = 0
+    bounds = {p: lower_bound(replace(shape, placement=p), costs).makespan for p in placements}
+    for placement in sorted(placements, key=lambda p: bounds[p]):  # the placement that may be faster first
         if limit + _EPS < footprint[placement]:  # this placement cannot hold one micro-batch on some rank
             continue
         pshape = replace(shape, placement=placement)
-        for policy in policy_variants(pshape, (limit,) * pshape.pp):
-            schedule = list_schedule("auto", pshape, costs, policy)
-            consider(schedule, simulate(schedule, costs), f"greedy {placement} ({_describe(policy)})")
+        bound = bounds[placement]
+        step = footprint[placement] / BUDGET_STEPS_PER_MICROBATCH
+        # Each policy descends from the cap through the grid, one budget per turn, the policies taking turns: the
+        # runs under the cap come first, and the best of them lets the later runs give up early.
+        descents = [[policy, limit] for policy in policy_variants(pshape, (limit,) * pshape.pp)]
+        while descents and not (best is not None and best[0][0] <= bound + _EPS):  # else nothing here is faster
+            for descent in descents:
+                policy, budget = descent
+                run = greedy_run("auto", pshape, costs, replace(policy, memory_limit=(budget,) * pshape.pp),
+                                 give_up_at=math.inf if best is None else best[0][0])
+                runs += 1
+                if run.schedule is None:
+                    given_up += 1
+                # The run under the cap itself counts only where it is the run under some budget of the grid (its
+                # range of budgets holds one): see the module docstring.
+                elif budget < limit or _grid_point_at_or_above(run.low, step) < run.high:
+                    origin = f"greedy {placement} ({_describe(policy)})"
+                    if budget < limit:
+                        origin += f" under budget {budget:g}, tighter than the cap"
+                    consider(run.schedule, run.makespan, max(run.peak_activation_memory), origin)
+                descent[1] = _grid_point_below(run.low, step)  # the budgets in between give this same run
+            descents = [d for d in descents if d[1] + _EPS >= footprint[placement]]
 
     if best is None:  # cannot happen: the greedy candidates respect the limit checked above
         raise RuntimeError(f"auto found no schedule within memory_limit {limit:g} (internal error)")
     (makespan, peak), schedule, origin = best
-    logger.info("auto: picked %s, simulated makespan %g, peak activation memory %g (cap %g); best handcrafted "
-                "schedule under the cap: %s", origin, makespan, peak, limit,
+    logger.info("auto: picked %s, simulated makespan %g, peak activation memory %g (cap %g; %d greedy runs, %d of "
+                "them given up as slower); best handcrafted schedule under the cap: %s", origin, makespan, peak, limit,
+                runs, given_up,
                 "none" if best_handcrafted is None else f"{best_handcrafted[1]} {best_handcrafted[0]:g}")
     return Schedule("auto", schedule.shape, schedule.actions)

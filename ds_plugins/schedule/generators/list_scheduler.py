@@ -21,6 +21,10 @@ what the older ones hold (they free it when they finish), plus what j's remainin
 allocate, fits. Micro-batches are admitted in the same order on every rank, so the oldest one can always move
 on every rank, and the scheduler cannot deadlock whenever the limit holds one micro-batch. The accounting is
 :meth:`CostModel.memory_delta`, so the peak the simulator reports never exceeds the limit.
+
+For a search over memory limits (``auto``), :func:`greedy_run` also reports the run's makespan and peak (what
+the simulator reports for its schedule), the range of limits that give the same run (the limit only enters
+through "need <= limit" tests), and can give up once the schedule cannot end by a given time.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from ..costs import CostModel
 from ..ir import Action, ActionKind, PipelineShape, Schedule
 from ..simulate import simulate
 
-__all__ = ["GreedyPolicy", "MICROBATCHES_PER_RANK", "ZERO_BUBBLE_POLICY", "list_schedule", "memory_cap",
+__all__ = ["GreedyPolicy", "MICROBATCHES_PER_RANK", "ZERO_BUBBLE_POLICY", "GreedyRun", "greedy_run",
+           "list_schedule", "memory_cap",
            "policy_variants", "rank_footprint", "zero_bubble_schedule"]
 
 _F, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
@@ -77,6 +82,41 @@ def list_schedule(name: str, shape: PipelineShape, costs: CostModel, policy: Gre
 
     Raises ``ValueError`` when the memory limit cannot hold a single micro-batch on some rank.
     """
+    return greedy_run(name, shape, costs, policy).schedule
+
+
+@dataclass(frozen=True, slots=True)
+class GreedyRun:
+    """One run of the list scheduler: its schedule, what :func:`~ds_plugins.schedule.simulate.simulate` reports for
+    it (the run computes the same times and memory), and the memory limits that give the same run."""
+
+    schedule: Schedule | None
+    """None when the run gave up (``give_up_at``): it could no longer end by that time."""
+    makespan: float
+    """The last action's end (the first starts at 0): ``simulate(schedule, costs).makespan``; ``inf`` when the
+    run gave up."""
+    peak_activation_memory: tuple[float, ...]
+    """Per rank, the highest memory in program order: ``simulate(...).peak_activation_memory``."""
+    low: float
+    high: float
+    """The run sees its memory limit only through tests "this forward's need <= limit (+ 1e-9)" (``safe_forward``
+    below). ``low`` is the largest need among the forwards it took, ``high`` the smallest among those it turned
+    down (each minus the 1e-9 tolerance): with every rank's limit in ``[low, high)`` each test comes out the same,
+    so the run, and the schedule, is the same. A limit below ``low`` turns down a forward this run took (a
+    different run, maybe a faster one: see ``auto``); at or above ``high`` it takes one this run turned down.
+    ``low`` is at least one micro-batch's footprint on the fullest rank (the first F there); ``high`` is ``inf``
+    when nothing was turned down for memory. Without a memory limit: ``low = 0``, ``high = inf``. When the run
+    gave up, both describe the part it ran: every limit in ``[low, high)`` runs that same part, and gives up too."""
+
+
+def greedy_run(
+    name: str, shape: PipelineShape, costs: CostModel, policy: GreedyPolicy, *, give_up_at: float = math.inf
+) -> GreedyRun:
+    """:func:`list_schedule` with its makespan, peak memory and range of memory limits (:class:`GreedyRun`).
+
+    ``give_up_at``: stop as soon as the schedule cannot end by this time (some rank's free time plus its work
+    still to place passes it) and return a run without a schedule: a search that already holds a schedule this
+    fast skips the rest of a run that cannot beat it."""
     costs.for_shape(shape)
     pp, m, n = shape.pp, shape.microbatches, shape.num_stages
     limits = policy.memory_limit
@@ -93,19 +133,33 @@ def list_schedule(name: str, shape: PipelineShape, costs: CostModel, policy: Gre
     in_flight_cap = policy.max_in_flight or (m,) * pp
     stages_of = [shape.stages_of(r) for r in range(pp)]
     first_stage = [st[0] for st in stages_of]
+    chunks = [len(st) for st in stages_of]
+    rank_of = [shape.rank_of(s) for s in range(n)]
     footprint = [rank_footprint(shape, costs, r) for r in range(pp)]
     comm = costs.comm
+    # Per kind (0 = F, 1 = I, 2 = W), per stage: duration and change in the rank's memory (CostModel.duration
+    # and CostModel.memory_delta, looked up once: auto runs the scheduler hundreds of times per call).
+    act = costs.activation_memory
+    duration = (costs.forward, costs.backward_input, costs.backward_weight)
+    delta_of = (tuple(act), tuple(costs.memory_delta(Action(s, _I, 0)) for s in range(n)),
+                tuple(-x for x in costs.weight_grad_memory))
+    kinds = (_F, _I, _W)
+    f_cat, i_cat = (1, 0) if policy.backward_first else (0, 1)
+    w_cat = -1 if policy.weight == "eager" else 2
+    deepest_first = policy.forward_deepest_first
 
-    # Per stage: next micro-batch to run F / I on (both in micro-batch order); per rank: FIFO of W to run.
+    # Per stage: next micro-batch to run F / I on (both in micro-batch order); per rank: FIFO of (stage, mb, I's
+    # end) of W's to run.
     next_f = [0] * n
     next_i = [0] * n
-    pending_w: list[list[Action]] = [[] for _ in range(pp)]
+    pending_w: list[list[tuple[int, int, float]]] = [[] for _ in range(pp)]
     # Arrival time of each action's inputs on its own rank, known once every dependency is committed.
     f_arrival: dict[tuple[int, int], float] = {}
-    i_arrival_parts: dict[tuple[int, int], list[float]] = {}  # (stage, mb) -> known dependency arrivals
-    end_of: dict[tuple[ActionKind, int, int], float] = {}
+    i_parts: dict[tuple[int, int], list] = {}  # (stage, mb) -> [dependencies arrived, latest arrival]
+    i_ready: dict[tuple[int, int], float] = {}  # (stage, mb) -> arrival of I's last input
 
     mem = [0.0] * pp  # current memory in program order
+    peak = [0.0] * pp
     # Per rank, per admitted micro-batch still holding memory or with forwards to run: [held, still to allocate].
     live: list[dict[int, list[float]]] = [{} for _ in range(pp)]
     backward_done = [[0] * m for _ in range(pp)]  # per rank, per micro-batch: I's done
@@ -113,98 +167,101 @@ def list_schedule(name: str, shape: PipelineShape, costs: CostModel, policy: Gre
     free_at = [0.0] * pp
     programs: list[list[Action]] = [[] for _ in range(pp)]
     remaining = 3 * n * m
+    work_left = [costs.rank_compute_time(shape, r) for r in range(pp)]  # per rank: F + I + W still to place
+    floor, ceiling = 0.0, math.inf  # largest need taken, smallest need turned down (see the docstring)
 
     for mb in range(m):
         f_arrival[(0, mb)] = 0.0
 
-    def i_ready_time(stage: int, mb: int) -> float | None:
-        parts = i_arrival_parts.get((stage, mb))
-        need = 2 if stage + 1 < n else 1
-        if parts is None or len(parts) < need:
-            return None
-        return max(parts)
+    def i_input(stage: int, mb: int, arrival: float) -> None:
+        """One of I(stage, mb)'s inputs (its F; the input gradient from the stage above) arrives."""
+        parts = i_parts.get((stage, mb))
+        if parts is None:
+            parts = i_parts[(stage, mb)] = [0, arrival]
+        parts[0] += 1
+        if arrival > parts[1]:
+            parts[1] = arrival
+        if parts[0] == (2 if stage + 1 < n else 1):
+            i_ready[(stage, mb)] = parts[1]
 
-    def commit(rank: int, action: Action, start: float) -> float:
+    def commit(rank: int, kind: int, s: int, mb: int, start: float) -> float:
         nonlocal remaining
-        end = start + costs.duration(action)
-        s, k, mb = action.stage, action.kind, action.microbatch
-        end_of[(k, s, mb)] = end
-        programs[rank].append(action)
+        end = start + duration[kind][s]
+        work_left[rank] -= duration[kind][s]
+        programs[rank].append(Action(s, kinds[kind], mb))
         free_at[rank] = end
         remaining -= 1
-        delta = costs.memory_delta(action)
+        delta = delta_of[kind][s]
         mem[rank] += delta
-        if k is _F and s == first_stage[rank]:
+        if mem[rank] > peak[rank]:
+            peak[rank] = mem[rank]
+        if kind == 0 and s == first_stage[rank]:
             in_flight[rank] += 1
             live[rank][mb] = [0.0, footprint[rank]]
         entry = live[rank].setdefault(mb, [0.0, 0.0])
         entry[0] += delta
-        if k is _F:
-            entry[1] -= costs.activation_memory[s]
+        if kind == 0:
+            entry[1] -= act[s]
         if entry[0] <= _EPS and entry[1] <= _EPS:
             del live[rank][mb]
-        if k is _F:
+        if kind == 0:
             next_f[s] += 1
             if s + 1 < n:
-                nr = shape.rank_of(s + 1)
-                f_arrival[(s + 1, mb)] = end + (comm if nr != rank else 0.0)
-            i_arrival_parts.setdefault((s, mb), []).append(end)
-        elif k is _I:
+                f_arrival[(s + 1, mb)] = end + (comm if rank_of[s + 1] != rank else 0.0)
+            i_input(s, mb, end)
+        elif kind == 1:
             next_i[s] += 1
             backward_done[rank][mb] += 1
-            if backward_done[rank][mb] == len(stages_of[rank]):
+            if backward_done[rank][mb] == chunks[rank]:
                 in_flight[rank] -= 1
             if s > 0:
-                pr = shape.rank_of(s - 1)
-                i_arrival_parts.setdefault((s - 1, mb), []).append(end + (comm if pr != rank else 0.0))
-            pending_w[rank].append(Action(s, _W, mb))
+                i_input(s - 1, mb, end + (comm if rank_of[s - 1] != rank else 0.0))
+            pending_w[rank].append((s, mb, end))
         else:
             pending_w[rank].pop(0)
         return end
 
     def safe_forward(rank: int, stage: int, mb: int) -> bool:
         """Would running F(stage, mb) on ``rank`` keep every admitted micro-batch able to finish in order?"""
-        a = costs.activation_memory[stage]
+        nonlocal floor, ceiling
+        a = act[stage]
         after = mem[rank] + a
         older_held = 0.0
         entries = sorted(live[rank].items())
         if mb not in live[rank]:
             entries.append((mb, [0.0, footprint[rank]]))
+        need = 0.0  # the least limit under which this forward is safe
         for j, (held, to_allocate) in entries:
             if j == mb:
                 held, to_allocate = held + a, to_allocate - a
-            if after - older_held + to_allocate > limits[rank] + _EPS:
-                return False
+            need = max(need, after - older_held + to_allocate)
             older_held += held
+        if need > limits[rank] + _EPS:
+            ceiling = min(ceiling, need)
+            return False
+        floor = max(floor, need)
         return True
 
-    def candidates(rank: int) -> list[tuple[int, float, tuple, Action]]:
-        """(category, ready time, tie-break key, action); category 0 is the most important."""
+    def candidates(rank: int) -> list[tuple[int, float, tuple, int, int, int]]:
+        """(category, ready time, tie-break key, kind, stage, mb); category 0 is the most important."""
         out = []
-        f_cat, i_cat = (1, 0) if policy.backward_first else (0, 1)
         for s in stages_of[rank]:
             mb = next_f[s]
             if mb < m:
                 ready = f_arrival.get((s, mb))
                 if ready is not None:
-                    ok = True
                     if s == first_stage[rank] and in_flight[rank] >= in_flight_cap[rank]:
-                        ok = False
-                    elif limits is not None and not safe_forward(rank, s, mb):
-                        ok = False
-                    if ok:
-                        key = (-s if policy.forward_deepest_first else s, mb)
-                        out.append((f_cat, ready, key, Action(s, _F, mb)))
+                        pass
+                    elif limits is None or safe_forward(rank, s, mb):
+                        out.append((f_cat, ready, (-s if deepest_first else s, mb), 0, s, mb))
             mb = next_i[s]
             if mb < m and next_f[s] > mb:
-                ready = i_ready_time(s, mb)
+                ready = i_ready.get((s, mb))
                 if ready is not None:
-                    out.append((i_cat, ready, (mb, -s), Action(s, _I, mb)))
+                    out.append((i_cat, ready, (mb, -s), 1, s, mb))
         if pending_w[rank]:
-            w = pending_w[rank][0]
-            ready = end_of[(_I, w.stage, w.microbatch)]
-            cat = -1 if policy.weight == "eager" else 2
-            out.append((cat, ready, (0,), w))
+            s, mb, ready = pending_w[rank][0]
+            out.append((w_cat, ready, (0,), 2, s, mb))
         return out
 
     # Event loop over "rank r may decide at time t".
@@ -224,30 +281,40 @@ def list_schedule(name: str, shape: PipelineShape, costs: CostModel, policy: Gre
             waiting[rank] = True
             continue
         now = max(t, free_at[rank])
-        ready_now = [c for c in cands if c[1] <= now + _EPS]
-        if not ready_now:
+        best = None
+        for c in cands:
+            if c[1] <= now + _EPS and (best is None or (c[0], c[2]) < (best[0], best[2])):
+                best = c
+        if best is None:
             # Nothing to do yet; wake up when the earliest known input arrives (or earlier if another commit
             # makes something visible).
             waiting[rank] = True
             heapq.heappush(events, (min(c[1] for c in cands), rank))
             continue
-        best = min(ready_now, key=lambda c: (c[0], c[2]))
         if policy.fill_only_if_fits:
-            sooner = [c for c in cands if c[0] < best[0] and c[1] > now + _EPS]
+            sooner = [c[1] for c in cands if c[0] < best[0] and c[1] > now + _EPS]
             if sooner:
-                arrival = min(c[1] for c in sooner)
-                if now + costs.duration(best[3]) > arrival + _EPS:
+                arrival = min(sooner)
+                if now + duration[best[3]][best[4]] > arrival + _EPS:
                     waiting[rank] = True
                     heapq.heappush(events, (arrival, rank))
                     continue
-        end = commit(rank, best[3], now)
+        end = commit(rank, best[3], best[4], best[5], now)
+        if give_up_at < math.inf and remaining and max(
+            max(now, free_at[r]) + work_left[r] for r in range(pp)
+        ) > give_up_at + _EPS:
+            # No action starts before ``now`` (events come in time order), and a rank runs one at a time.
+            return GreedyRun(None, math.inf, tuple(peak), floor - _EPS, ceiling - _EPS)
         heapq.heappush(events, (end, rank))
         # A commit can make actions visible to ranks that were waiting on nothing known.
         for r in range(pp):
             if waiting[r] and r != rank:
                 waiting[r] = False
                 heapq.heappush(events, (max(now, free_at[r]), r))
-    return Schedule(name, shape, tuple(tuple(p) for p in programs))
+    schedule = Schedule(name, shape, tuple(tuple(p) for p in programs))
+    if limits is None:
+        floor, ceiling = _EPS, math.inf
+    return GreedyRun(schedule, max(free_at), tuple(peak), floor - _EPS, ceiling - _EPS)
 
 
 def memory_cap(shape: PipelineShape, costs: CostModel, microbatches_per_rank: float) -> tuple[float, ...]:
