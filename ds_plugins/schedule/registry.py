@@ -29,7 +29,7 @@ from typing import Callable
 from .costs import CostModel
 from .generators.auto import auto
 from .generators.interleaved_1f1b import interleaved_1f1b
-from .generators.list_scheduler import MICROBATCHES_PER_RANK, rank_footprint
+from .generators.list_scheduler import MICROBATCHES_PER_RANK, memory_cap, zero_bubble_schedule
 from .generators.one_f_one_b import one_f_one_b
 from .generators.v_half import v_half
 from .generators.v_min import v_min
@@ -202,9 +202,12 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     trying every knob combination of the greedy list scheduler (``search=True``), once under ``costs``' memory
     model and once under the uniform one the running order was built with (every chunk's activations alike);
     :attr:`Retuned.schedule` is the fastest rebuilt order when it simulates more than 0.1% faster under ``costs``,
-    else ``schedule`` itself. The candidate under ``costs``' memory model stays within the schedule's own budget of
-    micro-batches per rank in ``costs``' units; the one under the uniform model is dropped when, under ``costs``'
-    memory, it would hold more on some rank than both the running order and that budget (:attr:`Retuned.dropped`).
+    else ``schedule`` itself. Neither candidate holds more on a rank than the running order's fullest rank: the
+    one under ``costs``' memory model is built within the schedule's own budget of micro-batches per rank in
+    ``costs``' units, lowered on each rank to the running order's highest per-rank peak; the one under the uniform
+    model is dropped when, under ``costs``' memory, it would hold more on some rank than both the running order
+    there and that cap
+    (:attr:`Retuned.dropped`).
     :attr:`Retuned.bound` is :func:`~ds_plugins.schedule.simulate.lower_bound` of the shape under ``costs``.
     """
     if schedule.name not in COST_TUNED:
@@ -214,28 +217,35 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     costs.for_shape(shape)
     generator = _GENERATORS[schedule.name]
     before = simulate(schedule, costs)
-    candidates = [("measured", generator(shape, costs, search=True))]
+    # A rebuild never holds more activation memory on a rank than the running order's highest rank does, nor more
+    # than the schedule's budget of micro-batches per rank (in costs' units) where that is lower: under a measured
+    # memory model the budget of a rank with heavy chunks (V placement's rank 0 with the LM head) lies above what the
+    # running order holds anywhere, and rebuilds that used it raised zb-v's peak over DeepSpeed's 1F1B from 1.03-1.06x
+    # to 1.10x (4x H200, session 9: rank 0 4.31 -> 4.95 GiB of activations).
+    per_rank = MICROBATCHES_PER_RANK[schedule.name](shape.pp)
+    ceiling = max(before.peak_activation_memory)
+    budget = memory_cap(shape, costs, per_rank)
+    cap = tuple(min(b, ceiling) for b in budget)
+    candidates = [("measured", zero_bubble_schedule(schedule.name, shape, costs, per_rank, search=True, cap=cap))]
     # the same times with the memory model the running order was built for (every chunk's activations alike): a
     # measured memory model can starve the greedy scheduler (Megatron on 2x H200: the rebuild under measured memory
     # simulated slower than the F = I = W order, which was kept and ran 0.84x megatron's interleaved 1F1B, while
     # auto, at the same peak, ran 1.06x). Counted in uniform units such an order holds what the running one holds,
     # but in real bytes it may hold the heavy chunks where the running order held light ones (zb-v, pp=2: 1.2x the
-    # running order's peak, 1.5x its budget of pp micro-batches), so it must fit what the running order holds or
-    # the schedule's budget, per rank, under the measured memory
+    # running order's peak, 1.5x its budget of pp micro-batches), so per rank it must fit what the running order
+    # holds there, or else the cap above, under the measured memory
     dropped = ""
     uniform = CostModel.uniform(shape)
     if (costs.activation_memory, costs.weight_grad_memory) != (uniform.activation_memory, uniform.weight_grad_memory):
         rebuilt = generator(shape, replace(costs, activation_memory=uniform.activation_memory,
                                            weight_grad_memory=uniform.weight_grad_memory), search=True)
-        per_rank = MICROBATCHES_PER_RANK[schedule.name](shape.pp)
-        allowed = [max(held, per_rank * rank_footprint(shape, costs, r))
-                   for r, held in enumerate(before.peak_activation_memory)]
+        allowed = [max(held, c) for held, c in zip(before.peak_activation_memory, cap)]
         held = simulate(rebuilt, costs)
         over = [r for r, (p, a) in enumerate(zip(held.peak_activation_memory, allowed)) if p > a * (1 + 1e-9) + 1e-12]
         if over:
             dropped = (f"the rebuild under the uniform memory model ({1e3 * held.makespan:.1f} ms) was dropped: it "
-                       f"would hold {_peaks(held)}, over both the running order's peak and {per_rank:g} "
-                       f"micro-batches' activations on rank(s) {over}")
+                       f"would hold {_peaks(held)}, on rank(s) {over} more than the running order holds there and "
+                       f"more than its fullest rank or {per_rank:g} micro-batches' activations, whichever is lower")
         else:
             candidates.append(("uniform", rebuilt))
     results = [simulate(c, costs) for _, c in candidates]

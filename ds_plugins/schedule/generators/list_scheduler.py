@@ -363,7 +363,8 @@ MICROBATCHES_PER_RANK: dict[str, Callable[[int], int]] = {
 
 
 def zero_bubble_schedule(
-    name: str, shape: PipelineShape, costs: CostModel, microbatches_per_rank: float, *, search: bool = False
+    name: str, shape: PipelineShape, costs: CostModel, microbatches_per_rank: float, *, search: bool = False,
+    cap: tuple[float, ...] | None = None,
 ) -> Schedule:
     """Best of a few greedy variants under a budget of ``microbatches_per_rank`` micro-batches per rank.
 
@@ -373,9 +374,11 @@ def zero_bubble_schedule(
     ``search``: try every knob combination (:func:`policy_variants`) under the same budget - what a rebuild from
     measured costs uses (``registry.retune``): with costs far from F = I = W (megatron's GPT with unfused
     attention on 2x H200: W a quarter of I) the three variants above left ZB-V's order 5% slower in simulation
-    than the best of the 32 (554 vs 529 ms).
+    than the best of the 32 (554 vs 529 ms). ``cap``: per-rank memory limit to use instead of the budget's
+    (``registry.retune`` lowers the budget to what the running order holds on its fullest rank).
     """
-    cap = memory_cap(shape, costs, microbatches_per_rank)
+    if cap is None:
+        cap = memory_cap(shape, costs, microbatches_per_rank)
     best: tuple[tuple[float, float], Schedule] | None = None
     if search:
         policies = policy_variants(shape, cap)
