@@ -188,7 +188,10 @@ class Retuned:
 
 
 def _peaks(result: SimulationResult) -> str:
-    peaks = result.peak_activation_memory
+    return _peaks_of(result.peak_activation_memory)
+
+
+def _peaks_of(peaks: tuple[float, ...] | list[float]) -> str:
     in_bytes = max(peaks, default=0.0) > 2**20
     return "[" + ", ".join(f"{p / 2**30:.2f} GiB" if in_bytes else f"{p:.2f}" for p in peaks) + "]"
 
@@ -221,7 +224,7 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     # than the schedule's budget of micro-batches per rank (in costs' units) where that is lower: under a measured
     # memory model the budget of a rank with heavy chunks (V placement's rank 0 with the LM head) lies above what the
     # running order holds anywhere, and rebuilds that used it raised zb-v's peak over DeepSpeed's 1F1B from 1.03-1.06x
-    # to 1.10x (4x H200, session 9: rank 0 4.31 -> 4.95 GiB of activations).
+    # to 1.10-1.11x (4x H200, session 9: rank 0's activations 4.43 -> 4.95, 4.31 -> 4.93 and 4.32 -> 5.04 GiB).
     per_rank = MICROBATCHES_PER_RANK[schedule.name](shape.pp)
     ceiling = max(before.peak_activation_memory)
     budget = memory_cap(shape, costs, per_rank)
@@ -244,8 +247,9 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
         over = [r for r, (p, a) in enumerate(zip(held.peak_activation_memory, allowed)) if p > a * (1 + 1e-9) + 1e-12]
         if over:
             dropped = (f"the rebuild under the uniform memory model ({1e3 * held.makespan:.1f} ms) was dropped: it "
-                       f"would hold {_peaks(held)}, on rank(s) {over} more than the running order holds there and "
-                       f"more than its fullest rank or {per_rank:g} micro-batches' activations, whichever is lower")
+                       f"would hold {_peaks(held)}, on rank(s) {over} more than allowed there ({_peaks_of(allowed)}: "
+                       f"what the running order holds on that rank, or up to the running order's fullest rank "
+                       f"within {per_rank:g} micro-batches' activations)")
         else:
             candidates.append(("uniform", rebuilt))
     results = [simulate(c, costs) for _, c in candidates]

@@ -195,7 +195,7 @@ class LowerBound:
             return f"{orders} can beat {t(self.makespan)} (one micro-batch's critical path binds)"
         why = f"rank {self.rank}: starts at {t(self.start)}, works {t(self.work)}"
         if self.drain > 0:
-            why += f", then {t(self.drain)} must follow its last backward"
+            why += f", then at least {t(self.drain)} beyond its own work after its last backward"
         return f"{orders} can beat {t(self.makespan)} ({why})"
 
     def __str__(self) -> str:
@@ -232,7 +232,8 @@ def lower_bound(shape: PipelineShape, costs: CostModel, *, split_backward: bool 
       that micro-batch's backward: I (or B) of every stage below, W of stage 0, ``comm`` per rank change. So
       makespan >= start + work + max(0, tail - W's of r over all micro-batches), tail the shortest such chain
       over r's stages (the last I may be of any of them). With ``split_backward=False`` r has no W actions and
-      the drain is the whole tail (B of every stage below): for 1F1B at uniform costs this is its makespan.
+      the drain is the whole tail (B of every stage below): for 1F1B at uniform costs and comm 0 this is its
+      makespan.
     - the critical path of one micro-batch: F of every stage, then I (B) of every stage back, then W of stage 0,
       plus ``comm`` per rank change forward and backward.
 

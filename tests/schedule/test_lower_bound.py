@@ -65,7 +65,7 @@ def test_loop_two_ranks_by_hand():
     assert _optimum(shape, costs, split=True) == pytest.approx(14)
     assert _optimum(shape, costs, split=False) == pytest.approx(16)
     assert str(bound) == ("no loop order (pp=2, vp=1, m=2) can beat 14 "
-                          "(rank 1: starts at 1.25, works 12, then 0.75 must follow its last backward)")
+                          "(rank 1: starts at 1.25, works 12, then at least 0.75 beyond its own work after its last backward)")
 
 
 def test_v_critical_path_binds_with_one_microbatch():

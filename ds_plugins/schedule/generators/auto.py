@@ -8,7 +8,8 @@ greedy initial solutions under a memory limit, several variants, keep the best).
   waiting for the critical path or not, depth- or breadth-first forwards, 1F1B-like or free warm-up depth), over
   both placements when there are 2 chunks per rank, each under a ladder of memory *budgets* at or below the cap.
 
-The candidate with the shortest simulated makespan wins (ties: lower peak memory). So ``auto`` is never slower in
+The candidate with the shortest simulated makespan wins (ties: lower peak memory among the candidates run; a
+placement whose search stops at the lower bound may hold an equally fast order with a lower peak). So ``auto`` is never slower in
 the simulator than a handcrafted schedule that fits the same cap.
 
 Why budgets below the cap: the greedy scheduler spends its budget on early forwards, and a looser budget can
@@ -41,7 +42,7 @@ from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
 from ..simulate import SimulationResult, lower_bound, simulate
 from .interleaved_1f1b import interleaved_1f1b
-from .list_scheduler import GreedyPolicy, greedy_run, policy_variants, rank_footprint
+from .list_scheduler import GreedyPolicy, greedy_run, memory_tolerance, policy_variants, rank_footprint
 from .one_f_one_b import one_f_one_b
 from .v_half import v_half
 from .v_min import v_min
@@ -73,7 +74,8 @@ def _grid_point_below(x: float, step: float) -> float:
 
 def _grid_point_at_or_above(x: float, step: float) -> float:
     """The smallest multiple of ``step`` at or above ``x``."""
-    return _grid_point_below(x, step) + step
+    k = round(_grid_point_below(x, step) / step) + 1
+    return k * step
 
 
 def default_memory_limit(shape: PipelineShape, costs: CostModel) -> float:
@@ -118,7 +120,8 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
         p: max(rank_footprint(replace(shape, placement=p), costs, r) for r in range(shape.pp)) for p in placements
     }
     need = min(footprint.values())
-    if limit + _EPS < need:
+    mtol = memory_tolerance(max(limit, need))
+    if limit + mtol < need:
         raise ValueError(
             f"auto: memory_limit {limit:g} cannot hold one micro-batch's activations ({need:g} on the fullest "
             f"rank); raise memory_limit to at least {need:g}"
@@ -128,7 +131,7 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
 
     def consider(schedule: Schedule, makespan: float, peak: float, origin: str) -> None:
         nonlocal best, best_handcrafted
-        if peak > limit + _EPS:
+        if peak > limit + mtol:
             return
         key = (makespan, peak)
         if best is None or key < best[0]:
@@ -150,7 +153,7 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
     runs = given_up = 0
     bounds = {p: lower_bound(replace(shape, placement=p), costs).makespan for p in placements}
     for placement in sorted(placements, key=lambda p: bounds[p]):  # the placement that may be faster first
-        if limit + _EPS < footprint[placement]:  # this placement cannot hold one micro-batch on some rank
+        if limit + mtol < footprint[placement]:  # this placement cannot hold one micro-batch on some rank
             continue
         pshape = replace(shape, placement=placement)
         bound = bounds[placement]
@@ -173,8 +176,9 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
                     if budget < limit:
                         origin += f" under budget {budget:g}, tighter than the cap"
                     consider(run.schedule, run.makespan, max(run.peak_activation_memory), origin)
-                descent[1] = _grid_point_below(run.low, step)  # the budgets in between give this same run
-            descents = [d for d in descents if d[1] + _EPS >= footprint[placement]]
+                # the budgets in between give this same run; strictly below this budget, so the descent ends
+                descent[1] = min(_grid_point_below(run.low, step), _grid_point_below(budget, step))
+            descents = [d for d in descents if d[1] + mtol >= footprint[placement]]
 
     if best is None:  # cannot happen: the greedy candidates respect the limit checked above
         raise RuntimeError(f"auto found no schedule within memory_limit {limit:g} (internal error)")

@@ -39,11 +39,18 @@ from ..ir import Action, ActionKind, PipelineShape, Schedule
 from ..simulate import simulate
 
 __all__ = ["GreedyPolicy", "MICROBATCHES_PER_RANK", "ZERO_BUBBLE_POLICY", "GreedyRun", "greedy_run",
-           "list_schedule", "memory_cap",
+           "list_schedule", "memory_cap", "memory_tolerance",
            "policy_variants", "rank_footprint", "zero_bubble_schedule"]
 
 _F, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
 _EPS = 1e-9
+
+
+def memory_tolerance(scale: float) -> float:
+    """Slack for comparing memory amounts of magnitude ``scale``: 1e-9 in small units (GiB, the uniform model's
+    1 per micro-batch), relative in bytes, where a sum of chunk sizes in another order differs by a few ulps
+    (~1e-7 at 1e9) and a budget of exactly one micro-batch's footprint then turned its first forward down."""
+    return max(_EPS, 1e-12 * abs(scale))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,9 +106,9 @@ class GreedyRun:
     """Per rank, the highest memory in program order: ``simulate(...).peak_activation_memory``."""
     low: float
     high: float
-    """The run sees its memory limit only through tests "this forward's need <= limit (+ 1e-9)" (``safe_forward``
-    below). ``low`` is the largest need among the forwards it took, ``high`` the smallest among those it turned
-    down (each minus the 1e-9 tolerance): with every rank's limit in ``[low, high)`` each test comes out the same,
+    """The run sees its memory limit only through tests "this forward's need <= limit (+ a tolerance,
+    :func:`memory_tolerance`)" (``safe_forward`` below). ``low`` is the largest need among the forwards it took,
+    ``high`` the smallest among those it turned down (each minus the tolerance): with every rank's limit in ``[low, high)`` each test comes out the same,
     so the run, and the schedule, is the same. A limit below ``low`` turns down a forward this run took (a
     different run, maybe a faster one: see ``auto``); at or above ``high`` it takes one this run turned down.
     ``low`` is at least one micro-batch's footprint on the fullest rank (the first F there); ``high`` is ``inf``
@@ -120,12 +127,14 @@ def greedy_run(
     costs.for_shape(shape)
     pp, m, n = shape.pp, shape.microbatches, shape.num_stages
     limits = policy.memory_limit
+    footprint = [rank_footprint(shape, costs, r) for r in range(pp)]
+    mtol = memory_tolerance(max(footprint, default=0.0))
     if limits is not None:
         if len(limits) != pp:
             raise ValueError(f"memory_limit has {len(limits)} entries for pp={pp}; give one per rank")
         for r in range(pp):
-            need = rank_footprint(shape, costs, r)
-            if limits[r] + _EPS < need:
+            need = footprint[r]
+            if limits[r] + mtol < need:
                 raise ValueError(
                     f"{name}: memory limit {limits[r]:g} on rank {r} cannot hold one micro-batch ({need:g}); "
                     f"raise memory_limit to at least {need:g}"
@@ -135,7 +144,6 @@ def greedy_run(
     first_stage = [st[0] for st in stages_of]
     chunks = [len(st) for st in stages_of]
     rank_of = [shape.rank_of(s) for s in range(n)]
-    footprint = [rank_footprint(shape, costs, r) for r in range(pp)]
     comm = costs.comm
     # Per kind (0 = F, 1 = I, 2 = W), per stage: duration and change in the rank's memory (CostModel.duration
     # and CostModel.memory_delta, looked up once: auto runs the scheduler hundreds of times per call).
@@ -202,7 +210,7 @@ def greedy_run(
         entry[0] += delta
         if kind == 0:
             entry[1] -= act[s]
-        if entry[0] <= _EPS and entry[1] <= _EPS:
+        if entry[0] <= mtol and entry[1] <= mtol:
             del live[rank][mb]
         if kind == 0:
             next_f[s] += 1
@@ -236,7 +244,7 @@ def greedy_run(
                 held, to_allocate = held + a, to_allocate - a
             need = max(need, after - older_held + to_allocate)
             older_held += held
-        if need > limits[rank] + _EPS:
+        if need > limits[rank] + mtol:
             ceiling = min(ceiling, need)
             return False
         floor = max(floor, need)
@@ -304,7 +312,7 @@ def greedy_run(
             max(now, free_at[r]) + work_left[r] for r in range(pp)
         ) > give_up_at + _EPS:
             # No action starts before ``now`` (events come in time order), and a rank runs one at a time.
-            return GreedyRun(None, math.inf, tuple(peak), floor - _EPS, ceiling - _EPS)
+            return GreedyRun(None, math.inf, tuple(peak), floor - mtol, ceiling - mtol)
         heapq.heappush(events, (end, rank))
         # A commit can make actions visible to ranks that were waiting on nothing known.
         for r in range(pp):
@@ -313,8 +321,8 @@ def greedy_run(
                 heapq.heappush(events, (max(now, free_at[r]), r))
     schedule = Schedule(name, shape, tuple(tuple(p) for p in programs))
     if limits is None:
-        floor, ceiling = _EPS, math.inf
-    return GreedyRun(schedule, max(free_at), tuple(peak), floor - _EPS, ceiling - _EPS)
+        floor, ceiling = mtol, math.inf
+    return GreedyRun(schedule, max(free_at), tuple(peak), floor - mtol, ceiling - mtol)
 
 
 def memory_cap(shape: PipelineShape, costs: CostModel, microbatches_per_rank: float) -> tuple[float, ...]:
