@@ -209,8 +209,7 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     one under ``costs``' memory model is built within the schedule's own budget of micro-batches per rank in
     ``costs``' units, lowered on each rank to the running order's highest per-rank peak; the one under the uniform
     model is dropped when, under ``costs``' memory, it would hold more on some rank than both the running order
-    there and that cap
-    (:attr:`Retuned.dropped`).
+    there and that cap (:attr:`Retuned.dropped`).
     :attr:`Retuned.bound` is :func:`~ds_plugins.schedule.simulate.lower_bound` of the shape under ``costs``.
     """
     if schedule.name not in COST_TUNED:
