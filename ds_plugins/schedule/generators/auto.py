@@ -9,8 +9,8 @@ greedy initial solutions under a memory limit, several variants, keep the best).
   both placements when there are 2 chunks per rank, each under a ladder of memory *budgets* at or below the cap.
 
 The candidate with the shortest simulated makespan wins (ties: lower peak memory among the candidates run; a
-placement whose search stops at the lower bound may hold an equally fast order with a lower peak). So ``auto`` is never slower in
-the simulator than a handcrafted schedule that fits the same cap.
+placement whose search stops at the lower bound may hold an equally fast order with a lower peak). So ``auto`` is
+never slower in the simulator than a handcrafted schedule that fits the same cap.
 
 Why budgets below the cap: the greedy scheduler spends its budget on early forwards, and a looser budget can
 make a greedier start that ends worse (measured Megatron costs, pp=4, vp=2, m=8, looped: a cap of 22 GiB gave

@@ -108,8 +108,8 @@ class GreedyRun:
     high: float
     """The run sees its memory limit only through tests "this forward's need <= limit (+ a tolerance,
     :func:`memory_tolerance`)" (``safe_forward`` below). ``low`` is the largest need among the forwards it took,
-    ``high`` the smallest among those it turned down (each minus the tolerance): with every rank's limit in ``[low, high)`` each test comes out the same,
-    so the run, and the schedule, is the same. A limit below ``low`` turns down a forward this run took (a
+    ``high`` the smallest among those it turned down (each minus the tolerance): with every rank's limit in
+    ``[low, high)`` each test comes out the same, so the run, and the schedule, is the same. A limit below ``low`` turns down a forward this run took (a
     different run, maybe a faster one: see ``auto``); at or above ``high`` it takes one this run turned down.
     ``low`` is at least one micro-batch's footprint on the fullest rank (the first F there); ``high`` is ``inf``
     when nothing was turned down for memory. Without a memory limit: ``low = 0``, ``high = inf``. When the run
