@@ -36,7 +36,6 @@ from typing import Callable, Literal
 
 from ..costs import CostModel
 from ..ir import Action, ActionKind, PipelineShape, Schedule
-from ..simulate import simulate
 
 __all__ = ["GreedyPolicy", "MICROBATCHES_PER_RANK", "ZERO_BUBBLE_POLICY", "GreedyRun", "greedy_run",
            "list_schedule", "memory_cap", "memory_tolerance",
@@ -109,8 +108,9 @@ class GreedyRun:
     """The run sees its memory limit only through tests "this forward's need <= limit (+ a tolerance,
     :func:`memory_tolerance`)" (``safe_forward`` below). ``low`` is the largest need among the forwards it took,
     ``high`` the smallest among those it turned down (each minus the tolerance): with every rank's limit in
-    ``[low, high)`` each test comes out the same, so the run, and the schedule, is the same. A limit below ``low`` turns down a forward this run took (a
-    different run, maybe a faster one: see ``auto``); at or above ``high`` it takes one this run turned down.
+    ``[low, high)`` each test comes out the same, so the run, and the schedule, is the same. A limit below ``low``
+    turns down a forward this run took (a different run, maybe a faster one: see ``auto``); at or above ``high`` it
+    takes one this run turned down.
     ``low`` is at least one micro-batch's footprint on the fullest rank (the first F there); ``high`` is ``inf``
     when nothing was turned down for memory. Without a memory limit: ``low = 0``, ``high = inf``. When the run
     gave up, both describe the part it ran: every limit in ``[low, high)`` runs that same part, and gives up too."""
@@ -257,11 +257,9 @@ def greedy_run(
             mb = next_f[s]
             if mb < m:
                 ready = f_arrival.get((s, mb))
-                if ready is not None:
-                    if s == first_stage[rank] and in_flight[rank] >= in_flight_cap[rank]:
-                        pass
-                    elif limits is None or safe_forward(rank, s, mb):
-                        out.append((f_cat, ready, (-s if deepest_first else s, mb), 0, s, mb))
+                capped = s == first_stage[rank] and in_flight[rank] >= in_flight_cap[rank]
+                if ready is not None and not capped and (limits is None or safe_forward(rank, s, mb)):
+                    out.append((f_cat, ready, (-s if deepest_first else s, mb), 0, s, mb))
             mb = next_i[s]
             if mb < m and next_f[s] > mb:
                 ready = i_ready.get((s, mb))
@@ -394,9 +392,8 @@ def zero_bubble_schedule(
         policies = [replace(ZERO_BUBBLE_POLICY, memory_limit=cap, weight=weight, fill_only_if_fits=fit)
                     for weight, fit in (("lazy", True), ("lazy", False), ("eager", True))]
     for policy in policies:
-        schedule = list_schedule(name, shape, costs, policy)
-        result = simulate(schedule, costs)
-        key = (result.makespan, max(result.peak_activation_memory))
+        run = greedy_run(name, shape, costs, policy)  # its makespan and peak are what simulate() reports
+        key = (run.makespan, max(run.peak_activation_memory))
         if best is None or key < best[0]:
-            best = (key, schedule)
+            best = (key, run.schedule)
     return best[1]  # type: ignore[index]
