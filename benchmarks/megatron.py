@@ -17,7 +17,9 @@ For m = 8 and m = 16 micro-batches:
   it runs once with both off (batched same-tag p2p mismatches on gloo at pp = 2: integration-notes.md);
 - ``zb-h2`` (vp = 1), ``zb-v`` and ``auto`` (V placement, ``megatron_patches.build_model_chunks``):
   megatron's ``get_forward_backward_func()`` after ``megatron_patches.apply(name)``; ``auto`` re-plans from
-  measured timings after its warm-up steps (excluded from timing).
+  measured timings after its warm-up steps (excluded from timing). ``auto`` plans under 1F1B's activation memory
+  unless given a budget: ``auto@22`` is ``--pipeline-memory-limit-gib 22`` (activations per rank, GiB; the issue's
+  target allows 1.1x megatron interleaved's peak, which leaves room above 1F1B's).
 
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
@@ -104,10 +106,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_profile_arguments(p, "every row (megatron-interleaved gets its p2p mode in the trace name)")
     args = p.parse_args(argv)
     check_profile_arguments(p, args)
-    unknown = [v for v in args.variants if v not in LAYOUT_OF]
+    unknown = [v for v in args.variants if _layout(v) is None]
     if unknown:
-        p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}")
+        p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}, or auto@GIB (auto under an activation "
+                "memory budget of GIB GiB per rank, --pipeline-memory-limit-gib)")
     return args
+
+
+def _schedule_of(variant: str):
+    """``(schedule name, memory_limit_gib)`` of a variant: ``auto@22`` is auto under ``--pipeline-memory-limit-gib
+    22``; ``(variant, None)`` otherwise, and ``(None, None)`` for a malformed budget."""
+    name, at, budget = variant.partition("@")
+    if not at:
+        return variant, None
+    try:
+        limit = float(budget)
+    except ValueError:
+        return None, None
+    return (name, limit) if name == "auto" and limit > 0 else (None, None)
+
+
+def _layout(variant: str):
+    """The chunk layout a variant runs on ("loop1", "loop2", "v"), or None for an unknown variant."""
+    return LAYOUT_OF.get(_schedule_of(variant)[0])
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -260,10 +281,11 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     else:
         from megatron_patches.forward_backward import AUTO_WARMUP_STEPS
 
-        megatron_patches.apply(variant)
+        name, memory_limit_gib = _schedule_of(variant)
+        megatron_patches.apply(name, memory_limit_gib=memory_limit_gib)
         func = schedules.get_forward_backward_func()
         # auto plans, zb-h1/zb-h2/zb-v are rebuilt from the per-action timings of their first steps
-        warmup = args.warmup + (AUTO_WARMUP_STEPS if variant in ("auto", "zb-h1", "zb-h2", "zb-v") else 0)
+        warmup = args.warmup + (AUTO_WARMUP_STEPS if name in ("auto", "zb-h1", "zb-h2", "zb-v") else 0)
 
     def step():
         for w in wrapped:
@@ -367,8 +389,8 @@ def run_all(args):
     rows = []
     # one model build per layout, the layouts in the order --variants first names them (what is listed first has
     # printed its numbers even if a later layout fails or the run is cut off)
-    for layout in dict.fromkeys(LAYOUT_OF[v] for v in args.variants):
-        variants = [v for v in args.variants if LAYOUT_OF[v] == layout]
+    for layout in dict.fromkeys(_layout(v) for v in args.variants):
+        variants = [v for v in args.variants if _layout(v) == layout]
         if not variants:
             continue
         release_between_rows(device)

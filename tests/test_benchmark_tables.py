@@ -1,5 +1,7 @@
 """Pure table logic of the GPU benchmarks (no process group): benchmarks/megatron.py's first-step loss/grad check
 and baseline choice, benchmarks/pipeline.py's "vs best torch" column."""
+import pytest
+
 from benchmarks import megatron as mb
 from benchmarks import pipeline as pb
 
@@ -105,3 +107,16 @@ def test_megatron_activations_held_per_rank_follow_the_order():
     assert mb._activations_held(order) == [[8, 8], [1, 7]]
     assert mb._activations_held(build_schedule("zb-v", pp=2, microbatches=8)) == [[2, 2], [2, 2]]
     assert "rank 1 1 / 7" in mb._format_held([[8, 8], [1, 7]])
+
+
+def test_megatron_auto_variant_with_a_memory_budget():
+    """``auto@GIB`` runs auto under ``--pipeline-memory-limit-gib GIB`` on the V layout; malformed budgets are
+    unknown variants."""
+    assert mb._schedule_of("auto@22") == ("auto", 22.0)
+    assert mb._schedule_of("zb-v") == ("zb-v", None)
+    assert mb._layout("auto@22.5") == "v" and mb._layout("auto") == "v"
+    for bad in ("auto@", "auto@x", "auto@0", "auto@-1", "zb-v@22", "nope"):
+        assert mb._layout(bad) is None, bad
+    assert mb.parse_args(["--variants", "auto@20", "zb-v"]).variants == ["auto@20", "zb-v"]
+    with pytest.raises(SystemExit):
+        mb.parse_args(["--variants", "zb-h2@20"])
