@@ -132,12 +132,12 @@ def _weight_grad_closure(ctx, input, weight, grad_output, to_main_grad: bool) ->
     sequence_parallel = ctx.sequence_parallel
     tp_group = ctx.tp_group
     input, grad_output = input.detach(), grad_output.detach()
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.utils import prepare_input_tensors_for_wgrad_compute
 
-    @torch.no_grad()
+    # No torch.no_grad() wrapper per closure (one is built per linear and micro-batch, on the host's critical
+    # path): both callers already run without grad, the autograd engine's backward and WeightGradQueue.run/drain.
     def weight_grad() -> None:
-        from megatron.core.tensor_parallel import layers
-        from megatron.core.utils import prepare_input_tensors_for_wgrad_compute
-
         if sequence_parallel:
             size = list(input.size())
             size[0] *= tp_group.size()
