@@ -256,3 +256,44 @@ def test_log_every_logs_bubble_and_tokens_per_second(caplog):
         ex.run(*mlp_batches(2), tokens=6)
     (record,) = caplog.records
     assert "bubble" in record.getMessage() and "tokens/s" in record.getMessage()
+
+
+def test_device_timing_on_cpu_times_actions_like_action_timing(monkeypatch):
+    """timing="device" is host timing on CPU (no sleeps), with the same gradients; INTERLEAF_DEVICE_TIMING=0 turns
+    it into "action"."""
+    schedule = build_schedule("zb-h1", pp=1, microbatches=4)
+    inputs, targets = mlp_batches(4)
+    grads = {}
+    for timing in ("action", "device"):
+        layers = mlp_layers(2)
+        ex = PipelineExecutor(schedule, 0, build_stage_modules(layers, schedule.shape, 0), p2p=None, loss_fn=mse,
+                              device="cpu", timing=timing)
+        r = ex.run(inputs, targets, loss_scale=0.25)
+        assert set(r.typical_seconds()) == {("F", 0), ("I", 0), ("W", 0)} and ex.late_samples == 0
+        grads[timing] = [p.grad.clone() for layer in layers for p in layer.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads["action"], grads["device"]))
+    monkeypatch.setenv("INTERLEAF_DEVICE_TIMING", "0")
+    ex = PipelineExecutor(schedule, 0, build_stage_modules(mlp_layers(2), schedule.shape, 0), p2p=None, loss_fn=mse,
+                          device="cpu", timing="device")
+    assert ex.timing == "action"
+
+
+def test_device_timing_lead_follows_the_host_issue_time_and_stops_for_actions_that_wait_for_the_device():
+    """The sleep ahead of an action (timing="device"): 1.5x its last issue time + 1 ms, capped; an action issued
+    past its sleep twice running (it waits for the device inside) gets no sleep any more."""
+    from ds_plugins.runtime import executor as ex_mod
+
+    schedule = build_schedule("1f1b", pp=1, microbatches=2)
+    ex = PipelineExecutor(schedule, 0, build_stage_modules(mlp_layers(2), schedule.shape, 0), p2p=None, loss_fn=mse,
+                          device="cpu", timing="device")
+    f, b = (ActionKind.FORWARD, 0), (ActionKind.BACKWARD, 0)
+    ex._next_lead(f, 0.02, 0.004)
+    assert ex._lead_s[f] == pytest.approx(1.5 * 0.004 + ex_mod.DEVICE_TIMING_LEAD_PAD_S) and ex.late_samples == 0
+    ex._next_lead(f, 0.02, 1.0)  # one late issue: a longer sleep next time, capped
+    assert ex._lead_s[f] == ex_mod.DEVICE_TIMING_MAX_LEAD_S and ex.late_samples == 1
+    ex._next_lead(f, 0.1, 0.01)  # back within its sleep: the count of consecutive late issues restarts
+    ex._next_lead(f, 0.016, 0.05)
+    assert ex._lead_s[f] > 0 and ex.late_samples == 2
+    ex._next_lead(b, 0.02, 0.03)
+    ex._next_lead(b, 0.046, 0.06)  # late twice running: waits for the device inside
+    assert ex._lead_s[b] == 0.0 and ex.late_samples == 4
