@@ -63,19 +63,14 @@ Timing = Literal["none", "action", "device", "sync"]
 resolved only when a timing is read, so no sync in the hot path), ``"device"`` (as ``"action"``, but on CUDA each
 action's events time its kernels alone: a GPU sleep queued ahead of the action lets the host enqueue all of them
 first, so a host slower than the GPU does not stretch the figure; slows the step, for measured warm-ups) or
-``"sync"`` (synchronize the device around every action: exact host-side times, for profiling only).
-``"device"`` also completes every transfer and waits for the device before each action (as the serialized first
-step does): the sleep then starts on an idle device with an empty launch queue, so the host issue it covers is
-never held up by a full queue (a host running ahead of sleeps would otherwise block in its launches, read that as
-slow issue and sleep longer: a runaway that stalled a 4x H100 run)."""
+``"sync"`` (synchronize the device around every action: exact host-side times, for profiling only)."""
 
 DEVICE_TIMING_FIRST_LEAD_S = 0.02
 """``timing="device"``: GPU sleep ahead of an action the executor has not seen issued yet (seconds)."""
 DEVICE_TIMING_LEAD_MARGIN = 1.5
 """``timing="device"``: the sleep ahead of an action is this many times the host time its last issue took (plus
-:data:`DEVICE_TIMING_LEAD_PAD_S`), at most :data:`DEVICE_TIMING_MAX_LEAD_S`."""
+:data:`DEVICE_TIMING_LEAD_PAD_S`)."""
 DEVICE_TIMING_LEAD_PAD_S = 0.001
-DEVICE_TIMING_MAX_LEAD_S = 0.1
 
 
 class StepResult:
@@ -383,8 +378,6 @@ class PipelineExecutor:
             )
         if timing not in ("none", "action", "device", "sync"):
             raise ValueError(f"timing must be 'none', 'action', 'device' or 'sync', got {timing!r}")
-        if timing == "device" and os.environ.get("INTERLEAF_DEVICE_TIMING", "1") == "0":
-            timing = "action"  # debugging knob (docs/runtime.md): measured warm-ups as before "device" existed
         if shape.pp > 1 and p2p is None:
             raise ValueError("pp > 1 needs a P2PCommunicator (P2PCommunicator.for_shape(shape, pipeline_ranks))")
         if split_mode is None:
@@ -441,9 +434,7 @@ class PipelineExecutor:
         """Debugging knob (docs/runtime.md): complete every transfer on the host before each compute action,
         every step (the serialized first step always does)."""
         self._steps = 0
-        # timing="device": sleep ahead of each action kind; 0 = none (the action waits for the device itself)
-        self._lead_s: dict[tuple[ActionKind, int], float] = {}
-        self._late_keys: set[tuple[ActionKind, int]] = set()
+        self._lead_s: dict[tuple[ActionKind, int], float] = {}  # timing="device": sleep ahead of each action kind
         self._sleep_cycles_per_s: float | None = None
         self.late_samples = 0
         """``timing="device"``: actions whose host issue outlasted the sleep ahead of them (their time may include
@@ -574,7 +565,7 @@ class PipelineExecutor:
         if sync_timing:
             self._sync()
         p2p = self.p2p
-        quiesce = p2p is not None and (first or self.sync_transfers or device_timing)
+        quiesce = p2p is not None and (first or self.sync_transfers)
         recvs_before, sends_after = plan.recvs_before, plan.sends_after
         compute = self._compute
         t_start = time.perf_counter()
@@ -600,17 +591,18 @@ class PipelineExecutor:
                     if cuda_events:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         if device_timing:
-                            if p2p is None:
-                                self._sync()  # (with p2p the quiesce above did)
                             lead = self._lead_s.get((action.kind, action.stage), DEVICE_TIMING_FIRST_LEAD_S)
-                            if lead > 0:
-                                torch.cuda._sleep(max(1, int(lead * self._sleep_cycles_per_s)))
+                            torch.cuda._sleep(max(1, int(lead * self._sleep_cycles_per_s)))
                             t0 = time.perf_counter()
                         start.record(stream)
                         compute(action, inputs_ready)
                         end.record(stream)
-                        if device_timing and lead > 0:
-                            self._next_lead((action.kind, action.stage), lead, time.perf_counter() - t0)
+                        if device_timing:
+                            issued = time.perf_counter() - t0
+                            if issued > lead:
+                                self.late_samples += 1
+                            self._lead_s[(action.kind, action.stage)] = (
+                                DEVICE_TIMING_LEAD_MARGIN * issued + DEVICE_TIMING_LEAD_PAD_S)
                         samples.append((action.kind, action.stage, (start, end)))
                     elif host_timing:
                         if sync_timing:
@@ -680,26 +672,6 @@ class PipelineExecutor:
                 100 * result.bubble_fraction, rate,
             )
         return result
-
-    def _next_lead(self, key: tuple[ActionKind, int], lead: float, issued: float) -> None:
-        """``timing="device"``: the sleep ahead of ``key``'s next action, from the host time this one took to
-        issue. Issued past its sleep twice running, the action waits for the device inside (a host sync, e.g. a
-        device-to-host copy): no more sleeps for it, its time then includes what follows that wait."""
-        if issued <= lead:
-            self._late_keys.discard(key)
-            self._lead_s[key] = min(DEVICE_TIMING_MAX_LEAD_S,
-                                    DEVICE_TIMING_LEAD_MARGIN * issued + DEVICE_TIMING_LEAD_PAD_S)
-            return
-        self.late_samples += 1
-        if key in self._late_keys:
-            self._lead_s[key] = 0.0
-            logger.info("rank %d: %s of stage %d outlasted the GPU sleep ahead of it twice (timing='device'); it "
-                        "seems to wait for the device itself: timed without a sleep from now on",
-                        self.rank, key[0].name.lower(), key[1])
-            return
-        self._late_keys.add(key)
-        self._lead_s[key] = min(DEVICE_TIMING_MAX_LEAD_S,
-                                DEVICE_TIMING_LEAD_MARGIN * issued + DEVICE_TIMING_LEAD_PAD_S)
 
     # ------------------------------------------------------------------ communication
     def _sync(self) -> None:

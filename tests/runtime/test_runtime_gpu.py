@@ -113,6 +113,6 @@ def test_device_timing_measures_kernels_not_host_issue():
         forward[timing] = r.typical_seconds()[("F", 0)]
         grads[timing] = [p.grad.clone() for p in modules[0].parameters()]
         if timing == "device":
-            assert ex.late_samples <= 2  # host jitter past 1.5x its last issue, at most
+            assert ex.late_samples <= 4  # only first-step issues may outlast the first sleep
     assert all(torch.equal(a, b) for a, b in zip(grads["action"], grads["device"]))
     assert forward["device"] < 0.7 * forward["action"], forward
