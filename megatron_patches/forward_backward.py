@@ -137,7 +137,7 @@ class _Runner:
         self.auto_samples: List[Any] = []
         if schedule_config.schedule == "auto":
             seed = _AUTO_SEED["v" if placement == "v" else ("loop-1" if len(chunks) == 1 else "loop-n")]
-            self._install(build_schedule(seed, pp=pp, microbatches=num_microbatches, vp=len(chunks)), timing="device")
+            self._install(build_schedule(seed, pp=pp, microbatches=num_microbatches, vp=len(chunks)), timing="action")
             self.measuring = True
         else:
             from ds_plugins.schedule.registry import COST_TUNED
@@ -148,7 +148,7 @@ class _Runner:
             )
             # (a build_schedule of the caller's may hand out an order under another name: not rebuilt)
             self.measuring = schedule_config.measured_costs and schedule.name in COST_TUNED
-            self._install(schedule, timing="device" if self.measuring else "none")
+            self._install(schedule, timing="action" if self.measuring else "none")
         self.tuning: Optional[str] = None
         """zb-h1/zb-h2/zb-v after the measured warm-up: "rebuilt" or "kept" (None before, or without it)."""
         self.measured_costs = None
@@ -188,7 +188,7 @@ class _Runner:
         self.schedule = schedule
         self.executor = PipelineExecutor(
             schedule, self.pp_rank, stage_modules, p2p=p2p, loss_fn=_last_stage_loss(self.config),
-            device=self.device, timing=timing, track_memory=timing == "device",  # the warm-up reads memory
+            device=self.device, timing=timing, track_memory=timing == "action",  # the warm-up reads memory
             serialize_first=serialize_first,
         )
         logger.info("interleaf: %s schedule, pp=%d vp=%d m=%d, %s placement", schedule.name, self.pp,

@@ -144,8 +144,7 @@ class ScheduleRunner:
             loss_fn=self._loss_fn,
             device=self.device,
             weight_grad_queue=self.queue,
-            # the measured warm-up times each action's kernels alone (not how fast this host issued them)
-            timing="device" if self._measuring else "action",
+            timing="action",
             track_memory=self._measuring,  # only the measured warm-up reads memory figures
             serialize_first=serialize_first,
             after_backward=self._flush_bf16_grads if self._bf16 else None,

@@ -58,19 +58,10 @@ SplitMode = Literal["autograd", "function"]
 those weights' in one call, no Python per linear; ``"function"`` runs the layers as a Python
 ``autograd.Function`` that queues its GEMM from its backward (the older form, more host time per layer)."""
 
-Timing = Literal["none", "action", "device", "sync"]
+Timing = Literal["none", "action", "sync"]
 """How the executor times compute: ``"none"`` (wall time only), ``"action"`` (every compute action; CUDA events
-resolved only when a timing is read, so no sync in the hot path), ``"device"`` (as ``"action"``, but on CUDA each
-action's events time its kernels alone: a GPU sleep queued ahead of the action lets the host enqueue all of them
-first, so a host slower than the GPU does not stretch the figure; slows the step, for measured warm-ups) or
-``"sync"`` (synchronize the device around every action: exact host-side times, for profiling only)."""
-
-DEVICE_TIMING_FIRST_LEAD_S = 0.02
-"""``timing="device"``: GPU sleep ahead of an action the executor has not seen issued yet (seconds)."""
-DEVICE_TIMING_LEAD_MARGIN = 1.5
-"""``timing="device"``: the sleep ahead of an action is this many times the host time its last issue took (plus
-:data:`DEVICE_TIMING_LEAD_PAD_S`)."""
-DEVICE_TIMING_LEAD_PAD_S = 0.001
+resolved only when a timing is read, so no sync in the hot path) or ``"sync"`` (synchronize the device around
+every action: exact host-side times, for profiling only)."""
 
 
 class StepResult:
@@ -376,8 +367,8 @@ class PipelineExecutor:
                 f"rank {rank} of schedule {schedule.name!r} ({shape}) holds stages {sorted(expected)}; "
                 f"stage_modules has {sorted(stage_modules)}: build them with build_stage_modules(layers, shape, rank)"
             )
-        if timing not in ("none", "action", "device", "sync"):
-            raise ValueError(f"timing must be 'none', 'action', 'device' or 'sync', got {timing!r}")
+        if timing not in ("none", "action", "sync"):
+            raise ValueError(f"timing must be 'none', 'action' or 'sync', got {timing!r}")
         if shape.pp > 1 and p2p is None:
             raise ValueError("pp > 1 needs a P2PCommunicator (P2PCommunicator.for_shape(shape, pipeline_ranks))")
         if split_mode is None:
@@ -434,11 +425,6 @@ class PipelineExecutor:
         """Debugging knob (docs/runtime.md): complete every transfer on the host before each compute action,
         every step (the serialized first step always does)."""
         self._steps = 0
-        self._lead_s: dict[tuple[ActionKind, int], float] = {}  # timing="device": sleep ahead of each action kind
-        self._sleep_cycles_per_s: float | None = None
-        self.late_samples = 0
-        """``timing="device"``: actions whose host issue outlasted the sleep ahead of them (their time may include
-        host lateness; the next sleep for that action kind is longer)."""
         self._reset_state()
 
     # ------------------------------------------------------------------ planning
@@ -544,11 +530,7 @@ class PipelineExecutor:
         self._return_outputs = return_outputs
         self._forward_only = forward_only
         self._record = () if forward_only or self.split_mode != "autograd" else plan.split
-        cuda_events = self.timing in ("action", "device") and self.device.type == "cuda"
-        device_timing = cuda_events and self.timing == "device"
-        late_before = self.late_samples
-        if device_timing and self._sleep_cycles_per_s is None:
-            self._sleep_cycles_per_s = _sleep_cycles_per_second(self.device)  # before any transfer is posted
+        cuda_events = self.timing == "action" and self.device.type == "cuda"
         host_timing = self.timing != "none" and not cuda_events
         sync_timing = self.timing == "sync"
         samples: list[tuple[ActionKind, int, Any]] = []
@@ -590,19 +572,9 @@ class PipelineExecutor:
                     mem_before = torch.cuda.memory_allocated(self.device) if track_memory else 0
                     if cuda_events:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        if device_timing:
-                            lead = self._lead_s.get((action.kind, action.stage), DEVICE_TIMING_FIRST_LEAD_S)
-                            torch.cuda._sleep(max(1, int(lead * self._sleep_cycles_per_s)))
-                            t0 = time.perf_counter()
                         start.record(stream)
                         compute(action, inputs_ready)
                         end.record(stream)
-                        if device_timing:
-                            issued = time.perf_counter() - t0
-                            if issued > lead:
-                                self.late_samples += 1
-                            self._lead_s[(action.kind, action.stage)] = (
-                                DEVICE_TIMING_LEAD_MARGIN * issued + DEVICE_TIMING_LEAD_PAD_S)
                         samples.append((action.kind, action.stage, (start, end)))
                     elif host_timing:
                         if sync_timing:
@@ -642,10 +614,6 @@ class PipelineExecutor:
         if sync_timing:
             self._sync()
         host_wall = time.perf_counter() - t_start
-        if device_timing and self.late_samples > late_before:
-            logger.info("rank %d: %d of %d actions took the host longer to issue than the GPU sleep ahead of them "
-                        "(timing='device'; their times may include host lateness, later sleeps are longer)",
-                        self.rank, self.late_samples - late_before, len(plan.compute))
         if step_events is not None:
             step_events[1].record(stream)
         losses = tuple(self._losses[i] for i in sorted(self._losses))
@@ -887,21 +855,6 @@ class PipelineExecutor:
             )
         if self._posted or self._local_acts or self._local_grads:
             raise RuntimeError(f"rank {self.rank}: schedule {self.schedule.name!r} left unconsumed messages")
-
-
-def _sleep_cycles_per_second(device: torch.device) -> float:
-    """Clock cycles per second of ``torch.cuda._sleep`` on ``device`` (it spins for a number of cycles), timed
-    once with events around a ~10 ms sleep. Synchronizes ``device``: call with no transfer in flight."""
-    cycles = 20_000_000
-    with torch.cuda.device(device):
-        torch.cuda._sleep(1000)  # first launch loads the kernel
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-        seconds = start.elapsed_time(end) / 1000.0
-    return cycles / max(seconds, 1e-6)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
