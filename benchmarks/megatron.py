@@ -19,7 +19,9 @@ For m = 8 and m = 16 micro-batches:
   megatron's ``get_forward_backward_func()`` after ``megatron_patches.apply(name)``; ``auto`` re-plans from
   measured timings after its warm-up steps (excluded from timing). ``auto`` plans under 1F1B's activation memory
   unless given a budget: ``auto@22`` is ``--pipeline-memory-limit-gib 22`` (activations per rank, GiB; the issue's
-  target allows 1.1x megatron interleaved's peak, which leaves room above 1F1B's).
+  target allows 1.1x megatron interleaved's peak, which leaves room above 1F1B's). ``auto-loop`` (and
+  ``auto-loop@22``) is ``auto`` on megatron's usual looped chunks (vp = 2), searched in loop placement: the
+  embedding and the LM head on different ranks, no ``build_model_chunks`` needed.
 
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
@@ -75,7 +77,10 @@ from benchmarks.local_ranks import run_local_ranks, show_interleaf_logs  # noqa:
 from benchmarks.report import write_section  # noqa: E402
 
 LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
-             "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v"}
+             "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v",
+             "auto-loop": "loop2"}
+SCHEDULE_OF = {"auto-loop": "auto"}  # variants that run a schedule on another layout than its name's row above
+BUDGETED = ("auto", "auto-loop")  # variants that take an activation budget: auto@22, auto-loop@22
 DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "auto")
 BASELINE = "megatron-interleaved"
 # (batch_p2p_comm, overlap_p2p_comm) runs of the baseline: both of megatron's p2p modes on GPU; on gloo only
@@ -94,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny GPT, fp32 (CPU smoke test)")
     p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help=f"subset of {sorted(LAYOUT_OF)}")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                   help=f"subset of {sorted(LAYOUT_OF)}; auto@GIB, auto-loop@GIB: auto under that activation budget")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (auto, zb-h1/zb-h2/zb-v: + their measured steps)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
@@ -108,27 +114,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_profile_arguments(p, args)
     unknown = [v for v in args.variants if _layout(v) is None]
     if unknown:
-        p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}, or auto@GIB (auto under an activation "
-                "memory budget of GIB GiB per rank, --pipeline-memory-limit-gib)")
+        p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}, or auto@GIB / auto-loop@GIB (auto "
+                "under an activation memory budget of GIB GiB per rank, --pipeline-memory-limit-gib)")
     return args
 
 
-def _schedule_of(variant: str):
-    """``(schedule name, memory_limit_gib)`` of a variant: ``auto@22`` is auto under ``--pipeline-memory-limit-gib
-    22``; ``(variant, None)`` otherwise, and ``(None, None)`` for a malformed budget."""
+def _split_variant(variant: str):
+    """``(row name, memory_limit_gib)``: ``auto@22`` -> ``("auto", 22.0)``; ``(None, None)`` for a malformed or
+    misplaced budget."""
     name, at, budget = variant.partition("@")
     if not at:
-        return variant, None
+        return name, None
     try:
         limit = float(budget)
     except ValueError:
         return None, None
-    return (name, limit) if name == "auto" and limit > 0 else (None, None)
+    return (name, limit) if name in BUDGETED and 0 < limit < float("inf") else (None, None)
+
+
+def _schedule_of(variant: str):
+    """``(schedule name, memory_limit_gib)`` a variant runs: ``auto@22`` and ``auto-loop@22`` are auto under
+    ``--pipeline-memory-limit-gib 22`` (on V and on megatron's looped chunks)."""
+    name, limit = _split_variant(variant)
+    return SCHEDULE_OF.get(name, name), limit
 
 
 def _layout(variant: str):
     """The chunk layout a variant runs on ("loop1", "loop2", "v"), or None for an unknown variant."""
-    return LAYOUT_OF.get(_schedule_of(variant)[0])
+    name, _ = _split_variant(variant)
+    return LAYOUT_OF.get(name) if name is not None else None
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -115,7 +115,9 @@ def test_megatron_auto_variant_with_a_memory_budget():
     assert mb._schedule_of("auto@22") == ("auto", 22.0)
     assert mb._schedule_of("zb-v") == ("zb-v", None)
     assert mb._layout("auto@22.5") == "v" and mb._layout("auto") == "v"
-    for bad in ("auto@", "auto@x", "auto@0", "auto@-1", "zb-v@22", "nope"):
+    assert mb._schedule_of("auto-loop@22") == ("auto", 22.0) and mb._schedule_of("auto-loop") == ("auto", None)
+    assert mb._layout("auto-loop@22") == "loop2" and mb._layout("auto-loop") == "loop2"
+    for bad in ("auto@", "auto@x", "auto@0", "auto@-1", "auto@inf", "auto@nan", "zb-v@22", "nope", "nope@22"):
         assert mb._layout(bad) is None, bad
     assert mb.parse_args(["--variants", "auto@20", "zb-v"]).variants == ["auto@20", "zb-v"]
     with pytest.raises(SystemExit):
