@@ -79,7 +79,7 @@ from benchmarks.report import write_section  # noqa: E402
 LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
              "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v",
              "auto-loop": "loop2"}
-SCHEDULE_OF = {"auto-loop": "auto"}  # variants that run a schedule on another layout than its name's row above
+SCHEDULE_OF = {"auto-loop": "auto"}  # row name -> the schedule it runs, where they differ (auto on looped chunks)
 BUDGETED = ("auto", "auto-loop")  # variants that take an activation budget: auto@22, auto-loop@22
 DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "auto")
 BASELINE = "megatron-interleaved"

@@ -110,8 +110,8 @@ def test_megatron_activations_held_per_rank_follow_the_order():
 
 
 def test_megatron_auto_variant_with_a_memory_budget():
-    """``auto@GIB`` runs auto under ``--pipeline-memory-limit-gib GIB`` on the V layout; malformed budgets are
-    unknown variants."""
+    """``auto@GIB`` runs auto under ``--pipeline-memory-limit-gib GIB`` on the V layout, ``auto-loop[@GIB]`` on
+    megatron's looped chunks; malformed or misplaced budgets are unknown variants."""
     assert mb._schedule_of("auto@22") == ("auto", 22.0)
     assert mb._schedule_of("zb-v") == ("zb-v", None)
     assert mb._layout("auto@22.5") == "v" and mb._layout("auto") == "v"
