@@ -228,7 +228,8 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     ceiling = max(before.peak_activation_memory)
     budget = memory_cap(shape, costs, per_rank)
     cap = tuple(min(b, ceiling) for b in budget)
-    candidates = [("measured", zero_bubble_schedule(schedule.name, shape, costs, per_rank, search=True, cap=cap))]
+    measured = zero_bubble_schedule(schedule.name, shape, costs, per_rank, search=True, cap=cap)
+    candidates = [("measured", measured, simulate(measured, costs))]  # (memory model, order, its simulation)
     # the same times with the memory model the running order was built for (every chunk's activations alike): a
     # measured memory model can starve the greedy scheduler (Megatron on 2x H200: the rebuild under measured memory
     # simulated slower than the F = I = W order, which was kept and ran 0.84x megatron's interleaved 1F1B, while
@@ -250,10 +251,8 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
                        f"what the running order holds on that rank, or up to the running order's fullest rank "
                        f"within {per_rank:g} micro-batches' activations)")
         else:
-            candidates.append(("uniform", rebuilt))
-    results = [simulate(c, costs) for _, c in candidates]
-    best = min(range(len(candidates)), key=lambda k: results[k].makespan)
-    (memory_model, rebuilt), after = candidates[best], results[best]
+            candidates.append(("uniform", rebuilt, held))
+    memory_model, rebuilt, after = min(candidates, key=lambda c: c[2].makespan)
     faster = after.makespan < before.makespan * (1 - _RETUNE_MIN_GAIN)
     return Retuned(rebuilt if faster else schedule, before, after, schedule, memory_model, dropped,
                    lower_bound(shape, costs))
