@@ -46,6 +46,12 @@ measured in its warm-up; ``--trace-dir`` keeps every rank's chrome trace::
     torchrun --nproc_per_node 2 benchmarks/megatron.py --microbatches 8 --variants megatron-interleaved zb-h2 zb-v \
         --interleaved-p2p overlap_p2p_comm --profile --trace-dir traces --out megatron_profile.md
 
+Why a row ran slower than its plan (``--timed-actions``, no profiler): interleaf rows time every action of their
+timed steps as well (CUDA events) and log those F/I/W costs per stage, the simulated step of the running order
+under them and under the warm-up's costs, and the timed step. A simulation under the timed costs close to the
+step means the actions themselves took longer than in the warm-up (a host late in issuing them, on the rank whose
+F grew); well below it, the order waited between its actions.
+
 CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
 
     OMP_NUM_THREADS=1 python benchmarks/megatron.py --tiny --procs 4
@@ -109,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interleaved-p2p", nargs="+", choices=sorted(P2P_MODES), default=list(P2P_MODES),
                    help="GPU: the p2p modes megatron-interleaved runs with (default: both; the faster correct one "
                         "is the baseline). CPU/gloo always runs unbatched, non-overlapped p2p")
+    p.add_argument("--timed-actions", action="store_true",
+                   help="interleaf rows: time every action of the timed steps too (CUDA events), and log the F/I/W "
+                        "costs of those steps next to the warm-up's and what the simulator gives the running order "
+                        "under each (where a row's timed step differs from its plan)")
     add_profile_arguments(p, "every row (megatron-interleaved gets its p2p mode in the trace name)")
     args = p.parse_args(argv)
     check_profile_arguments(p, args)
@@ -327,6 +337,10 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     issued = []  # host time until step() returned (~ the step: the host was the bottleneck or waited inside)
+    runner = next(iter(getattr(func, "runners", {}).values()), None)  # interleaf's, after its last rebuild
+    timed_actions = [] if args.timed_actions and runner is not None else None
+    if timed_actions is not None:
+        runner.executor.timing = "action"
     for _ in range(args.steps):
         _sync(device)
         dist.barrier()
@@ -335,9 +349,13 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
         issued.append(time.perf_counter() - t0)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        if timed_actions is not None:
+            timed_actions.append(runner.last_result.typical_seconds())
+    if timed_actions is not None:
+        runner.executor.timing = "none"
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    runner = next(iter(getattr(func, "runners", {}).values()), None)  # interleaf's, after its last rebuild
     measured = _measured_costs(runner)
+    timed_costs = _timed_step_costs(runner, timed_actions, times) if timed_actions is not None else None
     profile = None
     if args.profile:  # after the timed steps and the peak memory: one more step, not timed
         from benchmarks.device_gaps import profile_step
@@ -366,6 +384,8 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
         row["activations_held"] = _activations_held(runner.schedule)
     if measured is not None:
         row["measured_costs"] = measured
+    if timed_costs is not None:
+        row["timed_step_costs"] = timed_costs
     if profile is not None:
         row["profile"] = profile
     return row
@@ -385,6 +405,46 @@ def _measured_costs(runner) -> dict | None:
     ranks = {r: list(shape.stages_of(r)) for r in range(shape.pp)}
     step_ms = {r: shape.microbatches * sum(sum(per_stage[s]) for s in stages) for r, stages in ranks.items()}
     return {"fiw_ms_per_stage": per_stage, "stages_of_rank": ranks, "compute_ms_per_step_of_rank": step_ms}
+
+
+def _timed_step_costs(runner, timed_actions, times) -> dict | None:
+    """``--timed-actions``: every rank's per-action times of the timed steps (trimmed means per stage and kind),
+    the simulated step of the running order under them and under the warm-up's costs, and the timed step. Where
+    the order ran slower than planned this tells whether its actions took longer than in the warm-up (the
+    simulation under timed-step costs matches the step) or it waited longer between them (it does not). Called
+    on every rank (it gathers); the result is the same on all."""
+    from dataclasses import replace
+
+    from ds_plugins.runtime import costs_from_ranks
+    from ds_plugins.schedule import simulate
+
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ([t for t in timed_actions], []))
+    t = torch.tensor(times, dtype=torch.float64, device=next(runner.chunks[0].parameters()).device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    warm = runner.measured_costs
+    shape = runner.schedule.shape
+    timed = costs_from_ranks(everyone, shape)[0]
+    if warm is not None:  # memory and transfer time as the warm-up measured them (the timed steps track neither)
+        timed = replace(timed, comm=warm.comm, activation_memory=warm.activation_memory,
+                        weight_grad_memory=warm.weight_grad_memory)
+    out = {
+        "fiw_ms_per_stage": {s: [1e3 * timed.forward[s], 1e3 * timed.backward_input[s], 1e3 * timed.backward_weight[s]]
+                             for s in range(shape.num_stages)},
+        "simulated_ms": 1e3 * simulate(runner.schedule, timed).makespan,
+        "step_ms": 1e3 * float(t.mean()),
+    }
+    if warm is not None:
+        out["simulated_warmup_ms"] = 1e3 * simulate(runner.schedule, warm).makespan
+    return out
+
+
+def _format_timed_step_costs(costs: dict) -> str:
+    per_stage = ", ".join("/".join(f"{x:.2f}" for x in fiw) for fiw in costs["fiw_ms_per_stage"].values())
+    warm = (f", {costs['simulated_warmup_ms']:.1f} ms under the warm-up's costs"
+            if "simulated_warmup_ms" in costs else "")
+    return (f"timed steps' F/I/W ms per stage [{per_stage}]; the running order simulates "
+            f"{costs['simulated_ms']:.1f} ms under them{warm}; timed step {costs['step_ms']:.1f} ms")
 
 
 def _format_measured(costs: dict) -> str:
@@ -439,6 +499,8 @@ def run_all(args):
                         print(f"    {_format_held(row['activations_held'])}", flush=True)
                     if row.get("measured_costs"):
                         print(f"    {_format_measured(row['measured_costs'])}", flush=True)
+                    if row.get("timed_step_costs"):
+                        print(f"    {_format_timed_step_costs(row['timed_step_costs'])}", flush=True)
         release_layout(wrapped, config)
         del wrapped, config
         release_between_rows(device)

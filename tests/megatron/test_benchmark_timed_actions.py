@@ -1,0 +1,63 @@
+"""benchmarks/megatron.py --timed-actions: the timed steps of an interleaf row are timed per action too, and the
+row says what the simulator gives its running order under those times (tiny GPT, 2 gloo ranks)."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    sys.path.insert(0, ROOT)
+    sys.path.insert(0, HERE)
+    import cpu_shim
+
+    cpu_shim.install()
+    import torch.distributed as dist
+
+    from benchmarks import megatron as bench
+
+    dist.init_process_group("gloo")
+    args = bench.parse_args(["--tiny", "--microbatches", "4", "--warmup", "1", "--steps", "2", "--timed-actions",
+                             "--variants", "megatron-interleaved", "zb-v"])
+    rows = bench.run_all(args)
+    torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_timed_actions_give_the_running_orders_simulation_under_the_timed_steps():
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, ROOT)
+    from benchmarks import megatron as bench
+
+    out_dir = tempfile.mkdtemp(prefix="interleaf_timed_actions_")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, out_dir), nprocs=2, join=True)
+    rows = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    for ranks_rows in rows:
+        by_variant = {r["variant"]: r for r in ranks_rows}
+        assert "timed_step_costs" not in by_variant["megatron-interleaved"]  # megatron's own schedule: no actions
+        timed = by_variant["zb-v"]["timed_step_costs"]
+        assert sorted(timed["fiw_ms_per_stage"]) == [0, 1, 2, 3]  # V placement, pp=2: four stages
+        assert all(f > 0 and i > 0 and w > 0 for f, i, w in timed["fiw_ms_per_stage"].values())
+        assert timed["simulated_ms"] > 0 and timed["simulated_warmup_ms"] > 0
+        # the slowest rank's mean step, the same figure as the row's
+        assert timed["step_ms"] == pytest.approx(1e3 * by_variant["zb-v"]["step_s"])
+        line = bench._format_timed_step_costs(timed)
+        assert line.startswith("timed steps' F/I/W ms per stage [") and "under the warm-up's costs" in line
+    assert rows[0][1]["timed_step_costs"] == rows[1][1]["timed_step_costs"]  # gathered: the same on every rank
