@@ -202,11 +202,12 @@ _RETUNE_MIN_GAIN = 1e-3
 RETUNE_MEMORY_SLACK = 0.01
 """How much more activation memory (relative) a rebuild may hold on a rank than :func:`retune`'s limits there.
 Measured chunk activations of identical layers differ by a few tenths of a percent (megatron GPT, 4-layer chunks:
-2.00 vs 1.99 GiB), so an exact comparison turned on that noise: on 4x H200 it dropped zb-v rebuilds 9-14% faster
-for holding 0.01 GiB more than the running order on a rank, and starved the rebuild under measured memory of its
-last micro-batch (8 chunks of 2.00 GiB against a budget of 4 x (2.00 + 1.99) GiB); the orders run instead simulated
-312.7-314.4 ms against 275.7-296.2 ms. A 1% slack moves a rank's peak by at most 1% of its activations; session 9's
-rebuilds that raised rank 0's activations by 12-16% stay refused."""
+2.00 vs 1.99 GiB), so an exact comparison turned on that noise: on 4x H200 (session 11) it dropped a zb-v rebuild
+12% faster for holding less than 0.01 GiB more than the running order on a rank, and starved the rebuild under
+measured memory of its last micro-batch on a rank (8 chunks of 2.00 GiB against a cap of 4 x (2.00 + 1.99) GiB):
+three warm-ups ran orders simulated at 312.7-317.7 ms where the same costs with the slack give 272.3-298.5 ms. A 1%
+slack moves a rank's peak by at most 1% of its activations; session 9's rebuilds that raised rank 0's activations
+by 12-17% stay refused."""
 
 
 def retune(schedule: Schedule, costs: CostModel) -> Retuned:
