@@ -66,6 +66,13 @@ def run_ranks(fn, world: int, *args):
 
 
 # --------------------------------------------------------------------------------------------- common
+def benchmark_rows(rank, world, argv):
+    """benchmarks/megatron.py's ``run_all`` with ``argv`` on this rank: its rows."""
+    from benchmarks import megatron as bench
+
+    return bench.run_all(bench.parse_args(list(argv)))
+
+
 def init_parallel(tp: int, pp: int, vp, **kwargs):
     from megatron.core import parallel_state as ps
 

@@ -3,52 +3,26 @@ row says what the simulator gives its running order under those times (tiny GPT,
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import tempfile
 
 import pytest
-import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+pytest.importorskip("megatron.core")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
+from benchmarks import megatron as bench  # noqa: E402
+from megatron_workers import benchmark_rows, run_ranks  # noqa: E402
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, HERE)
-    import cpu_shim
-
-    cpu_shim.install()
-    import torch.distributed as dist
-
-    from benchmarks import megatron as bench
-
-    dist.init_process_group("gloo")
-    args = bench.parse_args(["--tiny", "--microbatches", "4", "--warmup", "1", "--steps", "2", "--timed-actions",
-                             "--variants", "megatron-interleaved", "zb-v"])
-    rows = bench.run_all(args)
-    torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+ARGS = ("--tiny", "--microbatches", "4", "--warmup", "1", "--steps", "2", "--timed-actions",
+        "--variants", "megatron-interleaved", "zb-v")
 
 
 @pytest.mark.timeout(180)
 def test_timed_actions_give_the_running_orders_simulation_under_the_timed_steps():
-    import torch.multiprocessing as mp
-
-    sys.path.insert(0, ROOT)
-    from benchmarks import megatron as bench
-
-    out_dir = tempfile.mkdtemp(prefix="interleaf_timed_actions_")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, out_dir), nprocs=2, join=True)
-    rows = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    rows = run_ranks(benchmark_rows, 2, ARGS)
     for ranks_rows in rows:
         by_variant = {r["variant"]: r for r in ranks_rows}
         assert "timed_step_costs" not in by_variant["megatron-interleaved"]  # megatron's own schedule: no actions
