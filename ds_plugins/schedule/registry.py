@@ -205,7 +205,8 @@ Measured chunk activations of identical layers differ by a few tenths of a perce
 2.00 vs 1.99 GiB), so an exact comparison turned on that noise: on 4x H200 (session 11) it dropped a zb-v rebuild
 12% faster for holding less than 0.01 GiB more than the running order on a rank, and starved the rebuild under
 measured memory of its last micro-batch on a rank (8 chunks of 2.00 GiB against a cap of 4 x (2.00 + 1.99) GiB):
-three warm-ups ran orders simulated at 312.7-317.7 ms where the same costs with the slack give 272.3-298.5 ms. A 1%
+two warm-ups ran orders simulated at 314.3 and 320.2 ms, where their logged costs give 313.7 / 320.0 ms with exact
+limits and 275.7 / 268.5 ms with the slack. A 1%
 slack moves a rank's peak by at most 1% of its activations; session 9's rebuilds that raised rank 0's activations
 by 12-17% stay refused."""
 
@@ -230,11 +231,12 @@ def retune(schedule: Schedule, costs: CostModel) -> Retuned:
     costs.for_shape(shape)
     generator = _GENERATORS[schedule.name]
     before = simulate(schedule, costs)
-    # A rebuild never holds more activation memory on a rank than the running order's highest rank does, nor more
-    # than the schedule's budget of micro-batches per rank (in costs' units) where that is lower: under a measured
-    # memory model the budget of a rank with heavy chunks (V placement's rank 0 with the LM head) lies above what the
-    # running order holds anywhere, and rebuilds that used it raised zb-v's peak over DeepSpeed's 1F1B from 1.03-1.06x
-    # to 1.10-1.11x (4x H200, session 9: rank 0's activations 4.43 -> 4.95, 4.31 -> 4.93 and 4.32 -> 5.04 GiB).
+    # A rebuild never holds more activation memory on a rank (beyond RETUNE_MEMORY_SLACK) than the running order's
+    # highest rank does, nor more than the schedule's budget of micro-batches per rank (in costs' units) where that
+    # is lower: under a measured memory model the budget of a rank with heavy chunks (V placement's rank 0 with the
+    # LM head) lies above what the running order holds anywhere, and rebuilds that used it raised zb-v's peak over
+    # DeepSpeed's 1F1B from 1.03-1.06x to 1.10-1.11x (4x H200, session 9: rank 0's activations 4.43 -> 4.95,
+    # 4.31 -> 4.93 and 4.32 -> 5.04 GiB).
     per_rank = MICROBATCHES_PER_RANK[schedule.name](shape.pp)
     slack = 1 + RETUNE_MEMORY_SLACK
     ceiling = max(before.peak_activation_memory) * slack

@@ -291,7 +291,8 @@ def test_retune_never_holds_more_than_the_running_orders_fullest_rank():
     zb-v's budget of pp micro-batches there (2 x (0.5 + 3.0)), but 1.4x what the running order holds on any rank
     (on 4x H200 such rebuilds took zb-v's peak from 1.03-1.06x DeepSpeed's 1F1B to 1.10x). retune drops it, says
     why, and runs the rebuild under the measured memory built within the running order's fullest rank (495.5 ms,
-    still well under the F = I = W order's 593.25 ms)."""
+    still well under the F = I = W order's 593.25 ms). retune's 1% slack (RETUNE_MEMORY_SLACK) is less than any
+    chunk here, so the limits read as exact."""
     from ds_plugins.schedule import retune
     from ds_plugins.schedule.generators.zb_v import zb_v
 
@@ -336,32 +337,33 @@ def test_retune_drops_a_uniform_memory_rebuild_that_holds_more_real_memory_than_
 
 
 def test_retune_takes_measured_activation_noise_as_equal():
-    """Megatron GPT on 4x H200 (session 11): 4-layer chunks measured 2.01 / 2.00 / ... / 1.99 GiB of activations. With
-    exact memory limits the rebuild under the uniform memory model (276.1 ms) was dropped for holding 15.99 GiB on
-    rank 1 against the running order's 15.98, and the rebuild under measured memory, capped at 4 x (2.00 + 1.99) GiB
-    there, could not hold its eighth chunk and simulated 314.4 ms: the order that ran. With
-    RETUNE_MEMORY_SLACK the rebuild under measured memory simulates 272.3 ms and holds no more than the running order
-    on any rank."""
+    """Megatron GPT on 4x H200 (session 11, first call, process A; these are its logged costs): 4-layer chunks
+    measured 2.01 / 2.00 / ... / 1.99 GiB of activations. With exact memory limits the rebuild under the uniform
+    memory model was dropped for holding less than 0.01 GiB more than the running order on ranks 1 and 2, and the
+    rebuild under measured memory, capped at the running order's peak per rank, could not hold its eighth chunk
+    there: the order run simulated 314.3 ms on the GPU (313.7 ms here). With RETUNE_MEMORY_SLACK the rebuild
+    simulates 275.7 ms and holds at most 1% more than the running order on any rank."""
     from ds_plugins.schedule import registry, retune
 
-    shape_schedule = build_schedule("zb-v", pp=4, microbatches=8)
+    schedule = build_schedule("zb-v", pp=4, microbatches=8)
     fiw = [(5.68, 7.29, 1.89), (6.74, 7.09, 1.95), (5.12, 7.08, 1.94), (5.22, 6.82, 1.88), (5.27, 6.82, 1.88),
            (5.31, 7.08, 1.94), (5.83, 7.15, 1.95), (6.09, 7.50, 2.48)]
     activations = (2.01, 2.00, 2.00, 2.00, 2.00, 2.00, 1.99, 2.24)
     kept = (0.49, 0.49, 0.49, 0.49, 0.50, 0.49, 0.50, 0.63)
     measured = CostModel(forward=tuple(f for f, _, _ in fiw), backward_input=tuple(i for _, i, _ in fiw),
                          backward_weight=tuple(w for _, _, w in fiw), activation_memory=activations,
-                         weight_grad_memory=kept, comm=0.05)
-    result = retune(shape_schedule, measured)
+                         weight_grad_memory=kept)  # no transfer time: the adapters measure none
+    result = retune(schedule, measured)
+    assert result.before.makespan == pytest.approx(349.2, abs=0.1)  # the warm-up's log line
     assert result.changed and not result.dropped
-    assert result.after.makespan == pytest.approx(272.3, abs=0.1)
-    assert all(a <= b * (1 + 1e-9) for a, b in zip(result.after.peak_activation_memory,
-                                                    result.before.peak_activation_memory))
+    assert result.after.makespan == pytest.approx(275.7, abs=0.1)
+    assert all(a <= b * (1 + registry.RETUNE_MEMORY_SLACK) + 1e-9 for a, b in zip(
+        result.after.peak_activation_memory, [max(result.before.peak_activation_memory)] * 4))
 
     exact = pytest.MonkeyPatch()
     exact.setattr(registry, "RETUNE_MEMORY_SLACK", 0.0)
     try:
-        strict = retune(shape_schedule, measured)
+        strict = retune(schedule, measured)
     finally:
         exact.undo()
-    assert "rank(s) [1]" in strict.dropped and strict.after.makespan > 1.1 * result.after.makespan
+    assert "rank(s) [1" in strict.dropped and strict.after.makespan == pytest.approx(313.7, abs=0.1)

@@ -381,7 +381,7 @@ def zero_bubble_schedule(
     measured costs uses (``registry.retune``): with costs far from F = I = W (megatron's GPT with unfused
     attention on 2x H200: W a quarter of I) the three variants above left ZB-V's order 5% slower in simulation
     than the best of the 32 (554 vs 529 ms). ``cap``: per-rank memory limit to use instead of the budget's
-    (``registry.retune`` lowers the budget to what the running order holds on its fullest rank).
+    (``registry.retune`` lowers the budget to what the running order holds on its fullest rank, + 1%).
     """
     if cap is None:
         cap = memory_cap(shape, costs, microbatches_per_rank)
