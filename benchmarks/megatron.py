@@ -340,7 +340,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     runner = next(iter(getattr(func, "runners", {}).values()), None)  # interleaf's, after its last rebuild
     timed_actions = [] if args.timed_actions and runner is not None else None
     if timed_actions is not None:
-        runner.executor.timing = "action"
+        timing_before, runner.executor.timing = runner.executor.timing, "action"
     for _ in range(args.steps):
         _sync(device)
         dist.barrier()
@@ -352,7 +352,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
         if timed_actions is not None:
             timed_actions.append(runner.last_result.typical_seconds())
     if timed_actions is not None:
-        runner.executor.timing = "none"
+        runner.executor.timing = timing_before
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     measured = _measured_costs(runner)
     timed_costs = _timed_step_costs(runner, timed_actions, times) if timed_actions is not None else None
