@@ -47,8 +47,9 @@ measured in its warm-up; ``--trace-dir`` keeps every rank's chrome trace::
         --interleaved-p2p overlap_p2p_comm --profile --trace-dir traces --out megatron_profile.md
 
 Why a row ran slower than its plan (``--timed-actions``, no profiler): interleaf rows time every action of their
-timed steps as well (CUDA events) and log those F/I/W costs per stage, the simulated step of the running order
-under them and under the warm-up's costs, and the timed step. A simulation under the timed costs close to the
+timed steps as well (CUDA events) and log those F/I/W costs per stage, the host's time to issue each kind per
+stage (GPU only), the simulated step of the running order under them and under the warm-up's costs, and the timed
+step. A simulation under the timed costs close to the
 step means the actions themselves took longer than in the warm-up (a host late in issuing them, on the rank whose
 F grew); well below it, the order waited between its actions.
 
@@ -350,7 +351,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
         _sync(device)
         times.append(time.perf_counter() - t0)
         if timed_actions is not None:
-            timed_actions.append(runner.last_result.typical_seconds())
+            timed_actions.append((runner.last_result.typical_seconds(), runner.last_result.typical_host_seconds()))
     if timed_actions is not None:
         runner.executor.timing = timing_before
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -419,12 +420,12 @@ def _timed_step_costs(runner, timed_actions, times) -> dict | None:
     from ds_plugins.schedule import simulate
 
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, ([t for t in timed_actions], []))
+    dist.all_gather_object(everyone, ([t for t, _ in timed_actions], [], [h for _, h in timed_actions]))
     t = torch.tensor(times, dtype=torch.float64, device=next(runner.chunks[0].parameters()).device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     warm = runner.measured_costs
     shape = runner.schedule.shape
-    timed = costs_from_ranks(everyone, shape)[0]
+    timed = costs_from_ranks([(t, m) for t, m, _ in everyone], shape)[0]
     if warm is not None:  # memory and transfer time as the warm-up measured them (the timed steps track neither)
         timed = replace(timed, comm=warm.comm, activation_memory=warm.activation_memory,
                         weight_grad_memory=warm.weight_grad_memory)
@@ -436,6 +437,12 @@ def _timed_step_costs(runner, timed_actions, times) -> dict | None:
     }
     if warm is not None:
         out["simulated_warmup_ms"] = 1e3 * simulate(runner.schedule, warm).makespan
+    host = [h for _, _, steps in everyone for h in steps if h]
+    if host:  # CUDA events: the host's time to issue each action, next to its GPU time above
+        host_costs = costs_from_ranks([(host, [])], shape)[0]
+        out["host_fiw_ms_per_stage"] = {
+            s: [1e3 * host_costs.forward[s], 1e3 * host_costs.backward_input[s], 1e3 * host_costs.backward_weight[s]]
+            for s in range(shape.num_stages)}
     return out
 
 
@@ -443,7 +450,11 @@ def _format_timed_step_costs(costs: dict) -> str:
     per_stage = ", ".join("/".join(f"{x:.2f}" for x in fiw) for fiw in costs["fiw_ms_per_stage"].values())
     warm = (f", {costs['simulated_warmup_ms']:.1f} ms under the warm-up's costs"
             if "simulated_warmup_ms" in costs else "")
-    return (f"timed steps' F/I/W ms per stage [{per_stage}]; the running order simulates "
+    host = ""
+    if "host_fiw_ms_per_stage" in costs:
+        host = ("; the host issued them in F/I/W ms per stage ["
+                + ", ".join("/".join(f"{x:.2f}" for x in fiw) for fiw in costs["host_fiw_ms_per_stage"].values()) + "]")
+    return (f"timed steps' F/I/W ms per stage [{per_stage}]{host}; the running order simulates "
             f"{costs['simulated_ms']:.1f} ms under them{warm}; timed step {costs['step_ms']:.1f} ms")
 
 

@@ -83,6 +83,7 @@ class StepResult:
         samples: list[tuple[ActionKind, int, Any]],
         step_events: tuple[Any, Any] | None,
         memory: dict[tuple[ActionKind, int], list[int]],
+        host_samples: list[tuple[ActionKind, int, float]] | None = None,
     ) -> None:
         self.rank = rank
         """Pipeline rank that produced this result."""
@@ -98,6 +99,7 @@ class StepResult:
         self._samples = samples  # (kind, stage, seconds | (start_event, end_event))
         self._step_events = step_events
         self._memory = memory
+        self._host_samples = host_samples or []
         self._resolved: dict[tuple[ActionKind, int], list[float]] | None = None
         self._wall: float | None = None
 
@@ -163,6 +165,22 @@ class StepResult:
     def mean_seconds(self) -> dict[tuple[str, int], float]:
         """Mean seconds per ``(kind letter, stage)``, e.g. ``("F", 3)``: the per-kind timings for a cost model."""
         return {(k.value, s): sum(v) / len(v) for (k, s), v in self.action_seconds.items() if v}
+
+    @property
+    def host_action_seconds(self) -> dict[tuple[ActionKind, int], list[float]]:
+        """On CUDA with ``timing="action"``: the host's time to issue every timed compute action, ``(kind, stage) ->
+        [seconds, ...]`` (from before its start event to after its end event; an I includes the autograd engine's
+        pass, which the host waits for). Close to :attr:`action_seconds` means that action's GPU work waited for its
+        host (host-bound); well below, the host ran ahead. A host blocked by a full launch queue counts that wait
+        too. Empty otherwise (with host timing :attr:`action_seconds` are host times already)."""
+        out: dict[tuple[ActionKind, int], list[float]] = defaultdict(list)
+        for kind, stage, seconds in self._host_samples:
+            out[(kind, stage)].append(seconds)
+        return dict(out)
+
+    def typical_host_seconds(self) -> dict[tuple[str, int], float]:
+        """:meth:`typical_seconds` of :attr:`host_action_seconds`."""
+        return {(k.value, s): trimmed_mean(v) for (k, s), v in self.host_action_seconds.items() if v}
 
     def typical_seconds(self) -> dict[tuple[str, int], float]:
         """Seconds per ``(kind letter, stage)`` over the step's micro-batches as a cost model takes them: the mean
@@ -534,6 +552,7 @@ class PipelineExecutor:
         host_timing = self.timing != "none" and not cuda_events
         sync_timing = self.timing == "sync"
         samples: list[tuple[ActionKind, int, Any]] = []
+        host_samples: list[tuple[ActionKind, int, float]] = []
         memory: dict[tuple[ActionKind, int], list[int]] = defaultdict(list)
         track_memory = self.track_memory and self.device.type == "cuda"
         wait_s = 0.0
@@ -572,9 +591,11 @@ class PipelineExecutor:
                     mem_before = torch.cuda.memory_allocated(self.device) if track_memory else 0
                     if cuda_events:
                         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        t0 = time.perf_counter()
                         start.record(stream)
                         compute(action, inputs_ready)
                         end.record(stream)
+                        host_samples.append((action.kind, action.stage, time.perf_counter() - t0))
                         samples.append((action.kind, action.stage, (start, end)))
                     elif host_timing:
                         if sync_timing:
@@ -631,6 +652,7 @@ class PipelineExecutor:
             samples=samples,
             step_events=step_events,
             memory=dict(memory),
+            host_samples=host_samples,
         )
         if self.log_every and self._steps % self.log_every == 0 and logger.isEnabledFor(logging.INFO):
             rate = f", {tokens / result.wall_s:.0f} tokens/s" if tokens and result.wall_s > 0 else ""

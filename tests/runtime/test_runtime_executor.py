@@ -227,6 +227,16 @@ def test_measured_costs_ignore_stalled_actions_and_steps():
     assert costs.backward_input == pytest.approx((0.003,)) and costs.backward_weight == pytest.approx((0.0015,))
 
 
+def test_host_issue_times_are_kept_next_to_the_action_times():
+    F, I = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT
+    step = StepResult(rank=0, stages=(0,), losses=(), outputs=(), wait_s=0.0, host_wall_s=0.1,
+                      samples=[(F, 0, 0.004)] * 8, step_events=None, memory={},
+                      host_samples=[(F, 0, 0.001)] * 7 + [(F, 0, 0.009)] + [(I, 0, 0.002)] * 8)
+    assert step.host_action_seconds[(F, 0)] == [0.001] * 7 + [0.009]
+    assert step.typical_host_seconds() == pytest.approx({("F", 0): 0.001, ("I", 0): 0.002})  # one stall trimmed
+    assert _timed_step([(F, 0, 0.004)]).host_action_seconds == {}  # host timing (CPU): the samples are host times
+
+
 def test_backward_context_wraps_every_backward_action():
     import contextlib
 

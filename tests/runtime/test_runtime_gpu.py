@@ -60,6 +60,10 @@ def test_single_gpu_executor_with_cuda_event_timing(name):
     assert diff <= TOL
     assert 0 < r.busy_s <= r.wall_s * 1.01  # CUDA-event times
     assert r.mean_memory_bytes()  # allocated-memory deltas per action kind
+    # the host's time to issue each timed action, one sample per action like the CUDA-event times
+    host = r.host_action_seconds
+    assert {k: len(v) for k, v in host.items()} == {k: len(v) for k, v in r.action_seconds.items()}
+    assert all(t > 0 for v in host.values() for t in v) and r.typical_host_seconds()
 
 
 @pytest.mark.timeout(300)
