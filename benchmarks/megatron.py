@@ -49,9 +49,9 @@ measured in its warm-up; ``--trace-dir`` keeps every rank's chrome trace::
 Why a row ran slower than its plan (``--timed-actions``, no profiler): interleaf rows time every action of their
 timed steps as well (CUDA events) and log those F/I/W costs per stage, the host's time to issue each kind per
 stage (GPU only), the simulated step of the running order under them and under the warm-up's costs, and the timed
-step. A simulation under the timed costs close to the
-step means the actions themselves took longer than in the warm-up (a host late in issuing them, on the rank whose
-F grew); well below it, the order waited between its actions.
+step. A simulation under the timed costs close to the step means the actions themselves took longer than in the
+warm-up (most often a host late in issuing them: compare its issue times); well below it, the order waited
+between its actions.
 
 CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
 
@@ -408,7 +408,7 @@ def _measured_costs(runner) -> dict | None:
     return {"fiw_ms_per_stage": per_stage, "stages_of_rank": ranks, "compute_ms_per_step_of_rank": step_ms}
 
 
-def _timed_step_costs(runner, timed_actions, times) -> dict | None:
+def _timed_step_costs(runner, timed_actions, times) -> dict:
     """``--timed-actions``: every rank's per-action times of the timed steps (trimmed means per stage and kind),
     the simulated step of the running order under them and under the warm-up's costs, and the timed step. Where
     the order ran slower than planned this tells whether its actions took longer than in the warm-up (the
@@ -425,7 +425,7 @@ def _timed_step_costs(runner, timed_actions, times) -> dict | None:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     warm = runner.measured_costs
     shape = runner.schedule.shape
-    timed = costs_from_ranks([(t, m) for t, m, _ in everyone], shape)[0]
+    timed = costs_from_ranks([(seconds, memory) for seconds, memory, _ in everyone], shape)[0]
     if warm is not None:  # memory and transfer time as the warm-up measured them (the timed steps track neither)
         timed = replace(timed, comm=warm.comm, activation_memory=warm.activation_memory,
                         weight_grad_memory=warm.weight_grad_memory)

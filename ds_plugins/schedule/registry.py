@@ -206,9 +206,8 @@ Measured chunk activations of identical layers differ by a few tenths of a perce
 12% faster for holding less than 0.01 GiB more than the running order on a rank, and starved the rebuild under
 measured memory of its last micro-batch on a rank (8 chunks of 2.00 GiB against a cap of 4 x (2.00 + 1.99) GiB):
 two warm-ups ran orders simulated at 314.3 and 320.2 ms, where their logged costs give 313.7 / 320.0 ms with exact
-limits and 275.7 / 268.5 ms with the slack. A 1%
-slack moves a rank's peak by at most 1% of its activations; session 9's rebuilds that raised rank 0's activations
-by 12-17% stay refused."""
+limits and 275.7 / 268.5 ms with the slack. A 1% slack moves a rank's peak by at most 1% of its activations;
+session 9's rebuilds that raised rank 0's activations by 12-17% stay refused."""
 
 
 def retune(schedule: Schedule, costs: CostModel) -> Retuned:
