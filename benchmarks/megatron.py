@@ -401,11 +401,20 @@ def _measured_costs(runner) -> dict | None:
     if costs is None:
         return None
     shape = runner.schedule.shape
-    per_stage = {s: [1e3 * costs.forward[s], 1e3 * costs.backward_input[s], 1e3 * costs.backward_weight[s]]
-                 for s in range(shape.num_stages)}
+    per_stage = _fiw_ms_per_stage(costs)
     ranks = {r: list(shape.stages_of(r)) for r in range(shape.pp)}
     step_ms = {r: shape.microbatches * sum(sum(per_stage[s]) for s in stages) for r, stages in ranks.items()}
     return {"fiw_ms_per_stage": per_stage, "stages_of_rank": ranks, "compute_ms_per_step_of_rank": step_ms}
+
+
+def _fiw_ms_per_stage(costs) -> dict[int, list[float]]:
+    """A cost model's F/I/W milliseconds per stage: ``{stage: [F, I, W]}``."""
+    return {s: [1e3 * costs.forward[s], 1e3 * costs.backward_input[s], 1e3 * costs.backward_weight[s]]
+            for s in range(costs.num_stages)}
+
+
+def _fiw_text(fiw: list[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in fiw)
 
 
 def _timed_step_costs(runner, timed_actions, times) -> dict:
@@ -430,8 +439,7 @@ def _timed_step_costs(runner, timed_actions, times) -> dict:
         timed = replace(timed, comm=warm.comm, activation_memory=warm.activation_memory,
                         weight_grad_memory=warm.weight_grad_memory)
     out = {
-        "fiw_ms_per_stage": {s: [1e3 * timed.forward[s], 1e3 * timed.backward_input[s], 1e3 * timed.backward_weight[s]]
-                             for s in range(shape.num_stages)},
+        "fiw_ms_per_stage": _fiw_ms_per_stage(timed),
         "simulated_ms": 1e3 * simulate(runner.schedule, timed).makespan,
         "step_ms": 1e3 * float(t.mean()),
     }
@@ -439,21 +447,18 @@ def _timed_step_costs(runner, timed_actions, times) -> dict:
         out["simulated_warmup_ms"] = 1e3 * simulate(runner.schedule, warm).makespan
     host = [h for _, _, steps in everyone for h in steps if h]
     if host:  # CUDA events: the host's time to issue each action, next to its GPU time above
-        host_costs = costs_from_ranks([(host, [])], shape)[0]
-        out["host_fiw_ms_per_stage"] = {
-            s: [1e3 * host_costs.forward[s], 1e3 * host_costs.backward_input[s], 1e3 * host_costs.backward_weight[s]]
-            for s in range(shape.num_stages)}
+        out["host_fiw_ms_per_stage"] = _fiw_ms_per_stage(costs_from_ranks([(host, [])], shape)[0])
     return out
 
 
 def _format_timed_step_costs(costs: dict) -> str:
-    per_stage = ", ".join("/".join(f"{x:.2f}" for x in fiw) for fiw in costs["fiw_ms_per_stage"].values())
+    per_stage = ", ".join(_fiw_text(fiw) for fiw in costs["fiw_ms_per_stage"].values())
     warm = (f", {costs['simulated_warmup_ms']:.1f} ms under the warm-up's costs"
             if "simulated_warmup_ms" in costs else "")
     host = ""
     if "host_fiw_ms_per_stage" in costs:
         host = ("; the host issued them in F/I/W ms per stage ["
-                + ", ".join("/".join(f"{x:.2f}" for x in fiw) for fiw in costs["host_fiw_ms_per_stage"].values()) + "]")
+                + ", ".join(_fiw_text(fiw) for fiw in costs["host_fiw_ms_per_stage"].values()) + "]")
     return (f"timed steps' F/I/W ms per stage [{per_stage}]{host}; the running order simulates "
             f"{costs['simulated_ms']:.1f} ms under them{warm}; timed step {costs['step_ms']:.1f} ms")
 
@@ -461,7 +466,7 @@ def _format_timed_step_costs(costs: dict) -> str:
 def _format_measured(costs: dict) -> str:
     parts = []
     for r, stages in costs["stages_of_rank"].items():
-        own = ", ".join(f"stage {s} {'/'.join(f'{x:.2f}' for x in costs['fiw_ms_per_stage'][s])}" for s in stages)
+        own = ", ".join(f"stage {s} {_fiw_text(costs['fiw_ms_per_stage'][s])}" for s in stages)
         parts.append(f"rank {r}: {own} -> {costs['compute_ms_per_step_of_rank'][r]:.1f} ms of F+I+W per step")
     return "measured F/I/W ms per action (its warm-up; CUDA events on GPU): " + "; ".join(parts)
 

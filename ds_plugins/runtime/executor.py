@@ -64,6 +64,12 @@ resolved only when a timing is read, so no sync in the hot path) or ``"sync"`` (
 every action: exact host-side times, for profiling only)."""
 
 
+
+def _typical(per_action: Mapping[tuple[ActionKind, int], list[float]]) -> dict[tuple[str, int], float]:
+    """``(kind letter, stage) ->`` the trimmed mean of that action's samples (see :meth:`StepResult.typical_seconds`)."""
+    return {(k.value, s): trimmed_mean(v) for (k, s), v in per_action.items() if v}
+
+
 class StepResult:
     """What one :meth:`PipelineExecutor.run` did on this rank.
 
@@ -180,7 +186,7 @@ class StepResult:
 
     def typical_host_seconds(self) -> dict[tuple[str, int], float]:
         """:meth:`typical_seconds` of :attr:`host_action_seconds`."""
-        return {(k.value, s): trimmed_mean(v) for (k, s), v in self.host_action_seconds.items() if v}
+        return _typical(self.host_action_seconds)
 
     def typical_seconds(self) -> dict[tuple[str, int], float]:
         """Seconds per ``(kind letter, stage)`` over the step's micro-batches as a cost model takes them: the mean
@@ -188,7 +194,7 @@ class StepResult:
         a stall moves a plain mean far from what the action costs (4x H200, pp=4, m=16: a stage's mean F read
         10.1 ms against ~2 ms elsewhere - stalls or a slow rank, the log cannot tell - and ``auto`` planned a
         37%-bubble order from it); a median would instead hide a cost paid by every other action."""
-        return {(k.value, s): trimmed_mean(v) for (k, s), v in self.action_seconds.items() if v}
+        return _typical(self.action_seconds)
 
     def mean_memory_bytes(self) -> dict[tuple[str, int], float]:
         """Mean change of allocated device memory per ``(kind letter, stage)`` (CUDA only; empty on CPU)."""
