@@ -23,10 +23,11 @@ same run, :class:`~.list_scheduler.GreedyRun`; that range holds a grid point). T
 ``auto``'s makespan never increases when the cap does. What it can miss: a run whose range of budgets lies
 between two grid points (memory needs that differ by less than a 16th of a micro-batch).
 
-Cost: each knob combination descends from the cap, and after each run jumps to the grid point below the run's
-range (the budgets in between give the same run); a run gives up as soon as it cannot beat the best schedule
-found so far (some rank's free time plus its work still to place), and a placement is dropped once the best
-reaches its :func:`~ds_plugins.schedule.simulate.lower_bound`. Neither changes the makespan found.
+Cost: the descent is :func:`~.list_scheduler.budget_descent` (shared with the zero-bubble generators' rebuild
+from measured costs): each knob combination descends from the cap, and after each run jumps to the grid point
+below the run's range (the budgets in between give the same run); a run gives up as soon as it cannot beat the
+best schedule found so far (some rank's free time plus its work still to place), and a placement is dropped once
+the best reaches its :func:`~ds_plugins.schedule.simulate.lower_bound`. Neither changes the makespan found.
 
 The result's ``shape.placement`` says which placement won ("loop" or "v"); a runtime must partition the model
 by it.
@@ -42,7 +43,8 @@ from ..costs import CostModel
 from ..ir import PipelineShape, Schedule
 from ..simulate import SimulationResult, lower_bound, simulate
 from .interleaved_1f1b import interleaved_1f1b
-from .list_scheduler import GreedyPolicy, greedy_run, memory_tolerance, policy_variants, rank_footprint
+from .list_scheduler import (BUDGET_STEPS_PER_MICROBATCH, GreedyPolicy, budget_descent, grid_point_at_or_above,
+                             memory_tolerance, rank_footprint)
 from .one_f_one_b import one_f_one_b
 from .v_half import v_half
 from .v_min import v_min
@@ -55,28 +57,6 @@ __all__ = ["auto", "default_memory_limit", "handcrafted_candidates"]
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-9
-
-BUDGET_STEPS_PER_MICROBATCH = 16
-"""The greedy search's budgets are the multiples of one micro-batch's footprint on the fullest rank divided by this
-(see the module docstring). 16: at pp=4 with measured Megatron costs, 8 missed runs the search before budgets
-below the cap found (297.8 instead of 294.6 ms under 18.24 GiB); the search's time grows with it."""
-
-
-def _grid_point_below(x: float, step: float) -> float:
-    """The largest multiple of ``step`` strictly below ``x``."""
-    k = math.ceil(x / step) - 1
-    while k * step >= x:
-        k -= 1
-    while (k + 1) * step < x:
-        k += 1
-    return k * step
-
-
-def _grid_point_at_or_above(x: float, step: float) -> float:
-    """The smallest multiple of ``step`` at or above ``x``."""
-    k = round(_grid_point_below(x, step) / step) + 1
-    return k * step
-
 
 def default_memory_limit(shape: PipelineShape, costs: CostModel) -> float:
     """1F1B's peak: ``pp`` micro-batches' activations on the rank that holds the most per micro-batch."""
@@ -158,27 +138,21 @@ def auto(shape: PipelineShape, costs: CostModel, memory_limit: float | None = No
         pshape = replace(shape, placement=placement)
         bound = bounds[placement]
         step = footprint[placement] / BUDGET_STEPS_PER_MICROBATCH
-        # Each policy descends from the cap through the grid, one budget per turn, the policies taking turns: the
-        # runs under the cap come first, and the best of them lets the later runs give up early.
-        descents = [[policy, limit] for policy in policy_variants(pshape, (limit,) * pshape.pp)]
-        while descents and not (best is not None and best[0][0] <= bound + _EPS):  # else nothing here is faster
-            for descent in descents:
-                policy, budget = descent
-                run = greedy_run("auto", pshape, costs, replace(policy, memory_limit=(budget,) * pshape.pp),
-                                 give_up_at=math.inf if best is None else best[0][0])
-                runs += 1
-                if run.schedule is None:
-                    given_up += 1
-                # The run under the cap itself counts only where it is the run under some budget of the grid (its
-                # range of budgets holds one): see the module docstring.
-                elif budget < limit or _grid_point_at_or_above(run.low, step) < run.high:
-                    origin = f"greedy {placement} ({_describe(policy)})"
-                    if budget < limit:
-                        origin += f" under budget {budget:g}, tighter than the cap"
-                    consider(run.schedule, run.makespan, max(run.peak_activation_memory), origin)
-                # the budgets in between give this same run; strictly below this budget, so the descent ends
-                descent[1] = min(_grid_point_below(run.low, step), _grid_point_below(budget, step))
-            descents = [d for d in descents if d[1] + mtol >= footprint[placement]]
+        for policy, budget, run in budget_descent(
+            "auto", pshape, costs, (limit,) * pshape.pp,
+            give_up_at=lambda: math.inf if best is None else best[0][0],
+            stop=lambda: best is not None and best[0][0] <= bound + _EPS,  # else nothing here is faster
+        ):
+            runs += 1
+            if run.schedule is None:
+                given_up += 1
+            # The run under the cap itself counts only where it is the run under some budget of the grid (its
+            # range of budgets holds one): see the module docstring.
+            elif budget < limit or grid_point_at_or_above(run.low, step) < run.high:
+                origin = f"greedy {placement} ({_describe(policy)})"
+                if budget < limit:
+                    origin += f" under budget {budget:g}, tighter than the cap"
+                consider(run.schedule, run.makespan, max(run.peak_activation_memory), origin)
 
     if best is None:  # cannot happen: the greedy candidates respect the limit checked above
         raise RuntimeError(f"auto found no schedule within memory_limit {limit:g} (internal error)")

@@ -32,13 +32,13 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 from ..costs import CostModel
 from ..ir import Action, ActionKind, PipelineShape, Schedule
 
-__all__ = ["GreedyPolicy", "MICROBATCHES_PER_RANK", "ZERO_BUBBLE_POLICY", "GreedyRun", "greedy_run",
-           "list_schedule", "memory_cap", "memory_tolerance",
+__all__ = ["BUDGET_STEPS_PER_MICROBATCH", "GreedyPolicy", "MICROBATCHES_PER_RANK", "ZERO_BUBBLE_POLICY",
+           "GreedyRun", "budget_descent", "greedy_run", "list_schedule", "memory_cap", "memory_tolerance",
            "policy_variants", "rank_footprint", "zero_bubble_schedule"]
 
 _F, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD_INPUT, ActionKind.BACKWARD_WEIGHT
@@ -368,6 +368,60 @@ MICROBATCHES_PER_RANK: dict[str, Callable[[int], int]] = {
 """Memory budget of each handcrafted zero-bubble schedule, in micro-batches' activations per rank, given pp."""
 
 
+BUDGET_STEPS_PER_MICROBATCH = 16
+"""Budget searches (:func:`budget_descent`) step through multiples of one micro-batch's footprint on the fullest
+rank divided by this. 16: at pp=4 with measured Megatron costs, 8 missed runs the search before budgets below
+the cap found (``auto``: 297.8 instead of 294.6 ms under 18.24 GiB); the search's time grows with it."""
+
+
+def grid_point_below(x: float, step: float) -> float:
+    """The largest multiple of ``step`` strictly below ``x``."""
+    k = math.ceil(x / step) - 1
+    while k * step >= x:
+        k -= 1
+    while (k + 1) * step < x:
+        k += 1
+    return k * step
+
+
+def grid_point_at_or_above(x: float, step: float) -> float:
+    """The smallest multiple of ``step`` at or above ``x``."""
+    k = round(grid_point_below(x, step) / step) + 1
+    return k * step
+
+
+def budget_descent(
+    name: str, shape: PipelineShape, costs: CostModel, cap: tuple[float, ...], *,
+    give_up_at: Callable[[], float] = lambda: math.inf, stop: Callable[[], bool] = lambda: False,
+) -> Iterator[tuple[GreedyPolicy, float, GreedyRun]]:
+    """Greedy runs of every knob combination (:func:`policy_variants`) under ``cap`` and under tighter budgets:
+    yields ``(policy, budget, run)`` for runs under the per-rank limits ``min(cap[r], budget)``.
+
+    Why budgets below the cap: the greedy scheduler spends its budget on early forwards, and a looser budget can
+    make a greedier start that ends worse (measured Megatron costs, pp=4, vp=2, m=8: ``auto``'s looped orders
+    under 22 GiB simulated 277.5 ms, under 26 GiB 287.1 ms; a zb-v rebuild at its own cap 305.3 ms, at a budget
+    below it 278.7 ms). Each policy starts at ``max(cap)`` and descends through the grid of multiples of one
+    micro-batch's footprint on the fullest rank / :data:`BUDGET_STEPS_PER_MICROBATCH`, the policies taking
+    turns (the runs under the cap come first, and the best of them lets later runs give up early,
+    ``give_up_at()``); after each run it jumps to the grid point below the run's range of budgets
+    (:attr:`GreedyRun.low`: every budget in between gives the same run), down to the least budget that holds one
+    micro-batch. ``stop()`` is asked before each round of the policies (e.g. once the best found reaches
+    :func:`~ds_plugins.schedule.simulate.lower_bound`)."""
+    footprint = max(rank_footprint(shape, costs, r) for r in range(shape.pp))
+    mtol = memory_tolerance(max(max(cap), footprint))
+    step = footprint / BUDGET_STEPS_PER_MICROBATCH
+    descents = [[policy, max(cap)] for policy in policy_variants(shape, cap)]
+    while descents and not stop():
+        for descent in descents:
+            policy, budget = descent
+            limits = tuple(min(c, budget) for c in cap)
+            run = greedy_run(name, shape, costs, replace(policy, memory_limit=limits), give_up_at=give_up_at())
+            yield policy, budget, run
+            # the budgets in between give this same run; strictly below this budget, so the descent ends
+            descent[1] = min(grid_point_below(run.low, step), grid_point_below(budget, step))
+        descents = [d for d in descents if d[1] + mtol >= footprint]
+
+
 def zero_bubble_schedule(
     name: str, shape: PipelineShape, costs: CostModel, microbatches_per_rank: float, *, search: bool = False,
     cap: tuple[float, ...] | None = None,
@@ -377,22 +431,27 @@ def zero_bubble_schedule(
     Like the reference implementation's initial solution (Zero Bubble PP, sec. 3.2), which tries several
     greedy variants and keeps the shortest: :data:`ZERO_BUBBLE_POLICY`, the same with W's filled greedily, and
     with W right after its I (which wins when pending W's hold so much memory that they starve the forwards).
-    ``search``: try every knob combination (:func:`policy_variants`) under the same budget - what a rebuild from
-    measured costs uses (``registry.retune``): with costs far from F = I = W (megatron's GPT with unfused
-    attention on 2x H200: W a quarter of I) the three variants above left ZB-V's order 5% slower in simulation
-    than the best of the 32 (554 vs 529 ms). ``cap``: per-rank memory limit to use instead of the budget's
-    (``registry.retune`` lowers the budget to what the running order holds on its fullest rank, + 1%).
+    ``search``: every knob combination (:func:`policy_variants`), under the budget and under tighter ones
+    (:func:`budget_descent`) - what a rebuild from measured costs uses (``registry.retune``). With costs far from
+    F = I = W (megatron's GPT with unfused attention on 2x H200: W a quarter of I) the three variants above left
+    ZB-V's order 5% slower in simulation than the best of the 32 (554 vs 529 ms); at pp=4 (4x H200) the best of
+    the 32 under the budget itself simulated 305.3 ms where a tighter budget gave 278.7 ms. ``cap``: per-rank
+    memory limit to use instead of the budget's (``registry.retune`` lowers the budget to what the running order
+    holds on its fullest rank, + 1%).
     """
     if cap is None:
         cap = memory_cap(shape, costs, microbatches_per_rank)
     best: tuple[tuple[float, float], Schedule] | None = None
     if search:
-        policies = policy_variants(shape, cap)
+        runs = (run for _, _, run in budget_descent(
+            name, shape, costs, cap, give_up_at=lambda: math.inf if best is None else best[0][0]))
     else:
-        policies = [replace(ZERO_BUBBLE_POLICY, memory_limit=cap, weight=weight, fill_only_if_fits=fit)
-                    for weight, fit in (("lazy", True), ("lazy", False), ("eager", True))]
-    for policy in policies:
-        run = greedy_run(name, shape, costs, policy)  # its makespan and peak are what simulate() reports
+        runs = (greedy_run(name, shape, costs, replace(ZERO_BUBBLE_POLICY, memory_limit=cap, weight=weight,
+                                                       fill_only_if_fits=fit))
+                for weight, fit in (("lazy", True), ("lazy", False), ("eager", True)))
+    for run in runs:  # a run's makespan and peak are what simulate() reports
+        if run.schedule is None:  # gave up: it could not beat the best
+            continue
         key = (run.makespan, max(run.peak_activation_memory))
         if best is None or key < best[0]:
             best = (key, run.schedule)
