@@ -48,8 +48,8 @@ measured in its warm-up; ``--trace-dir`` keeps every rank's chrome trace::
 
 Why a row ran slower than its plan (``--timed-actions``, no profiler): interleaf rows time every action of their
 timed steps as well (CUDA events) and log those F/I/W costs per stage, the host's time to issue each kind per
-stage (GPU only), the simulated step of the running order under them and under the warm-up's costs, and the timed
-step. A simulation under the timed costs close to the step means the actions themselves took longer than in the
+stage (GPU only), the simulated step of the running order under them (on GPU also with a host lane per rank under
+those issue times: ``simulate(..., host=)``) and under the warm-up's costs, and the timed step. A simulation under the timed costs close to the step means the actions themselves took longer than in the
 warm-up (most often a host late in issuing them: compare its issue times); well below it, the order waited
 between its actions.
 
@@ -447,7 +447,10 @@ def _timed_step_costs(runner, timed_actions, times) -> dict:
         out["simulated_warmup_ms"] = 1e3 * simulate(runner.schedule, warm).makespan
     host = [h for _, _, steps in everyone for h in steps if h]
     if host:  # CUDA events: the host's time to issue each action, next to its GPU time above
-        out["host_fiw_ms_per_stage"] = _fiw_ms_per_stage(costs_from_ranks([(host, [])], shape)[0])
+        issue = costs_from_ranks([(host, [])], shape)[0]
+        out["host_fiw_ms_per_stage"] = _fiw_ms_per_stage(issue)
+        # the same order with a host lane per rank: no action ends before its host has issued it
+        out["simulated_host_ms"] = 1e3 * simulate(runner.schedule, timed, host=issue).makespan
     return out
 
 
@@ -455,12 +458,14 @@ def _format_timed_step_costs(costs: dict) -> str:
     per_stage = ", ".join(_fiw_text(fiw) for fiw in costs["fiw_ms_per_stage"].values())
     warm = (f", {costs['simulated_warmup_ms']:.1f} ms under the warm-up's costs"
             if "simulated_warmup_ms" in costs else "")
-    host = ""
+    host = lane = ""
     if "host_fiw_ms_per_stage" in costs:
         host = ("; the host issued them in F/I/W ms per stage ["
                 + ", ".join(_fiw_text(fiw) for fiw in costs["host_fiw_ms_per_stage"].values()) + "]")
+    if "simulated_host_ms" in costs:
+        lane = f" ({costs['simulated_host_ms']:.1f} ms with no action ending before its host issued it)"
     return (f"timed steps' F/I/W ms per stage [{per_stage}]{host}; the running order simulates "
-            f"{costs['simulated_ms']:.1f} ms under them{warm}; timed step {costs['step_ms']:.1f} ms")
+            f"{costs['simulated_ms']:.1f} ms under them{lane}{warm}; timed step {costs['step_ms']:.1f} ms")
 
 
 def _format_measured(costs: dict) -> str:

@@ -10,6 +10,13 @@ dependencies are done (plus ``comm`` when the dependency ran on another rank):
 SEND/RECV actions of a lowered schedule take no rank time here; the transfer is the ``comm`` edge.
 A schedule whose ranks wait on each other in a cycle raises :class:`DeadlockError` with the stuck heads.
 
+Optionally (``host=``) each rank also has a host lane: the rank's host issues its actions one after another, each
+taking its host time, and never waits for inputs (NCCL transfers are queued on streams: a host issues kernels that
+wait for data on the GPU). An action then starts no earlier than its host starts issuing it and ends no earlier
+than its host finishes: ``end = max(start + gpu time, host done)``. A host slower than its GPU delays the GPU; a
+host that ran ahead while its GPU waited for data does not. Used to diagnose runs (megatron's local-spec GPT,
+whose host issues a forward about as fast as the GPU runs it); the planners do not use it.
+
 :func:`lower_bound` gives, for a shape and a cost model, a makespan that no schedule of that shape can beat
 under these rules, whatever its order.
 """
@@ -85,10 +92,16 @@ def dependencies(action: Action, num_stages: int, split_backward: bool) -> tuple
     return ()
 
 
-def simulate(schedule: Schedule, costs: CostModel) -> SimulationResult:
-    """Run ``schedule`` against ``costs``; raises :class:`DeadlockError` if it cannot finish."""
+def simulate(schedule: Schedule, costs: CostModel, *, host: CostModel | None = None) -> SimulationResult:
+    """Run ``schedule`` against ``costs``; raises :class:`DeadlockError` if it cannot finish.
+
+    ``host``: each action's time for its rank's host to issue it (its ``forward`` / ``backward_input`` /
+    ``backward_weight`` per stage; its memory figures are not used), simulated as a host lane per rank (module
+    docstring). None: hosts are never late."""
     shape = schedule.shape
     costs.for_shape(shape)
+    if host is not None:
+        host.for_shape(shape)
     programs = [[a for a in prog if a.kind.is_compute] for prog in schedule.actions]
     # Which kind produced each stage's input gradient, per (stage, micro-batch): I when split, else B.
     grad_producer: dict[tuple[int, int], ActionKind] = {}
@@ -99,6 +112,7 @@ def simulate(schedule: Schedule, costs: CostModel) -> SimulationResult:
     finished: dict[Action, tuple[int, float]] = {}  # action -> (rank, end time)
     heads = [0] * shape.pp
     rank_time = [0.0] * shape.pp
+    host_time = [0.0] * shape.pp  # per rank: when its host has issued every action so far
     timeline: list[list[TimedAction]] = [[] for _ in range(shape.pp)]
     remaining = sum(len(p) for p in programs)
     while remaining:
@@ -118,6 +132,11 @@ def simulate(schedule: Schedule, costs: CostModel) -> SimulationResult:
                 if blocked:
                     break
                 end = ready + costs.duration(action)
+                if host is not None:
+                    issued = host_time[rank] + host.duration(action)
+                    ready = max(ready, host_time[rank])
+                    end = max(ready + costs.duration(action), issued)
+                    host_time[rank] = issued
                 finished[action] = (rank, end)
                 timeline[rank].append(TimedAction(rank, action, ready, end))
                 rank_time[rank] = end

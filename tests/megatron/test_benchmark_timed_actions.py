@@ -31,6 +31,7 @@ def test_timed_actions_give_the_running_orders_simulation_under_the_timed_steps(
         assert all(f > 0 and i > 0 and w > 0 for f, i, w in timed["fiw_ms_per_stage"].values())
         assert timed["simulated_ms"] > 0 and timed["simulated_warmup_ms"] > 0
         assert "host_fiw_ms_per_stage" not in timed  # host issue times come with CUDA events only
+        assert "simulated_host_ms" not in timed  # and so does the host-lane simulation
         # the slowest rank's mean step, the same figure as the row's
         assert timed["step_ms"] == pytest.approx(1e3 * by_variant["zb-v"]["step_s"])
         line = bench._format_timed_step_costs(timed)
