@@ -97,7 +97,8 @@ def simulate(schedule: Schedule, costs: CostModel, *, host: CostModel | None = N
 
     ``host``: each action's time for its rank's host to issue it (its ``forward`` / ``backward_input`` /
     ``backward_weight`` per stage; its memory figures are not used), simulated as a host lane per rank (module
-    docstring). None: hosts are never late."""
+    docstring). None: hosts are never late. With a host lane an action's start-to-end (its timeline entry, the
+    rank's ``busy`` time and so the bubble) includes time its GPU waited for its host inside it."""
     shape = schedule.shape
     costs.for_shape(shape)
     if host is not None:
@@ -258,8 +259,9 @@ def lower_bound(shape: PipelineShape, costs: CostModel, *, split_backward: bool 
 
     Left out, because no proof covers them here: any interaction between ranks beyond these chains (a rank that
     must idle while another works, e.g. a middle rank's gaps when W cannot fill them), memory caps (they only make
-    the bound looser, never wrong), and everything :func:`simulate` does not model (host overhead, overlap of
-    transfers with compute, contention).
+    the bound looser, never wrong), and everything :func:`simulate` does not model (overlap of transfers with
+    compute, contention) or models only on request (host issue time, ``host=``: it only lengthens a step, so the
+    bound holds under it too).
 
     ``split_backward=True`` bounds every order, split or not; ``False`` bounds orders with a full backward B only,
     which is higher where W would have filled the start or the drain.
