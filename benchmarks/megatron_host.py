@@ -3,8 +3,8 @@
 On host-bound machines a pipeline step is as long as its ranks' hosts take to issue their actions (BENCHMARKS.md,
 Megatron sections: hosts issuing a 4-layer forward in 5-10 ms whose kernels take ~5 ms). This script measures, for
 one chunk of the anchors.md GPT in megatron's ``GPTModel`` (local spec; ``--layers`` decoder layers with the
-embedding, the tied LM head and the loss: the heaviest chunk of V placement's rank 0), the host's wall time
-(``perf_counter``, no synchronisation inside) to run:
+embedding, the tied LM head and the loss in the one chunk: V placement's rank 0 holds these in its two chunks), the
+host's wall time (``perf_counter``, no synchronisation inside) to run:
 
 - ``forward``: the chunk's forward and loss (``Float16Module`` + megatron DDP, as ``benchmarks/megatron.py``);
 - ``megatron B``: ``loss.backward()`` with megatron's own linear backward (``megatron_patches`` not applied);
@@ -13,8 +13,12 @@ embedding, the tied LM head and the loss: the heaviest chunk of V placement's ra
   queued W closures (what zero-bubble schedules split B into).
 
 The GPU is synchronised between these calls (outside the timing), so each starts with an empty launch queue;
-``--seq`` smaller than 2048 makes the kernels shorter and the figures closer to pure issue cost. Rounds alternate
-the variants; the table gives the median and the interquartile range over ``--rounds``.
+``--seq`` smaller than 2048 makes the kernels shorter and the figures closer to pure issue cost. Each round runs
+megatron's backward, interleaf's B, then I + W, in that order, each after its own forward (the forward column
+pools all three); the table gives the median and the interquartile range over ``--rounds`` (I + W: the sum of the
+two medians). Check: the three backwards must leave the same gradients in megatron's ``main_grad`` buffers
+(within 1e-2 relative in bf16, 1e-5 in fp32), else the script fails: a W that did not run, or a patch that
+changed the math, would show there.
 
 GPU (writes its section of BENCHMARKS.md)::
 
@@ -98,6 +102,8 @@ def measure(seq: int, args: argparse.Namespace, gpu: bool) -> tuple[dict[str, li
 
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     queued = [0]
+    grads: dict[str, torch.Tensor] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def one(kind: str, keep: bool) -> None:
         model.zero_grad_buffer()
@@ -113,6 +119,8 @@ def measure(seq: int, args: argparse.Namespace, gpu: bool) -> tuple[dict[str, li
             queue.clear()
         else:
             backward, _ = timed(loss.backward)
+        if kind not in grads:  # the same forward input and weights every time: the same gradients
+            grads[kind] = torch.cat([p.main_grad.detach().float().flatten() for p in params]).cpu()
         if keep:
             times["forward"].append(elapsed)
             if kind == "I":
@@ -132,6 +140,14 @@ def measure(seq: int, args: argparse.Namespace, gpu: bool) -> tuple[dict[str, li
             one("B", keep=True)
             one("I", keep=True)
             linear_weight_grad.uninstall()
+        rtol = 1e-2 if gpu else 1e-5
+        reference = grads["megatron"]
+        scale = float(reference.abs().max())
+        for kind in ("B", "I"):
+            err = float((grads[kind] - reference).abs().max())
+            if not err <= rtol * scale:
+                raise RuntimeError(f"seq {seq}: interleaf's {'B' if kind == 'B' else 'I + W'} left gradients "
+                                   f"{err:.3g} away from megatron's backward (max |grad| {scale:.3g}): not the same math")
     finally:
         linear_weight_grad.uninstall()
         bench.release_layout(wrapped, config)
