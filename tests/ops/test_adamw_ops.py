@@ -2,13 +2,18 @@
 
 Exactness: the kernel applies torch's for-loop AdamW operations in torch's order (lerp as fma, addcmul contracted,
 true divisions). The only known difference: torch's CPU sqrt goes through MKL and is not always correctly rounded,
-ours is IEEE sqrt; that moves ~0.01% of the updated params by an ulp. So m and v must be bit-equal (AdamW mode),
-params within 1e-6 and >= 99% bit-equal.
+ours is IEEE sqrt; that moves some updated params by an ulp, how many depends on the CPU (~0.01% per step on the
+hosts of sessions 1-11; on session 12's AVX2 AMD EPYC torch.sqrt matched IEEE sqrt on 80% of random inputs, and
+98.3-99.1% of params were bit-equal to torch's after 3 steps). So m
+and v must be bit-equal to torch's (AdamW mode), params within 1e-6 of torch's, and every step's param update
+bit-equal to the same operations in IEEE float32 (numpy: correctly rounded sqrt, no fused operations).
 """
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,7 +54,21 @@ def _state(n: int, seed: int):
     return torch.randn(n, generator=gen), gen
 
 
-def _run_against_torch(n, grad_dtype, weight_decay, adamw_mode, lowp_dtype, steps=3):
+def _ieee_update(param_before, exp_avg, exp_avg_sq, step, weight_decay, adamw_mode) -> torch.Tensor:
+    """The kernel's (and torch's for-loop) param update in IEEE float32, from this step's m and v: decoupled decay
+    (AdamW), then ``p + (-lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)``; the scalars rounded to float32 from
+    double, as the kernel's coefficients are."""
+    f32 = np.float32
+    p = param_before.numpy().astype(f32)
+    if adamw_mode and weight_decay:
+        p = p * f32(1.0 - LR * weight_decay)
+    denom = np.sqrt(exp_avg_sq.numpy()) / f32(math.pow(1.0 - BETA2 ** step, 0.5)) + f32(EPS)
+    return torch.from_numpy(p + (f32(-(LR / (1.0 - BETA1 ** step))) * exp_avg.numpy()) / denom)
+
+
+def _run_against_torch(n, grad_dtype, weight_decay, adamw_mode, lowp_dtype, steps=3, ieee_steps=None):
+    """``ieee_steps``: a list that gets, per step, whether the kernel's param update was bit-equal to
+    :func:`_ieee_update` (None: not checked)."""
     param0, gen = _state(n, seed=n)
     ref = param0.clone().requires_grad_(True)
     optimizer_cls = torch.optim.AdamW if adamw_mode else torch.optim.Adam
@@ -60,8 +79,12 @@ def _run_against_torch(n, grad_dtype, weight_decay, adamw_mode, lowp_dtype, step
         grad = torch.randn(n, generator=gen).to(grad_dtype)
         ref.grad = grad.float()
         ref_opt.step()
+        before = param.clone()
         ops.adamw_step_([param], [grad], [exp_avg], [exp_avg_sq], lr=LR, beta1=BETA1, beta2=BETA2, eps=EPS,
                         weight_decay=weight_decay, step=step, adamw_mode=adamw_mode, lowp_out=[lowp])
+        if ieee_steps is not None:
+            ieee_steps.append(torch.equal(param, _ieee_update(before, exp_avg, exp_avg_sq, step, weight_decay,
+                                                              adamw_mode)))
     state = ref_opt.state[ref]
     return param, exp_avg, exp_avg_sq, lowp, ref.detach(), state["exp_avg"], state["exp_avg_sq"]
 
@@ -72,14 +95,17 @@ def _run_against_torch(n, grad_dtype, weight_decay, adamw_mode, lowp_dtype, step
 @pytest.mark.parametrize("adamw_mode", [True, False])
 def test_matches_torch_adam(n, grad_dtype, weight_decay, adamw_mode):
     lowp_dtype = torch.bfloat16 if grad_dtype != torch.float16 else torch.float16
-    param, m, v, lowp, ref, ref_m, ref_v = _run_against_torch(n, grad_dtype, weight_decay, adamw_mode, lowp_dtype)
+    ieee_steps: list[bool] = []
+    param, m, v, lowp, ref, ref_m, ref_v = _run_against_torch(n, grad_dtype, weight_decay, adamw_mode, lowp_dtype,
+                                                              ieee_steps=ieee_steps)
     if adamw_mode or weight_decay == 0:  # the params' sqrt-ulp differences never feed back into m and v
         assert torch.equal(m, ref_m)
         assert torch.equal(v, ref_v)
     torch.testing.assert_close(m, ref_m, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(v, ref_v, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(param, ref, rtol=1e-6, atol=1e-6)
-    assert (param == ref).float().mean().item() >= 0.99
+    assert ieee_steps == [True, True, True]  # every step's update exactly the IEEE float32 operations
+    assert (param == ref).float().mean().item() >= 0.95  # the rest is torch's MKL sqrt (module docstring)
     assert torch.equal(lowp, param.to(lowp_dtype))
 
 
