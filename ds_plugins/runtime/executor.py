@@ -64,7 +64,6 @@ resolved only when a timing is read, so no sync in the hot path) or ``"sync"`` (
 every action: exact host-side times, for profiling only)."""
 
 
-
 def _typical(per_action: Mapping[tuple[ActionKind, int], list[float]]) -> dict[tuple[str, int], float]:
     """``(kind letter, stage) ->`` the trimmed mean of that action's samples (see :meth:`StepResult.typical_seconds`)."""
     return {(k.value, s): trimmed_mean(v) for (k, s), v in per_action.items() if v}

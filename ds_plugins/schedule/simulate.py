@@ -132,11 +132,13 @@ def simulate(schedule: Schedule, costs: CostModel, *, host: CostModel | None = N
                     ready = max(ready, dep_end + (costs.comm if dep_rank != rank else 0.0))
                 if blocked:
                     break
-                end = ready + costs.duration(action)
-                if host is not None:
+                duration = costs.duration(action)
+                if host is None:
+                    end = ready + duration
+                else:  # no earlier than its host starts issuing it, no end before its host has issued it
                     issued = host_time[rank] + host.duration(action)
                     ready = max(ready, host_time[rank])
-                    end = max(ready + costs.duration(action), issued)
+                    end = max(ready + duration, issued)
                     host_time[rank] = issued
                 finished[action] = (rank, end)
                 timeline[rank].append(TimedAction(rank, action, ready, end))
