@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "SCHEDULE_NAMES",
@@ -107,11 +107,32 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def check_no_cuda_graphs(settings: Any) -> None:
+    """Raise ``ValueError`` when megatron's CUDA graphs are on in ``settings`` (megatron's parsed args or its
+    ``TransformerConfig``: the attribute names are the same)."""
+    impl = getattr(settings, "cuda_graph_impl", None)
+    if impl not in (None, "none"):
+        flag = f"--cuda-graph-impl {impl}"
+    elif getattr(settings, "enable_cuda_graph", False):
+        flag = "--enable-cuda-graph"
+    elif getattr(settings, "external_cuda_graph", False):
+        flag = "--external-cuda-graph"
+    else:
+        return
+    raise ValueError(
+        f"{flag} cannot be combined with --pipeline-schedule: megatron captures its layers' CUDA graphs in the "
+        "order its own pipeline schedules run them and creates them from inside those schedules, and a graphed "
+        "layer's backward computes its weight gradients, which interleaf's zero-bubble and V schedules defer into "
+        "W passes. Drop the CUDA-graph flag, or drop --pipeline-schedule to train with megatron's own schedule"
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> Optional[MegatronScheduleConfig]:
     """The schedule chosen on megatron's command line, or ``None`` when ``--pipeline-schedule`` is unset.
 
     Also checks the flag against ``--pipeline-model-parallel-size`` and
-    ``--virtual-pipeline-model-parallel-size`` when those are present in ``args``.
+    ``--virtual-pipeline-model-parallel-size`` when those are present in ``args``, and against megatron's CUDA-graph
+    flags (:func:`check_no_cuda_graphs`).
     """
     schedule = getattr(args, "pipeline_schedule", None)
     limit = getattr(args, "pipeline_memory_limit_gib", None)
@@ -121,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> Optional[MegatronScheduleConfi
         return None
     config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=limit,
                                     measured_costs=not getattr(args, "pipeline_uniform_costs", False))
+    check_no_cuda_graphs(args)
     pp = getattr(args, "pipeline_model_parallel_size", None)
     if pp is not None:
         config.check_parallel_sizes(pp=pp, vp=getattr(args, "virtual_pipeline_model_parallel_size", None))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ds_plugins.schedule.ir import ActionKind
 
-from .arguments import MegatronScheduleConfig
+from .arguments import MegatronScheduleConfig, check_no_cuda_graphs
 from .placement import chunk_stage, tied_embedding_weights
 
 logger = logging.getLogger(__name__)
@@ -313,6 +313,7 @@ def _check_unsupported(config, forward_only: bool) -> None:
         )
     if getattr(config, "overlap_moe_expert_parallel_comm", False) and not forward_only:
         raise ValueError("--overlap-moe-expert-parallel-comm has its own combined 1F1B schedule; drop --pipeline-schedule")
+    check_no_cuda_graphs(config)
     if getattr(config, "variable_seq_lengths", False) and not forward_only:
         logger.info("variable_seq_lengths: interleaf's p2p sends shapes once per stage pair; lengths must not change")
 

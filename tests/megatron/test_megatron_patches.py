@@ -60,6 +60,32 @@ def test_bad_flag_combination_gives_clear_error(argv, message):
         config_from_args(_parse(argv))
 
 
+@pytest.mark.parametrize(
+    "settings, flag",
+    [
+        (dict(cuda_graph_impl="local"), "--cuda-graph-impl local"),
+        (dict(cuda_graph_impl="transformer_engine"), "--cuda-graph-impl transformer_engine"),
+        (dict(cuda_graph_impl="none", enable_cuda_graph=True), "--enable-cuda-graph"),
+        (dict(external_cuda_graph=True), "--external-cuda-graph"),
+    ],
+)
+def test_cuda_graphs_are_rejected_on_the_command_line_and_at_the_first_step(settings, flag):
+    """Megatron creates its CUDA graphs from inside its own schedules, in their order, and a graphed backward
+    computes weight gradients: with an interleaf schedule the graphs would never be created, and a graphed layer's
+    weight gradient could not be deferred into W.
+    Both megatron's parsed args and its TransformerConfig (what forward_backward_func sees) carry these names."""
+    from megatron_patches.forward_backward import _check_unsupported
+
+    args = _parse(["--pipeline-schedule", "zb-h1", "--pipeline-model-parallel-size", "2"])
+    vars(args).update(settings)
+    with pytest.raises(ValueError, match=flag + " cannot be combined with --pipeline-schedule"):
+        config_from_args(args)
+    for forward_only in (False, True):
+        with pytest.raises(ValueError, match=flag + " cannot be combined"):
+            _check_unsupported(types.SimpleNamespace(**settings), forward_only)
+    _check_unsupported(types.SimpleNamespace(cuda_graph_impl="none"), False)  # megatron's default passes
+
+
 def test_apply_rejects_unknown_schedule_before_touching_megatron():
     with pytest.raises(ValueError, match="choose one of"):
         megatron_patches.apply("gpipe")
