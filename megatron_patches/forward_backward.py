@@ -314,6 +314,13 @@ def _check_unsupported(config, forward_only: bool) -> None:
     if getattr(config, "overlap_moe_expert_parallel_comm", False) and not forward_only:
         raise ValueError("--overlap-moe-expert-parallel-comm has its own combined 1F1B schedule; drop --pipeline-schedule")
     check_no_cuda_graphs(config)
+    if getattr(config, "num_microbatches_with_partial_activation_checkpoints", None) is not None and not forward_only:
+        raise ValueError(
+            "--num-microbatches-with-partial-activation-checkpoints picks which micro-batches recompute from the "
+            "number megatron's own 1F1B keeps in flight; interleaf schedules hold a different number (zb-h2, V "
+            "schedules, auto). Drop that flag (every micro-batch then recomputes as --recompute-granularity says), "
+            "or bound activation memory with --pipeline-schedule v-half / v-min / auto --pipeline-memory-limit-gib"
+        )
     if getattr(config, "variable_seq_lengths", False) and not forward_only:
         logger.info("variable_seq_lengths: interleaf's p2p sends shapes once per stage pair; lengths must not change")
 

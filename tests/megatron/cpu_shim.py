@@ -82,3 +82,7 @@ def install() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mcore_random.get_cuda_rng_tracker = lambda *a, **k: tracker
     mcore_random.model_parallel_cuda_manual_seed = lambda seed, *a, **k: torch.manual_seed(seed)
+    # Activation recompute (megatron's CheckpointFunction) saves and restores the CUDA RNG state around the
+    # recomputed forward: the CPU generator's state stands in for it (dropout is 0 here, so nothing draws from it).
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)

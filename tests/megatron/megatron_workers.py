@@ -4,6 +4,7 @@ Run with :func:`run_ranks`; every worker installs the test-only CPU shim first.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -391,11 +392,32 @@ def _gpt_forward_step(data_iterator, model):
     return output, loss_func
 
 
+@contextlib.contextmanager
+def _counting_checkpoints():
+    """Count calls of megatron's ``tensor_parallel.checkpoint`` (activation recompute) while the block runs."""
+    from megatron.core import tensor_parallel
+
+    calls = []
+    original = tensor_parallel.checkpoint
+
+    def checkpoint(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    tensor_parallel.checkpoint = checkpoint
+    try:
+        yield calls
+    finally:
+        tensor_parallel.checkpoint = original
+
+
 def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion=False, layers_per_chunk=1,
-               align_grad_reduce=True):
+               align_grad_reduce=True, recompute=None):
     """megatron's GPTModel (local spec) in megatron's DDP, megatron's own schedule vs interleaf schedules.
 
     ``cases``: list of (placement, vp, [schedules]); "megatron" in the list runs megatron's own schedule.
+    ``recompute``: megatron's activation recompute, ``"full"`` (every layer, uniform) or ``"selective"`` (core
+    attention); every run then checks that megatron's checkpoint function really ran.
     Returns ``{(placement, vp, schedule): ({global name: main_grad}, [logged losses], deferred W count)}``.
     """
     import megatron_patches
@@ -414,6 +436,10 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
         dp_rank = ps.get_data_parallel_rank()
         tp_rank = ps.get_tensor_model_parallel_rank()
         cfg = gpt_config(tp=tp, pp=pp, vp=vp if vp > 1 else None, layers=pp * 2 * layers_per_chunk, sp=sp)
+        if recompute == "full":
+            cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers = "full", "uniform", 1
+        elif recompute == "selective":
+            cfg.recompute_granularity, cfg.recompute_modules = "selective", ["core_attn"]
         provider = gpt_provider(cfg, s)
         if placement == "v":
             chunks = build_model_chunks(provider)
@@ -454,9 +480,12 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
             data = _gpt_data(m, s, b, seed=100 + dp_rank)
             iters = [iter(data) for _ in wrapped]
             before = linear_weight_grad.deferred_count
-            store = func(forward_step_func=_gpt_forward_step, data_iterator=iters if vp > 1 else iters[0],
-                         model=wrapped if vp > 1 else wrapped[0], num_microbatches=m, seq_length=s,
-                         micro_batch_size=b)
+            with _counting_checkpoints() as checkpoints:
+                store = func(forward_step_func=_gpt_forward_step, data_iterator=iters if vp > 1 else iters[0],
+                             model=wrapped if vp > 1 else wrapped[0], num_microbatches=m, seq_length=s,
+                             micro_batch_size=b)
+            if recompute and not checkpoints:
+                raise AssertionError(f"recompute={recompute!r}: megatron's checkpoint function never ran")
             grads = {}
             for w in wrapped:
                 for p in unwrap(w).parameters():

@@ -124,3 +124,14 @@ def test_gpt_pp4_vp1_vp2_and_v_overlap_without_grad_sync_func():
              ("v", 2, ["zb-v", "v-min"])]
     worker = functools.partial(gpt_worker, overlap=True, align_grad_reduce=False)
     _gpt_check(_merge(run_ranks(worker, 4, 1, 4, cases, 4), key=None))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_gpt_activation_recompute_pp2(recompute):
+    """megatron's activation recompute (``--recompute-granularity full --recompute-method uniform`` and selective
+    core-attention recompute): the recomputed forward runs inside interleaf's I, its weight GEMMs are deferred to
+    W, and the gradients equal megatron's own schedules' with the same recompute."""
+    cases = [("loop", 1, ["megatron", "zb-h2"]), ("loop", 2, ["megatron", "interleaved-1f1b"]), ("v", 2, ["zb-v"])]
+    worker = functools.partial(gpt_worker, recompute=recompute)
+    _gpt_check(_merge(run_ranks(worker, 2, 1, 2, cases, 4), key=None))

@@ -86,6 +86,15 @@ def test_cuda_graphs_are_rejected_on_the_command_line_and_at_the_first_step(sett
     _check_unsupported(types.SimpleNamespace(cuda_graph_impl="none"), False)  # megatron's default passes
 
 
+def test_partial_activation_checkpoints_are_rejected_at_the_first_step():
+    from megatron_patches.forward_backward import _check_unsupported
+
+    config = types.SimpleNamespace(num_microbatches_with_partial_activation_checkpoints=2)
+    with pytest.raises(ValueError, match="--num-microbatches-with-partial-activation-checkpoints picks"):
+        _check_unsupported(config, forward_only=False)
+    _check_unsupported(config, forward_only=True)  # evaluation recomputes nothing
+
+
 def test_apply_rejects_unknown_schedule_before_touching_megatron():
     with pytest.raises(ValueError, match="choose one of"):
         megatron_patches.apply("gpipe")
