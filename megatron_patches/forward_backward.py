@@ -325,6 +325,21 @@ def _check_unsupported(config, forward_only: bool) -> None:
         logger.info("variable_seq_lengths: interleaf's p2p sends shapes once per stage pair; lengths must not change")
 
 
+def _check_decoder_only(chunk: torch.nn.Module) -> None:
+    from megatron.core.enums import ModelType
+    from megatron.core.utils import get_model_type
+
+    try:
+        model_type = get_model_type(chunk)
+    except (AttributeError, RuntimeError):  # a user module without megatron's model_type: decoder-style
+        return
+    if model_type == ModelType.encoder_and_decoder:
+        raise ValueError(
+            "encoder-decoder models (ModelType.encoder_and_decoder) are not supported by interleaf schedules: "
+            "they pass the encoder output alongside each stage's activations; drop --pipeline-schedule for this model"
+        )
+
+
 def make_forward_backward_func(
     schedule_config: MegatronScheduleConfig,
     *,
@@ -360,6 +375,7 @@ def make_forward_backward_func(
             raise ValueError(f"{len(chunks)} model chunks but {len(iterators)} data iterators: pass one per chunk")
         config = get_model_config(chunks[0])
         _check_unsupported(config, forward_only)
+        _check_decoder_only(chunks[0])
         if adjust_tensor_shapes_fn is not None:
             raise ValueError("adjust_tensor_shapes_fn is not needed with interleaf schedules (shapes travel once)")
 

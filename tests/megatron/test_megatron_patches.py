@@ -95,6 +95,28 @@ def test_partial_activation_checkpoints_are_rejected_at_the_first_step():
     _check_unsupported(config, forward_only=True)  # evaluation recomputes nothing
 
 
+def test_encoder_decoder_models_are_rejected():
+    pytest.importorskip("megatron.core")
+    import torch
+    from megatron.core.enums import ModelType
+    from megatron_patches.forward_backward import _check_decoder_only
+
+    class Chunk(torch.nn.Module):
+        def __init__(self, model_type):
+            super().__init__()
+            self.model_type = model_type
+
+    class Wrapper(torch.nn.Module):  # megatron's DDP / Float16Module keep the model under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    with pytest.raises(ValueError, match="encoder-decoder models"):
+        _check_decoder_only(Wrapper(Chunk(ModelType.encoder_and_decoder)))
+    _check_decoder_only(Wrapper(Chunk(ModelType.encoder_or_decoder)))
+    _check_decoder_only(torch.nn.Linear(2, 2))  # no model_type at all: a decoder-style user module
+
+
 def test_apply_rejects_unknown_schedule_before_touching_megatron():
     with pytest.raises(ValueError, match="choose one of"):
         megatron_patches.apply("gpipe")
