@@ -1,6 +1,7 @@
-"""Worker processes for the Megatron adapter tests (CPU, gloo). Each worker returns plain results to the test.
+"""Worker processes for the Megatron adapter tests (CPU, gloo; or one GPU per rank, NCCL). Each worker returns
+plain results to the test.
 
-Run with :func:`run_ranks`; every worker installs the test-only CPU shim first.
+Run with :func:`run_ranks`; on gloo every worker installs the test-only CPU shim first.
 """
 from __future__ import annotations
 
@@ -27,18 +28,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, out_dir, fn, args):
+def _entry(rank, world, port, out_dir, fn, args, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     for p in (HERE, ROOT):
         if p not in sys.path:
             sys.path.insert(0, p)
-    import cpu_shim
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    else:
+        import cpu_shim
 
-    cpu_shim.install()
+        cpu_shim.install()
     import datetime
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    kwargs = {"device_id": torch.device("cuda", rank)} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120), **kwargs)
     try:
         result = fn(rank, world, *args)
     except BaseException:
@@ -50,11 +55,12 @@ def _entry(rank, world, port, out_dir, fn, args):
     dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned gloo processes; returns the per-rank results."""
+def run_ranks(fn, world: int, *args, backend: str = "gloo"):
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes (gloo on the CPU shim, or ``backend="nccl"``
+    with GPU ``rank`` per rank); returns the per-rank results."""
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.start_processes(_entry, args=(world, _free_port(), out_dir, fn, args), nprocs=world,
+            mp.start_processes(_entry, args=(world, _free_port(), out_dir, fn, args, backend), nprocs=world,
                                start_method="spawn")
         except Exception as err:
             msgs = []
@@ -328,12 +334,12 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None):
 GPT_VOCAB = 64
 
 
-def gpt_config(*, tp, pp, vp, layers, hidden=16, heads=4, sp=False, dtype=torch.float32):
+def gpt_config(*, tp, pp, vp, layers, hidden=16, heads=4, sp=False, dtype=torch.float32, dropout=0.0):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, use_cpu_initialization=True,
-        pipeline_dtype=dtype, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
+        pipeline_dtype=dtype, params_dtype=dtype, hidden_dropout=dropout, attention_dropout=dropout,
         batch_p2p_comm=False, tensor_model_parallel_size=tp, sequence_parallel=sp,
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp,
     )
@@ -368,11 +374,11 @@ def canonical_names(gpt_model):
     return names
 
 
-def _gpt_data(m, s, b, seed):
+def _gpt_data(m, s, b, seed, device=None):
     g = torch.Generator().manual_seed(seed)
     return [
-        {"tokens": torch.randint(0, GPT_VOCAB, (b, s), generator=g),
-         "labels": torch.randint(0, GPT_VOCAB, (b, s), generator=g)}
+        {"tokens": torch.randint(0, GPT_VOCAB, (b, s), generator=g).to(device),
+         "labels": torch.randint(0, GPT_VOCAB, (b, s), generator=g).to(device)}
         for _ in range(m)
     ]
 
@@ -381,8 +387,8 @@ def _gpt_forward_step(data_iterator, model):
     batch = next(data_iterator)
     tokens, labels = batch["tokens"], batch["labels"]
     b, s = tokens.shape
-    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
-    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=tokens.device), diagonal=1)
     output = model(tokens, position_ids, mask, labels=labels)
 
     def loss_func(output_tensor):
@@ -412,12 +418,14 @@ def _counting_checkpoints():
 
 
 def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion=False, layers_per_chunk=1,
-               align_grad_reduce=True, recompute=None):
+               align_grad_reduce=True, recompute=None, dropout=0.0):
     """megatron's GPTModel (local spec) in megatron's DDP, megatron's own schedule vs interleaf schedules.
 
     ``cases``: list of (placement, vp, [schedules]); "megatron" in the list runs megatron's own schedule.
     ``recompute``: megatron's activation recompute, ``"full"`` (every layer, uniform) or ``"selective"`` (core
-    attention); every run then checks that megatron's checkpoint function really ran.
+    attention); every run then checks that megatron's checkpoint function really ran. On NCCL (one GPU per rank)
+    the chunks run on the rank's GPU with megatron's CUDA RNG tracker, reseeded before every run, so ``dropout``
+    masks repeat from run to run of the same schedule.
     Returns ``{(placement, vp, schedule): ({global name: main_grad}, [logged losses], deferred W count)}``.
     """
     import megatron_patches
@@ -429,13 +437,15 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
 
     if fusion:
         fake_apex()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     s, b = 8, 2
     out = {}
     for placement, vp, schedules in cases:
         init_parallel(tp, pp, vp if vp > 1 else None)
         dp_rank = ps.get_data_parallel_rank()
         tp_rank = ps.get_tensor_model_parallel_rank()
-        cfg = gpt_config(tp=tp, pp=pp, vp=vp if vp > 1 else None, layers=pp * 2 * layers_per_chunk, sp=sp)
+        cfg = gpt_config(tp=tp, pp=pp, vp=vp if vp > 1 else None, layers=pp * 2 * layers_per_chunk, sp=sp,
+                         dropout=dropout)
         if recompute == "full":
             cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers = "full", "uniform", 1
         elif recompute == "selective":
@@ -461,6 +471,8 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
         for chunk in chunks:
             with torch.no_grad():
                 deterministic_init([(names[p], p) for p in chunk.parameters()], init_key)
+            if device is not None:
+                chunk.to(device)
         if fusion:
             for chunk in chunks:
                 for mod in chunk.modules():
@@ -477,7 +489,11 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
         def run(func):
             for w in wrapped:
                 w.zero_grad_buffer()
-            data = _gpt_data(m, s, b, seed=100 + dp_rank)
+            if device is not None:
+                from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+                model_parallel_cuda_manual_seed(1234)
+            data = _gpt_data(m, s, b, seed=100 + dp_rank, device=device)
             iters = [iter(data) for _ in wrapped]
             before = linear_weight_grad.deferred_count
             with _counting_checkpoints() as checkpoints:
@@ -489,8 +505,9 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
             grads = {}
             for w in wrapped:
                 for p in unwrap(w).parameters():
-                    grads[f"{names[p]}.tp{tp_rank}.dp{dp_rank}"] = p.main_grad.detach().clone()
-            return grads, [d["lm loss"] for d in store], linear_weight_grad.deferred_count - before
+                    grads[f"{names[p]}.tp{tp_rank}.dp{dp_rank}"] = p.main_grad.detach().cpu().clone()
+            losses = [d["lm loss"].cpu() for d in store]
+            return grads, losses, linear_weight_grad.deferred_count - before
 
         for name in schedules:
             if name == "megatron":
