@@ -51,7 +51,9 @@ timed steps as well (CUDA events) and log those F/I/W costs per stage, the host'
 stage (GPU only), the simulated step of the running order under them (on GPU also with a host lane per rank under
 those issue times: ``simulate(..., host=)``) and under the warm-up's costs, and the timed step. A simulation under the timed costs close to the step means the actions themselves took longer than in the
 warm-up (most often a host late in issuing them: compare its issue times); well below it, the order waited
-between its actions.
+between its actions. The line also gives the ceiling on that machine: the busiest rank's compute per step under
+the timed costs (no order runs a step in less) and what ``auto`` planned from those costs simulates (what a plan
+from the running order's own action times, rather than the seed order's, would give).
 
 CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
 
@@ -119,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timed-actions", action="store_true",
                    help="interleaf rows: time every action of the timed steps too (CUDA events), and log the F/I/W "
                         "costs of those steps next to the warm-up's and what the simulator gives the running order "
-                        "under each (where a row's timed step differs from its plan)")
+                        "under each (where a row's timed step differs from its plan), and the busiest rank's compute "
+                        "and auto's plan under the timed costs (how fast any order could be there)")
     add_profile_arguments(p, "every row (megatron-interleaved gets its p2p mode in the trace name)")
     args = p.parse_args(argv)
     check_profile_arguments(p, args)
@@ -401,10 +404,16 @@ def _measured_costs(runner) -> dict | None:
     if costs is None:
         return None
     shape = runner.schedule.shape
+    return {"fiw_ms_per_stage": _fiw_ms_per_stage(costs), "stages_of_rank": {r: list(shape.stages_of(r))
+                                                                             for r in range(shape.pp)},
+            "compute_ms_per_step_of_rank": _compute_ms_per_step_of_rank(shape, costs)}
+
+
+def _compute_ms_per_step_of_rank(shape, costs) -> dict[int, float]:
+    """Per pipeline rank, the compute one step asks of it under ``costs``: micro-batches x the sum of F + I + W
+    over its stages (no schedule runs a step on that rank in less)."""
     per_stage = _fiw_ms_per_stage(costs)
-    ranks = {r: list(shape.stages_of(r)) for r in range(shape.pp)}
-    step_ms = {r: shape.microbatches * sum(sum(per_stage[s]) for s in stages) for r, stages in ranks.items()}
-    return {"fiw_ms_per_stage": per_stage, "stages_of_rank": ranks, "compute_ms_per_step_of_rank": step_ms}
+    return {r: shape.microbatches * sum(sum(per_stage[s]) for s in shape.stages_of(r)) for r in range(shape.pp)}
 
 
 def _fiw_ms_per_stage(costs) -> dict[int, list[float]]:
@@ -445,6 +454,12 @@ def _timed_step_costs(runner, timed_actions, times) -> dict:
     }
     if warm is not None:
         out["simulated_warmup_ms"] = 1e3 * simulate(runner.schedule, warm).makespan
+        # How fast the running order could be on this machine: the busiest rank's compute under the timed steps'
+        # costs, and auto planned from those costs (the warm-up planned from the seed order's timings, which can
+        # differ from what the running order's actions take: would a second round of measuring help?).
+        work = _compute_ms_per_step_of_rank(shape, timed)
+        out["busiest_rank_ms"] = max(work.values())
+        out["replanned_auto_ms"] = 1e3 * simulate(runner.plan_auto(timed, measured_memory=True), timed).makespan
     host = [h for _, _, steps in everyone for h in steps if h]
     if host:  # CUDA events: the host's time to issue each action, next to its GPU time above
         issue = costs_from_ranks([(host, [])], shape)[0]
@@ -464,8 +479,12 @@ def _format_timed_step_costs(costs: dict) -> str:
                 + ", ".join(_fiw_text(fiw) for fiw in costs["host_fiw_ms_per_stage"].values()) + "]")
     if "simulated_host_ms" in costs:
         lane = f" ({costs['simulated_host_ms']:.1f} ms with no action ending before its host issued it)"
+    ceiling = ""
+    if "busiest_rank_ms" in costs:
+        ceiling = (f"; under them the busiest rank computes {costs['busiest_rank_ms']:.1f} ms per step and auto "
+                   f"planned from them simulates {costs['replanned_auto_ms']:.1f} ms")
     return (f"timed steps' F/I/W ms per stage [{per_stage}]{host}; the running order simulates "
-            f"{costs['simulated_ms']:.1f} ms under them{lane}{warm}; timed step {costs['step_ms']:.1f} ms")
+            f"{costs['simulated_ms']:.1f} ms under them{lane}{warm}{ceiling}; timed step {costs['step_ms']:.1f} ms")
 
 
 def _format_measured(costs: dict) -> str:

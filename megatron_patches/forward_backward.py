@@ -220,11 +220,15 @@ class _Runner:
 
         costs, measured_memory = costs_from_ranks(everyone, self.schedule.shape)
         self.measured_costs = costs
+        return self.plan_auto(costs, measured_memory)
+
+    def plan_auto(self, costs, measured_memory: bool):
+        """``auto`` for ``costs`` under this runner's memory limit, searched in the chunks' placement (they are
+        built)."""
         limit = None
         if self.schedule_config.memory_limit_gib is not None:
             limit = (self.schedule_config.memory_limit_gib * 2**30 if measured_memory else _estimated_memory_limit(
                 self.schedule_config, self.config, self.seq_length, self.micro_batch_size, self.pp))
-        # the model chunks are built: search their placement only
         return self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches, vp=len(self.chunks),
                                    costs=costs, memory_limit=limit, placement=self.placement)
 

@@ -34,6 +34,12 @@ def test_timed_actions_give_the_running_orders_simulation_under_the_timed_steps(
         assert "simulated_host_ms" not in timed  # and so does the host-lane simulation
         # the slowest rank's mean step, the same figure as the row's
         assert timed["step_ms"] == pytest.approx(1e3 * by_variant["zb-v"]["step_s"])
+        # the ceiling under the timed steps' costs: no order beats the busiest rank's compute, auto's plan included
+        rank_work = {r: 4 * sum(sum(timed["fiw_ms_per_stage"][s]) for s in stages)
+                     for r, stages in {0: (0, 3), 1: (1, 2)}.items()}
+        assert timed["busiest_rank_ms"] == pytest.approx(max(rank_work.values()))
+        assert timed["replanned_auto_ms"] >= timed["busiest_rank_ms"] - 1e-6
         line = bench._format_timed_step_costs(timed)
         assert line.startswith("timed steps' F/I/W ms per stage [") and "under the warm-up's costs" in line
+        assert "the busiest rank computes" in line and "auto planned from them simulates" in line
     assert rows[0][1]["timed_step_costs"] == rows[1][1]["timed_step_costs"]  # gathered: the same on every rank
