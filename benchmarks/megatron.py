@@ -51,9 +51,9 @@ timed steps as well (CUDA events) and log those F/I/W costs per stage, the host'
 stage (GPU only), the simulated step of the running order under them (on GPU also with a host lane per rank under
 those issue times: ``simulate(..., host=)``) and under the warm-up's costs, and the timed step. A simulation under the timed costs close to the step means the actions themselves took longer than in the
 warm-up (most often a host late in issuing them: compare its issue times); well below it, the order waited
-between its actions. The line also gives the ceiling on that machine: the busiest rank's compute per step under
-the timed costs (no order runs a step in less) and what ``auto`` planned from those costs simulates (what a plan
-from the running order's own action times, rather than the seed order's, would give).
+between its actions. Under the same timed costs (a simulation; they depend on the row) the line also gives the
+busiest rank's compute per step, which no order's simulated step undercuts, and what ``auto`` planned from those
+costs simulates: what a plan from the running order's own action times, rather than the seed order's, would give.
 
 CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
 
@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import re
 import sys
@@ -121,8 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timed-actions", action="store_true",
                    help="interleaf rows: time every action of the timed steps too (CUDA events), and log the F/I/W "
                         "costs of those steps next to the warm-up's and what the simulator gives the running order "
-                        "under each (where a row's timed step differs from its plan), and the busiest rank's compute "
-                        "and auto's plan under the timed costs (how fast any order could be there)")
+                        "under each (where a row's timed step differs from its plan), and under the timed costs the "
+                        "busiest rank's compute per step and what auto planned from them simulates")
     add_profile_arguments(p, "every row (megatron-interleaved gets its p2p mode in the trace name)")
     args = p.parse_args(argv)
     check_profile_arguments(p, args)
@@ -307,13 +308,14 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
         func = schedules.get_forward_backward_func()
         warmup = args.warmup
     else:
-        from megatron_patches.forward_backward import AUTO_WARMUP_STEPS
+        from megatron_patches.forward_backward import SETTLE_STEPS
 
         name, memory_limit_gib = _schedule_of(variant)
         megatron_patches.apply(name, memory_limit_gib=memory_limit_gib)
         func = schedules.get_forward_backward_func()
-        # auto plans, zb-h1/zb-h2/zb-v are rebuilt from the per-action timings of their first steps
-        warmup = args.warmup + (AUTO_WARMUP_STEPS if name in ("auto", "zb-h1", "zb-h2", "zb-v") else 0)
+        # auto plans, zb-h1/zb-h2/zb-v are rebuilt from the per-action timings of their first steps, then planned
+        # again from the timings of the order so planned
+        warmup = args.warmup + (SETTLE_STEPS if name in ("auto", "zb-h1", "zb-h2", "zb-v") else 0)
 
     def step():
         for w in wrapped:
@@ -385,6 +387,10 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
            "first_grad_norm": first_grad_norm, "host_issue_share": shares}
     if runner is not None:
         row["schedule"] = runner.schedule.name + (f" ({runner.tuning} for measured costs)" if runner.tuning else "")
+        if runner.replan_ms is not None:
+            row["replan_ms"] = list(runner.replan_ms)
+            row["schedule"] += (f"; second round {runner.replan}: running order {runner.replan_ms[0]:.1f} ms, re-plan "
+                                f"{runner.replan_ms[1]:.1f} ms under its timings")
         row["activations_held"] = _activations_held(runner.schedule)
     if measured is not None:
         row["measured_costs"] = measured
@@ -454,12 +460,20 @@ def _timed_step_costs(runner, timed_actions, times) -> dict:
     }
     if warm is not None:
         out["simulated_warmup_ms"] = 1e3 * simulate(runner.schedule, warm).makespan
-        # How fast the running order could be on this machine: the busiest rank's compute under the timed steps'
-        # costs, and auto planned from those costs (the warm-up planned from the seed order's timings, which can
-        # differ from what the running order's actions take: would a second round of measuring help?).
+        # Under the timed steps' costs (a simulation; they depend on the row): the busiest rank's compute, which no
+        # order's step undercuts there, and auto planned from them (the warm-up planned from the seed order's
+        # timings, which can differ from what the running order's actions take: would a second round of
+        # measuring help?).
         work = _compute_ms_per_step_of_rank(shape, timed)
         out["busiest_rank_ms"] = max(work.values())
-        out["replanned_auto_ms"] = 1e3 * simulate(runner.plan_auto(timed, measured_memory=True), timed).makespan
+        planner_log = logging.getLogger("ds_plugins.schedule.generators.auto")
+        level = planner_log.level
+        planner_log.setLevel(logging.WARNING)  # a plan that does not run: no "auto: picked" line for it
+        try:
+            plan = runner.plan_auto(timed, measured_memory=runner.measured_memory)
+        finally:
+            planner_log.setLevel(level)
+        out["replanned_auto_ms"] = 1e3 * simulate(plan, timed).makespan
     host = [h for _, _, steps in everyone for h in steps if h]
     if host:  # CUDA events: the host's time to issue each action, next to its GPU time above
         issue = costs_from_ranks([(host, [])], shape)[0]
@@ -719,6 +733,7 @@ def main(args: argparse.Namespace) -> None:
     failures = check_first_step(rows, args.microbatches, rtol)  # the same rows on every rank
     if dist.get_rank() == 0:
         import megatron.core
+        from megatron_patches.forward_backward import AUTO_WARMUP_STEPS, SETTLE_STEPS
 
         shape = TINY if args.tiny else ANCHOR
         device_name = torch.cuda.get_device_name(0) if gpu else "CPU (gloo)"
@@ -729,8 +744,9 @@ def main(args: argparse.Namespace) -> None:
             f"{megatron.core.__version__}, Python {sys.version.split()[0]}. megatron GPTModel (local spec, unfused "
             f"attention) {shape['layers']}L h{shape['hidden']} {shape['heads']} heads seq {shape['seq']} vocab "
             f"{shape['vocab']}, tied embedding, micro-batch 1, pp={world}, {'bf16 (Float16Module)' if gpu else 'fp32'}, "
-            f"megatron DDP; {args.warmup} warm-up (+3 timed per action for auto's plan and zb-h2/zb-v's rebuild from "
-            f"measured costs) + {args.steps} timed steps per variant, "
+            f"megatron DDP; {args.warmup} warm-up (+{AUTO_WARMUP_STEPS} timed per action for auto's plan and "
+            f"zb-h2/zb-v's rebuild from measured costs, +{SETTLE_STEPS - AUTO_WARMUP_STEPS} for their second round "
+            f"from the planned order's own timings) + {args.steps} timed steps per variant, "
             "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
             "optimizer step. Peak memory: max allocated during the timed steps. megatron interleaved runs with "
             f"{' and with '.join(_p2p_label(*p) for p in _interleaved_modes(args, gpu))}; the "

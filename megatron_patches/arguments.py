@@ -112,7 +112,9 @@ def check_no_cuda_graphs(settings: Any) -> None:
     ``TransformerConfig``: the attribute names are the same)."""
     impl = getattr(settings, "cuda_graph_impl", None)
     if impl not in (None, "none"):
-        flag = f"--cuda-graph-impl {impl}"
+        # TransformerConfig turns the deprecated flags into cuda_graph_impl
+        flag = f"--cuda-graph-impl {impl}" + {"local": " (or --enable-cuda-graph)",
+                                              "transformer_engine": " (or --external-cuda-graph)"}.get(impl, "")
     elif getattr(settings, "enable_cuda_graph", False):
         flag = "--enable-cuda-graph"
     elif getattr(settings, "external_cuda_graph", False):
@@ -120,10 +122,11 @@ def check_no_cuda_graphs(settings: Any) -> None:
     else:
         return
     raise ValueError(
-        f"{flag} cannot be combined with --pipeline-schedule: megatron captures its layers' CUDA graphs in the "
-        "order its own pipeline schedules run them and creates them from inside those schedules, and a graphed "
-        "layer's backward computes its weight gradients, which interleaf's zero-bubble and V schedules defer into "
-        "W passes. Drop the CUDA-graph flag, or drop --pipeline-schedule to train with megatron's own schedule"
+        f"{flag} cannot be combined with --pipeline-schedule: megatron captures its layers' CUDA graphs for the "
+        "order its own pipeline schedules run them in (with the local implementation it also creates them from "
+        "inside those schedules), and a graphed layer's backward computes its weight gradients, which interleaf's "
+        "zero-bubble and V schedules defer into W passes. Drop the CUDA-graph flag, or drop --pipeline-schedule to "
+        "train with megatron's own schedule"
     )
 
 

@@ -152,10 +152,10 @@ def _mixed_backward_func(name):
 
 def _steps_for(name):
     """``auto`` picks its schedule and "<zb schedule>+measured" is rebuilt from measured costs after timing its first
-    steps: check the step after that."""
-    from megatron_patches.forward_backward import AUTO_WARMUP_STEPS
+    steps, then planned again from the timings of that order: check the step after both rounds."""
+    from megatron_patches.forward_backward import SETTLE_STEPS
 
-    return AUTO_WARMUP_STEPS + 1 if name == "auto" or name.endswith("+measured") else 1
+    return SETTLE_STEPS + 1 if name == "auto" or name.endswith("+measured") else 1
 
 
 def _apply(name):
@@ -260,10 +260,11 @@ def toy_reference(pp, vp, m, grad_scale=1.0):
     return grads, losses
 
 
-def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None):
+def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None, replan_min_gain=None):
     """For each (placement, vp, schedules) case: run each schedule ("megatron" = megatron's own schedule for the
     chunk layout) on the same weights. Returns ``{"runs": {(placement, vp, name): ({stage.param.tp: grad},
-    [logged losses], deferred W count)}, "reference": {vp: single-process (grads, losses)}}`` (reference only
+    [logged losses], deferred W count)}, "reference": {vp: single-process (grads, losses)}, "runners":
+    {(placement, vp, name): [(second round outcome, executor timing) per runner]}}`` (reference only
     for tp == 1)."""
     import megatron_patches
     from megatron.core import parallel_state as ps
@@ -272,7 +273,11 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None):
 
     s, b, h = TOY_SHAPE
     ToyStage = _toy_stage_class()
-    out = {"runs": {}, "reference": {}, "eval": {}}
+    if replan_min_gain is not None:  # force the second round's choice (-1: always re-plan, 1: always keep)
+        from megatron_patches import forward_backward
+
+        forward_backward.REPLAN_MIN_GAIN = replan_min_gain
+    out = {"runs": {}, "reference": {}, "eval": {}, "runners": {}}
     for placement, vp, schedules in cases:
         init_parallel(tp, pp, vp if vp > 1 else None)
         pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
@@ -322,6 +327,8 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None):
                     run(func)
                 out["runs"][(placement, vp, name)] = run(func)
                 out["eval"][(placement, vp, name)] = run(func, forward_only=True)
+                out["runners"][(placement, vp, name)] = [(r.replan, r.executor.timing)
+                                                         for r in getattr(func, "runners", {}).values()]
             finally:
                 megatron_patches.remove()
         if tp == 1 and vp not in out["reference"]:
