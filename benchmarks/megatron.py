@@ -49,11 +49,13 @@ measured in its warm-up; ``--trace-dir`` keeps every rank's chrome trace::
 Why a row ran slower than its plan (``--timed-actions``, no profiler): interleaf rows time every action of their
 timed steps as well (CUDA events) and log those F/I/W costs per stage, the host's time to issue each kind per
 stage (GPU only), the simulated step of the running order under them (on GPU also with a host lane per rank under
-those issue times: ``simulate(..., host=)``) and under the warm-up's costs, and the timed step. A simulation under the timed costs close to the step means the actions themselves took longer than in the
+those issue times: ``simulate(..., host=)``) and under the costs it was planned from (the warm-up's: the first
+round's, or the second round's when that re-planned), and the timed step. A simulation under the timed costs close to the step means the actions themselves took longer than in the
 warm-up (most often a host late in issuing them: compare its issue times); well below it, the order waited
 between its actions. Under the same timed costs (a simulation; they depend on the row) the line also gives the
 busiest rank's compute per step, which no order's simulated step undercuts, and what ``auto`` planned from those
-costs simulates: what a plan from the running order's own action times, rather than the seed order's, would give.
+costs simulates: what a plan from the running order's own action times would give (the megatron adapter's
+second round makes such a plan from its timed warm-up steps).
 
 CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
 
@@ -387,10 +389,13 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
            "first_grad_norm": first_grad_norm, "host_issue_share": shares}
     if runner is not None:
         row["schedule"] = runner.schedule.name + (f" ({runner.tuning} for measured costs)" if runner.tuning else "")
+        if runner.replan not in (None, "none"):
+            row["replan"] = runner.replan
+            row["schedule"] += f"; second round {runner.replan}"
         if runner.replan_ms is not None:
             row["replan_ms"] = list(runner.replan_ms)
-            row["schedule"] += (f"; second round {runner.replan}: running order {runner.replan_ms[0]:.1f} ms, re-plan "
-                                f"{runner.replan_ms[1]:.1f} ms under its timings")
+            row["schedule"] += (f": running order {runner.replan_ms[0]:.1f} ms, re-plan {runner.replan_ms[1]:.1f} ms "
+                                "under its timings")
         row["activations_held"] = _activations_held(runner.schedule)
     if measured is not None:
         row["measured_costs"] = measured
@@ -434,7 +439,8 @@ def _fiw_text(fiw: list[float]) -> str:
 
 def _timed_step_costs(runner, timed_actions, times) -> dict:
     """``--timed-actions``: every rank's per-action times of the timed steps (trimmed means per stage and kind),
-    the simulated step of the running order under them and under the warm-up's costs, and the timed step. Where
+    the simulated step of the running order under them and under the costs it was planned from, and the timed
+    step. Where
     the order ran slower than planned this tells whether its actions took longer than in the warm-up (the
     simulation under timed-step costs matches the step) or it waited longer between them (it does not). Called
     on every rank (it gathers); the result is the same on all."""
@@ -485,7 +491,7 @@ def _timed_step_costs(runner, timed_actions, times) -> dict:
 
 def _format_timed_step_costs(costs: dict) -> str:
     per_stage = ", ".join(_fiw_text(fiw) for fiw in costs["fiw_ms_per_stage"].values())
-    warm = (f", {costs['simulated_warmup_ms']:.1f} ms under the warm-up's costs"
+    warm = (f", {costs['simulated_warmup_ms']:.1f} ms under the costs it was planned from"
             if "simulated_warmup_ms" in costs else "")
     host = lane = ""
     if "host_fiw_ms_per_stage" in costs:

@@ -133,8 +133,10 @@ class _Runner:
     planned once more from its own timings; the re-plan replaces it when it simulates at least
     :data:`REPLAN_MIN_GAIN` faster under them. A host that issues megatron's layers about as fast as the GPU runs
     them makes an action's time depend on what runs around it, so the seed order's timings can mislead the first
-    plan (BENCHMARKS.md, megatron pp=4 session 13: an `auto` order simulated 295.3 ms under its own timings, the
-    re-plan from them 265.3 ms). After :data:`SETTLE_STEPS` the order runs untimed.
+    plan (BENCHMARKS.md, megatron pp=4, session 13's second call, simulated: an `auto` order that ran 304.2 ms
+    simulates 295.3 ms under its own timings, a plan from them 265.3 ms; in the one run with the second round on,
+    its re-plans simulated 2.5-8.1% faster at m = 8 and no row ran faster than in earlier runs). After
+    :data:`SETTLE_STEPS` the order runs untimed.
     """
 
     def __init__(self, *, schedule_config, build_schedule, chunks, config, pp_group, pp_rank, pp, placement,
@@ -165,13 +167,15 @@ class _Runner:
         self.tuning: Optional[str] = None
         """zb-h1/zb-h2/zb-v after the measured warm-up: "rebuilt" or "kept" (None before, or without it)."""
         self.measured_costs = None
-        """The cost model (mean F/I/W seconds per stage, from every pipeline rank) that the measured warm-up built
-        auto's plan or the rebuild from; None before it, or without it."""
+        """The cost model (mean F/I/W seconds per stage, from every pipeline rank) the running order was planned
+        from: the first round's (the seed or built order's timings), or the second round's when that re-planned;
+        None before the first plan, or without a measured warm-up."""
         self.measured_memory = False
         """Whether :attr:`measured_costs` holds measured activation memory (else the uniform memory model)."""
         self.replan: Optional[str] = None
         """The second round: None before the first plan, "pending" while the planned order runs timed, then
-        "re-planned" or "kept" ("none" when the first round kept the order it timed: nothing new to time)."""
+        "re-planned", "kept" or "not planned" (the re-plan failed: the order kept running); "none" when the first
+        round kept the order it timed (nothing new to time)."""
         self.replan_ms: Optional[Tuple[float, float]] = None
         """The second round's simulated steps (ms) under the running order's timings: (running order, re-plan)."""
 
@@ -254,6 +258,9 @@ class _Runner:
         from ds_plugins.schedule.registry import retune
 
         running = self.schedule
+        planner_log = logging.getLogger("ds_plugins.schedule.generators.auto")
+        level = planner_log.level
+        planner_log.setLevel(logging.WARNING)  # a candidate only: the line below says whether it runs
         try:
             costs, measured_memory = costs_from_ranks(everyone, running.shape)
             if self.schedule_config.schedule == "auto":
@@ -264,8 +271,10 @@ class _Runner:
         except ValueError as err:  # an optimisation only: training goes on with the order it has
             logger.warning("interleaf %s: second round not planned (%s); keeping the current order",
                            self.schedule_config.schedule, err)
-            self.replan = "kept"
+            self.replan = "not planned"
             return running
+        finally:
+            planner_log.setLevel(level)
         better = after < before * (1.0 - REPLAN_MIN_GAIN)
         self.replan = "re-planned" if better else "kept"
         self.replan_ms = (1e3 * before, 1e3 * after)

@@ -16,8 +16,9 @@ Drop ``--pipeline-schedule`` to get megatron's own schedule (1F1B, or interleave
 ``--virtual-pipeline-model-parallel-size``). Other choices: 1f1b, interleaved-1f1b, zb-h1, zb-h2 (no
 ``--virtual-pipeline-model-parallel-size``), zb-v, v-half, v-min (``--virtual-pipeline-model-parallel-size 2``),
 auto (``--pipeline-memory-limit-gib`` caps activation memory per rank). zb-h1, zb-h2 and zb-v time their first 3
-steps and then run their order rebuilt for the measured F/I/W times (``--pipeline-uniform-costs`` keeps the
-F = I = W order).
+steps and then run their order rebuilt for the measured F/I/W times; a rebuilt order (and auto's plan) is timed
+for 3 more steps and planned once more from its own timings, so from step 7 on the final order runs untimed
+(``--pipeline-uniform-costs`` keeps the F = I = W order and times nothing).
 
 The data is random tokens (the script shows the integration, not a data pipeline). ``--cpu`` runs it on the CPU
 with gloo through the repository's test-only CUDA shim (tests/megatron/cpu_shim.py), e.g.::
@@ -25,7 +26,7 @@ with gloo through the repository's test-only CUDA shim (tests/megatron/cpu_shim.
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/megatron/pretrain_gpt.py --cpu \\
         --pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2 --num-layers 4 \\
         --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 --global-batch-size 8 \\
-        --train-iters 5 --pipeline-schedule zb-v
+        --train-iters 8 --pipeline-schedule zb-v
 """
 from __future__ import annotations
 

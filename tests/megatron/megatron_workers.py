@@ -260,7 +260,8 @@ def toy_reference(pp, vp, m, grad_scale=1.0):
     return grads, losses
 
 
-def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None, replan_min_gain=None):
+def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None, replan_min_gain=None, replan_error=False,
+               eval_midway=False):
     """For each (placement, vp, schedules) case: run each schedule ("megatron" = megatron's own schedule for the
     chunk layout) on the same weights. Returns ``{"runs": {(placement, vp, name): ({stage.param.tp: grad},
     [logged losses], deferred W count)}, "reference": {vp: single-process (grads, losses)}, "runners":
@@ -277,6 +278,13 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None, replan_
         from megatron_patches import forward_backward
 
         forward_backward.REPLAN_MIN_GAIN = replan_min_gain
+    if replan_error:  # the second round's simulate (looked up when it runs) fails: it must keep the order
+        import ds_plugins.schedule
+
+        def failing(*args, **kwargs):
+            raise ValueError("forced by the test")
+
+        ds_plugins.schedule.simulate = failing
     out = {"runs": {}, "reference": {}, "eval": {}, "runners": {}}
     for placement, vp, schedules in cases:
         init_parallel(tp, pp, vp if vp > 1 else None)
@@ -323,8 +331,10 @@ def toy_worker(rank, world, tp, pp, cases, m, sp=False, grad_scale=None, replan_
                 from megatron.core.pipeline_parallel import get_forward_backward_func
 
                 func = get_forward_backward_func()
-                for _ in range(_steps_for(name) - 1):
+                for step in range(_steps_for(name) - 1):
                     run(func)
+                    if eval_midway and step == 3:  # an evaluation step inside the second round's timed steps
+                        run(func, forward_only=True)
                 out["runs"][(placement, vp, name)] = run(func)
                 out["eval"][(placement, vp, name)] = run(func, forward_only=True)
                 out["runners"][(placement, vp, name)] = [(r.replan, r.executor.timing)

@@ -40,6 +40,6 @@ def test_timed_actions_give_the_running_orders_simulation_under_the_timed_steps(
         assert timed["busiest_rank_ms"] == pytest.approx(max(rank_work.values()))
         assert timed["replanned_auto_ms"] >= timed["busiest_rank_ms"] - 1e-6
         line = bench._format_timed_step_costs(timed)
-        assert line.startswith("timed steps' F/I/W ms per stage [") and "under the warm-up's costs" in line
+        assert line.startswith("timed steps' F/I/W ms per stage [") and "under the costs it was planned from" in line
         assert "the busiest rank computes" in line and "auto planned from them simulates" in line
     assert rows[0][1]["timed_step_costs"] == rows[1][1]["timed_step_costs"]  # gathered: the same on every rank

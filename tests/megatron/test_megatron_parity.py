@@ -72,13 +72,16 @@ ALL_TOY_CASES = [
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("gain, outcome", [(-1.0, "re-planned"), (1.0, "kept")])
-def test_second_round_installs_or_keeps_and_grads_stay_exact(gain, outcome):
+@pytest.mark.parametrize("gain, error, outcome", [(-1.0, False, "re-planned"), (1.0, False, "kept"),
+                                                  (None, True, "not planned")])
+def test_second_round_installs_or_keeps_and_grads_stay_exact(gain, error, outcome):
     """auto and the measured zb-v are planned a second time from the running order's own timings; forcing the
-    choice either way (REPLAN_MIN_GAIN -1: always take the re-plan, 1: never), every rank ends in the same state,
-    untimed, and the step after both rounds still gives megatron's gradients."""
+    choice either way (REPLAN_MIN_GAIN -1: always take the re-plan, 1: never) or making the re-plan fail, with an
+    evaluation step among the timed ones, every rank ends in the same state, untimed, and the step after both
+    rounds still gives megatron's gradients."""
     cases = [("loop", 1, ["megatron", "auto"]), ("loop", 2, ["megatron"]), ("v", 2, ["auto", "zb-v+measured"])]
-    results = run_ranks(functools.partial(toy_worker, replan_min_gain=gain), 2, 1, 2, cases, 4)
+    worker = functools.partial(toy_worker, replan_min_gain=gain, replan_error=error, eval_midway=True)
+    results = run_ranks(worker, 2, 1, 2, cases, 4)
     for case in [("loop", 1, "auto"), ("v", 2, "auto"), ("v", 2, "zb-v+measured")]:
         states = {state for out in results for state in out["runners"][case]}
         # zb-v keeps its F = I = W order when the first round's rebuild is not faster: then nothing new to time
