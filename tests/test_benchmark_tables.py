@@ -129,10 +129,10 @@ def test_megatron_timed_step_costs_line_names_host_issue_times_when_measured():
              "simulated_warmup_ms": 260.0, "step_ms": 262.5}
     line = mb._format_timed_step_costs(costs)
     assert line == ("timed steps' F/I/W ms per stage [5.00/7.00/2.00, 6.00/7.50/2.50]; the running order simulates "
-                    "250.0 ms under them, 260.0 ms under the warm-up's costs; timed step 262.5 ms")
+                    "250.0 ms under them, 260.0 ms under the costs it was planned from; timed step 262.5 ms")
     costs["host_fiw_ms_per_stage"] = {0: [6.5, 3.0, 0.5], 1: [5.5, 3.5, 0.6]}
     assert "; the host issued them in F/I/W ms per stage [6.50/3.00/0.50, 5.50/3.50/0.60]; the running order" in (
         mb._format_timed_step_costs(costs))
     costs["simulated_host_ms"] = 255.25
     assert ("the running order simulates 250.0 ms under them (255.2 ms with no action ending before its host issued "
-            "it), 260.0 ms under the warm-up's costs; timed step 262.5 ms") in mb._format_timed_step_costs(costs)
+            "it), 260.0 ms under the costs it was planned from; timed step 262.5 ms") in mb._format_timed_step_costs(costs)
