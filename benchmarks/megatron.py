@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import os
 import re
 import sys
@@ -417,14 +416,7 @@ def _measured_costs(runner) -> dict | None:
     shape = runner.schedule.shape
     return {"fiw_ms_per_stage": _fiw_ms_per_stage(costs), "stages_of_rank": {r: list(shape.stages_of(r))
                                                                              for r in range(shape.pp)},
-            "compute_ms_per_step_of_rank": _compute_ms_per_step_of_rank(shape, costs)}
-
-
-def _compute_ms_per_step_of_rank(shape, costs) -> dict[int, float]:
-    """Per pipeline rank, the compute one step asks of it under ``costs``: micro-batches x the sum of F + I + W
-    over its stages (no schedule runs a step on that rank in less)."""
-    per_stage = _fiw_ms_per_stage(costs)
-    return {r: shape.microbatches * sum(sum(per_stage[s]) for s in shape.stages_of(r)) for r in range(shape.pp)}
+            "compute_ms_per_step_of_rank": {r: 1e3 * costs.rank_compute_time(shape, r) for r in range(shape.pp)}}
 
 
 def _fiw_ms_per_stage(costs) -> dict[int, list[float]]:
@@ -470,15 +462,8 @@ def _timed_step_costs(runner, timed_actions, times) -> dict:
         # order's step undercuts there, and auto planned from them (the warm-up planned from the seed order's
         # timings, which can differ from what the running order's actions take: would a second round of
         # measuring help?).
-        work = _compute_ms_per_step_of_rank(shape, timed)
-        out["busiest_rank_ms"] = max(work.values())
-        planner_log = logging.getLogger("ds_plugins.schedule.generators.auto")
-        level = planner_log.level
-        planner_log.setLevel(logging.WARNING)  # a plan that does not run: no "auto: picked" line for it
-        try:
-            plan = runner.plan_auto(timed, measured_memory=runner.measured_memory)
-        finally:
-            planner_log.setLevel(level)
+        out["busiest_rank_ms"] = 1e3 * max(timed.rank_compute_time(shape, r) for r in range(shape.pp))
+        plan = runner.plan_auto(timed, measured_memory=runner.measured_memory, quiet=True)  # it does not run
         out["replanned_auto_ms"] = 1e3 * simulate(plan, timed).makespan
     host = [h for _, _, steps in everyone for h in steps if h]
     if host:  # CUDA events: the host's time to issue each action, next to its GPU time above

@@ -258,13 +258,10 @@ class _Runner:
         from ds_plugins.schedule.registry import retune
 
         running = self.schedule
-        planner_log = logging.getLogger("ds_plugins.schedule.generators.auto")
-        level = planner_log.level
-        planner_log.setLevel(logging.WARNING)  # a candidate only: the line below says whether it runs
         try:
             costs, measured_memory = costs_from_ranks(everyone, running.shape)
-            if self.schedule_config.schedule == "auto":
-                candidate = self.plan_auto(costs, measured_memory)
+            if self.schedule_config.schedule == "auto":  # a candidate only: the line below says whether it runs
+                candidate = self.plan_auto(costs, measured_memory, quiet=True)
             else:
                 candidate = retune(running, costs).schedule
             before, after = simulate(running, costs).makespan, simulate(candidate, costs).makespan
@@ -273,8 +270,6 @@ class _Runner:
                            self.schedule_config.schedule, err)
             self.replan = "not planned"
             return running
-        finally:
-            planner_log.setLevel(level)
         better = after < before * (1.0 - REPLAN_MIN_GAIN)
         self.replan = "re-planned" if better else "kept"
         self.replan_ms = (1e3 * before, 1e3 * after)
@@ -293,15 +288,22 @@ class _Runner:
         self.measured_costs, self.measured_memory = costs_from_ranks(everyone, self.schedule.shape)
         return self.plan_auto(self.measured_costs, self.measured_memory)
 
-    def plan_auto(self, costs, measured_memory: bool):
+    def plan_auto(self, costs, measured_memory: bool, *, quiet: bool = False):
         """``auto`` for ``costs`` under this runner's memory limit, searched in the chunks' placement (they are
-        built)."""
+        built). ``quiet``: a plan that may not run, so without the planner's "auto: picked" line."""
         limit = None
         if self.schedule_config.memory_limit_gib is not None:
             limit = (self.schedule_config.memory_limit_gib * 2**30 if measured_memory else _estimated_memory_limit(
                 self.schedule_config, self.config, self.seq_length, self.micro_batch_size, self.pp))
-        return self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches, vp=len(self.chunks),
-                                   costs=costs, memory_limit=limit, placement=self.placement)
+        planner_log = logging.getLogger("ds_plugins.schedule.generators.auto")
+        level = planner_log.level
+        if quiet:
+            planner_log.setLevel(logging.WARNING)
+        try:
+            return self.build_schedule("auto", pp=self.pp, microbatches=self.num_microbatches, vp=len(self.chunks),
+                                       costs=costs, memory_limit=limit, placement=self.placement)
+        finally:
+            planner_log.setLevel(level)
 
     def _retuned(self, everyone):
         """zb-h1/zb-h2/zb-v rebuilt from every rank's measurements when that simulates faster, else the running
