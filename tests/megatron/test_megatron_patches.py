@@ -71,9 +71,9 @@ def test_bad_flag_combination_gives_clear_error(argv, message):
     ],
 )
 def test_cuda_graphs_are_rejected_on_the_command_line_and_at_the_first_step(settings, flag):
-    """Megatron creates its CUDA graphs from inside its own schedules, in their order, and a graphed backward
-    computes weight gradients: with an interleaf schedule the graphs would never be created, and a graphed layer's
-    weight gradient could not be deferred into W.
+    """Megatron captures its CUDA graphs for its own schedules' order (the local implementation also creates them
+    from inside those schedules), and a graphed backward computes weight gradients: with an interleaf schedule a
+    graphed layer's weight gradient could not be deferred into W.
     Both megatron's parsed args and its TransformerConfig (what forward_backward_func sees) carry these names."""
     from megatron_patches.forward_backward import _check_unsupported
 
