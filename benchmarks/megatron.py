@@ -23,6 +23,15 @@ For m = 8 and m = 16 micro-batches:
   ``auto-loop@22``) is ``auto`` on megatron's usual looped chunks (vp = 2), searched in loop placement: the
   embedding and the LM head on different ranks, no ``build_model_chunks`` needed.
 
+What any order could reach on this machine (``ideal``, ``ideal-v``, ``ideal-v-split``; anchors.md's "ideal"): each
+rank runs its own chunks' forward and at once their backward for m micro-batches on inputs of the right shape,
+with no p2p and nothing to wait for, host time included; the step is the slowest rank's. ``ideal``: megatron's
+looped chunks (the interleaved baseline's work), ``ideal-v``: the V chunks (the embedding, the LM head and the loss
+on rank 0), both with megatron's own backward; ``ideal-v-split``: the V chunks with interleaf's split backward (the
+input-gradient pass, then the queued weight GEMMs: what zb-v and ``auto`` run). A row's ratio to the baseline is
+then the most a schedule of that work can gain over megatron's interleaved 1F1B here; they have no loss or
+gradient to check (random activations).
+
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
 peak allocated memory per rank (GiB, timed steps; every row starts from the model and its DDP buffers alone,
@@ -90,6 +99,9 @@ from benchmarks.report import write_section  # noqa: E402
 LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
              "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v",
              "auto-loop": "loop2"}
+# no-pipeline bounds (``_ideal_step_func``): name -> whether the backward is interleaf's I + W split
+IDEAL = {"ideal": False, "ideal-v": False, "ideal-v-split": True}
+LAYOUT_OF.update({"ideal": "loop2", "ideal-v": "v", "ideal-v-split": "v"})
 SCHEDULE_OF = {"auto-loop": "auto"}  # row name -> the schedule it runs, where they differ (auto on looped chunks)
 BUDGETED = ("auto", "auto-loop")  # variants that take an activation budget: auto@22, auto-loop@22
 DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "auto")
@@ -304,7 +316,11 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
              torch.randint(0, shape["vocab"], (1, shape["seq"]), generator=g).to(device)) for _ in range(m)]
     forward_step = _forward_step_factory(shape, device)
     vp = len(wrapped)
-    if variant.startswith("megatron-"):
+    if variant in IDEAL:
+        megatron_patches.remove()
+        func = _ideal_step_func(split=IDEAL[variant], shape=shape, device=device)
+        warmup = args.warmup
+    elif variant.startswith("megatron-"):
         megatron_patches.remove()
         func = schedules.get_forward_backward_func()
         warmup = args.warmup
@@ -335,7 +351,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
         for p in w.parameters():
             sq += p.main_grad.double().pow(2).sum()
     dist.all_reduce(sq)
-    first_grad_norm = float(sq.sqrt())
+    first_grad_norm = float(sq.sqrt()) if variant not in IDEAL else None  # ideal: random activations, no check
     for _ in range(warmup - 1):
         step()
     _sync(device)
@@ -403,6 +419,59 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     if profile is not None:
         row["profile"] = profile
     return row
+
+
+def _ideal_step_func(*, split: bool, shape, device):
+    """A ``forward_backward_func`` stand-in for the ``ideal`` rows: each rank runs, for every micro-batch and each
+    of its chunks, the chunk's forward and at once its backward, on inputs of the right shape (its tokens on the
+    first chunk, a fixed random activation on the others; a fixed random output gradient on non-last chunks), with
+    no p2p and nothing to wait for. A step is then the rank's own work alone (anchors.md's "ideal"), host time
+    included: the slowest rank's step bounds what any order of the same actions can reach on this machine.
+    ``split``: the backward as interleaf's zero-bubble schedules run it (the input-gradient pass with megatron's
+    linear weight GEMMs queued, then the queued GEMMs) instead of megatron's own. No finalize_model_grads: it is
+    communication."""
+    from megatron.core.utils import get_attr_wrapped_model
+    from megatron_patches import linear_weight_grad
+
+    fixed: dict = {}  # chunk index -> (input activation or None, output gradient or None)
+
+    def func(*, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size):
+        chunks = model if isinstance(model, list) else [model]
+        iters = data_iterator if isinstance(data_iterator, list) else [data_iterator]
+        queue: list = []
+        if split:
+            linear_weight_grad.install(lambda: queue.append)
+        try:
+            for _ in range(num_microbatches):
+                for c, chunk in enumerate(chunks):
+                    first = get_attr_wrapped_model(chunk, "pre_process")
+                    last = get_attr_wrapped_model(chunk, "post_process")
+                    if c not in fixed:
+                        g = torch.Generator(device=device).manual_seed(c)
+                        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as _config's
+                        size = (seq_length, micro_batch_size, shape["hidden"])
+                        fixed[c] = tuple(None if skip else torch.randn(size, generator=g, device=device, dtype=dtype)
+                                         for skip in (first, last))
+                    x, grad = fixed[c]
+                    if x is not None:
+                        x = x.detach().requires_grad_()
+                    get_attr_wrapped_model(chunk, "set_input_tensor")(x)
+                    output, loss_func = forward_step_func(iters[c], chunk)
+                    if last:
+                        output, grad = loss_func(output)[0], None
+                    torch.autograd.backward(output, grad)
+                    if queue:
+                        with torch.no_grad():
+                            for closure in queue:
+                                closure()
+                        queue.clear()
+                    get_attr_wrapped_model(chunk, "set_input_tensor")(None)
+        finally:
+            if split:
+                linear_weight_grad.uninstall()
+        return []
+
+    return func
 
 
 def _measured_costs(runner) -> dict | None:
@@ -533,8 +602,8 @@ def run_all(args):
                 rows.append(row)
                 if dist.get_rank() == 0:
                     print(f"{_name(row):40s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
-                          f"{row['step_s'] * 1e3:8.1f} ms, first loss {row['first_loss']:.5f}, grad norm "
-                          f"{row['first_grad_norm']:.6g}, peak GiB "
+                          f"{row['step_s'] * 1e3:8.1f} ms, first loss {_opt(row['first_loss'], '.5f')}, grad norm "
+                          f"{_opt(row['first_grad_norm'], '.6g')}, peak GiB "
                           f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])} "
                           f"({' / '.join(f'{b:.2f}' for b in before)} GiB per rank still allocated before it; "
                           f"model + DDP buffers {' / '.join(f'{b:.2f}' for b in model_gib)}), host issue / step "
@@ -657,6 +726,11 @@ def _reference_row(sel, rtol: float):
                                    -sel.index(r)))
 
 
+def _opt(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or "—" for None (the ``ideal`` rows have no loss or gradient to check)."""
+    return "—" if value is None else format(value, spec)
+
+
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -668,7 +742,10 @@ def check_first_step(rows, microbatches, rtol: float) -> list[tuple[str, str]]:
     wrong schedule, not a different model."""
     failures = []
     for m in microbatches:
-        sel = [r for r in rows if r["microbatches"] == m]
+        for r in rows:
+            if r["microbatches"] == m and r["variant"] in IDEAL:
+                r["check"] = "— (a bound: no pipeline)"
+        sel = [r for r in rows if r["microbatches"] == m and r["variant"] not in IDEAL]
         if not sel:
             continue
         ref = _reference_row(sel, rtol)
@@ -700,10 +777,10 @@ def table(rows, microbatches):
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "—"
             peak_ratio = f"{max(r['peak_gib']) / base_peak:.2f}x" if base_peak else "—"
             peaks = " / ".join(f"{p:.1f}" for p in r["peak_gib"])
-            loss = f"{r['first_loss']:.5f}" if r["first_loss"] is not None else "—"
+            loss, norm = _opt(r["first_loss"], ".5f"), _opt(r["first_grad_norm"], ".6g")
             name = _name(r) + (" **baseline**" if r is base_row else "")
             lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {ratio} | {peaks} | {peak_ratio} | {loss} | "
-                         f"{r['first_grad_norm']:.6g} | {r.get('check', '—')} |")
+                         f"{norm} | {r.get('check', '—')} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -744,7 +821,12 @@ def main(args: argparse.Namespace) -> None:
             "faster at each m is the baseline. Every variant starts from the same weights (seeded by model-global "
             f"parameter name) and data; loss/grad check: first-step loss and grad norm within {rtol:g} relative of "
             "megatron 1F1B's (else the row most rows agree with); the baseline is the faster interleaved run "
-            "that passed it.\n"
+            "that passed it."
+            + (" ideal rows: each rank's own forward + backward of its chunks, no p2p and no waiting (the slowest "
+               "rank's step; ideal on megatron's looped chunks, ideal-v on the V chunks, both with megatron's own "
+               "backward; ideal-v-split on the V chunks with interleaf's I + W split)."
+               if any(v in IDEAL for v in args.variants) else "")
+            + "\n"
         )
         text = head + "\n" + table(rows, args.microbatches)
         print(text, flush=True)

@@ -80,6 +80,32 @@ def benchmark_rows(rank, world, argv):
     return bench.run_all(bench.parse_args(list(argv)))
 
 
+def ideal_worker(rank, world, layout, split, m):
+    """benchmarks/megatron.py's ``ideal`` step on the tiny GPT in ``layout`` on this rank, once: every chunk's
+    ``main_grad`` after it, how many weight GEMMs were queued, and whether the linear patch is still installed."""
+    from benchmarks import megatron as bench
+    from megatron_patches import linear_weight_grad
+
+    shape = bench.TINY
+    wrapped, config = bench._build(layout, shape, pp=world, gpu=False)
+    try:
+        g = torch.Generator().manual_seed(3)
+        data = [tuple(torch.randint(0, shape["vocab"], (1, shape["seq"]), generator=g) for _ in range(2))
+                for _ in range(m)]
+        func = bench._ideal_step_func(split=split, shape=shape, device=torch.device("cpu"))
+        before = linear_weight_grad.deferred_count
+        for w in wrapped:
+            w.zero_grad_buffer()
+        out = func(forward_step_func=bench._forward_step_factory(shape, torch.device("cpu")),
+                   data_iterator=[iter(data) for _ in wrapped], model=wrapped, num_microbatches=m,
+                   seq_length=shape["seq"], micro_batch_size=1)
+        grads = [{n: p.main_grad.detach().clone() for n, p in w.named_parameters()} for w in wrapped]
+        return {"returned": out, "grads": grads, "deferred": linear_weight_grad.deferred_count - before,
+                "installed_after": linear_weight_grad.is_installed()}
+    finally:
+        bench.release_layout(wrapped, config)
+
+
 def init_parallel(tp: int, pp: int, vp, **kwargs):
     from megatron.core import parallel_state as ps
 

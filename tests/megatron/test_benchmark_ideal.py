@@ -1,0 +1,54 @@
+"""benchmarks/megatron.py's ``ideal`` rows (each rank's own forward + backward, no pipeline): the step really runs
+every chunk's forward and backward, the split variant runs interleaf's I + W and lands the same gradients as
+megatron's own backward, and the rows are bounds, not checked training steps (tiny GPT, 2 gloo ranks)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+pytest.importorskip("megatron.core")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+from benchmarks import megatron as bench  # noqa: E402
+from megatron_workers import benchmark_rows, ideal_worker, run_ranks  # noqa: E402
+
+
+@pytest.mark.timeout(180)
+def test_ideal_split_runs_i_then_w_and_matches_megatrons_backward():
+    m = 2
+    plain = run_ranks(ideal_worker, 2, "v", False, m)
+    split = run_ranks(ideal_worker, 2, "v", True, m)
+    for rank in range(2):
+        assert plain[rank]["returned"] == [] and split[rank]["returned"] == []
+        assert plain[rank]["deferred"] == 0 and not plain[rank]["installed_after"]
+        # 4 linears per layer (qkv, proj, fc1, fc2) in every layer of both chunks, per micro-batch, plus the
+        # LM head in the last chunk (rank 0 under V)
+        layers = bench.TINY["layers"] // 2
+        assert split[rank]["deferred"] == m * (4 * layers + (1 if rank == 0 else 0))
+        assert not split[rank]["installed_after"]
+        for chunk_plain, chunk_split in zip(plain[rank]["grads"], split[rank]["grads"]):
+            for name, grad in chunk_plain.items():
+                assert grad.abs().sum() > 0 or "bias" in name, f"rank {rank} {name}: no gradient: its backward did not run"
+                torch.testing.assert_close(chunk_split[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.timeout(180)
+def test_ideal_rows_are_bounds_without_a_check():
+    argv = ("--tiny", "--microbatches", "4", "--warmup", "1", "--steps", "2",
+            "--variants", "megatron-interleaved", "ideal", "ideal-v", "ideal-v-split")
+    rows = run_ranks(benchmark_rows, 2, argv)[0]
+    assert [r["variant"] for r in rows] == ["megatron-interleaved", "ideal", "ideal-v", "ideal-v-split"]
+    ideal = rows[1:]
+    assert all(r["tokens_per_s"] > 0 and r["first_loss"] is None and r["first_grad_norm"] is None for r in ideal)
+    assert bench.check_first_step(rows, [4], rtol=1e-4) == []
+    assert rows[0]["check"] == "ok" and all(r["check"].startswith("—") for r in ideal)
+    assert bench._baseline_row(rows) is rows[0]
+    text = bench.table(rows, [4])
+    assert "| ideal-v-split |" in text and "| — | — | — (a bound: no pipeline) |" in text
