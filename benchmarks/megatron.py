@@ -28,9 +28,10 @@ rank runs its own chunks' forward and at once their backward for m micro-batches
 with no p2p and nothing to wait for, host time included; the step is the slowest rank's. ``ideal``: megatron's
 looped chunks (the interleaved baseline's work), ``ideal-v``: the V chunks (the embedding, the LM head and the loss
 on rank 0), both with megatron's own backward; ``ideal-v-split``: the V chunks with interleaf's split backward (the
-input-gradient pass, then the queued weight GEMMs: what zb-v and ``auto`` run). A row's ratio to the baseline is
-then the most a schedule of that work can gain over megatron's interleaved 1F1B here; they have no loss or
-gradient to check (random activations).
+input-gradient pass, then the queued weight GEMMs: what zb-v and ``auto`` run). ``ideal`` and ``ideal-v-split`` run
+by default. A row's ratio to the baseline estimates the most a schedule of that work can gain over megatron's
+interleaved 1F1B on this machine (one measurement: hosts drift from row to row like every row here); they have no
+loss or gradient to check (random activations).
 
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
@@ -104,7 +105,7 @@ IDEAL = {"ideal": False, "ideal-v": False, "ideal-v-split": True}
 LAYOUT_OF.update({"ideal": "loop2", "ideal-v": "v", "ideal-v-split": "v"})
 SCHEDULE_OF = {"auto-loop": "auto"}  # row name -> the schedule it runs, where they differ (auto on looped chunks)
 BUDGETED = ("auto", "auto-loop")  # variants that take an activation budget: auto@22, auto-loop@22
-DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "zb-v", "auto")
+DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "ideal", "zb-v", "auto", "ideal-v-split")
 BASELINE = "megatron-interleaved"
 # (batch_p2p_comm, overlap_p2p_comm) runs of the baseline: both of megatron's p2p modes on GPU; on gloo only
 # unbatched, non-overlapped p2p (batched same-tag messages mismatch at pp = 2, ../shared/docs/integration-notes.md)
