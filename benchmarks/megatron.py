@@ -26,10 +26,10 @@ For m = 8 and m = 16 micro-batches:
 What any order could reach on this machine (``ideal``, ``ideal-v``, ``ideal-v-split``; anchors.md's "ideal"): each
 rank runs its own chunks' forward and at once their backward for m micro-batches on inputs of the right shape,
 with no p2p, nothing to wait for and no ``finalize_model_grads``, host time included; the step is the slowest
-rank's. ``ideal``: megatron's
-looped chunks (the interleaved baseline's work), ``ideal-v``: the V chunks (the embedding, the LM head and the loss
-on rank 0), both with megatron's own backward; ``ideal-v-split``: the V chunks with interleaf's split backward (the
-input-gradient pass, then the queued weight GEMMs: what zb-v and ``auto`` run). ``ideal`` and ``ideal-v-split`` run
+rank's. ``ideal``: megatron's looped chunks (the interleaved baseline's work), ``ideal-v``: the V chunks (the
+embedding, the LM head and the loss on rank 0), both with megatron's own backward; ``ideal-v-split``: the V chunks
+with interleaf's split backward (the input-gradient pass, then the queued weight GEMMs: what zb-v and ``auto``
+run). ``ideal`` and ``ideal-v-split`` run
 by default. A row's ratio to the baseline estimates the most a schedule of that work can gain over megatron's
 interleaved 1F1B on this machine (one measurement: hosts drift from row to row like every row here); they have no
 loss or gradient to check (random activations).
@@ -825,9 +825,9 @@ def main(args: argparse.Namespace) -> None:
             "megatron 1F1B's (else the row most rows agree with); the baseline is the faster interleaved run "
             "that passed it."
             + (" ideal rows: each rank's own forward + backward of its chunks, no p2p, no waiting and no "
-               "finalize_model_grads (the slowest "
-               "rank's step; ideal on megatron's looped chunks, ideal-v on the V chunks, both with megatron's own "
-               "backward; ideal-v-split on the V chunks with interleaf's I + W split)."
+               "finalize_model_grads (the slowest rank's step; ideal on megatron's looped chunks, ideal-v on the V "
+               "chunks, both with megatron's own backward; ideal-v-split on the V chunks with interleaf's I + W "
+               "split)."
                if any(v in IDEAL for v in args.variants) else "")
             + "\n"
         )
