@@ -101,7 +101,7 @@ from benchmarks.report import write_section  # noqa: E402
 LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved": "loop2", "zb-v": "v", "auto": "v",
              "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v",
              "auto-loop": "loop2"}
-# no-pipeline bounds (``_ideal_step_func``): name -> whether the backward is interleaf's I + W split
+# no-pipeline estimates (``_ideal_step_func``): name -> whether the backward is interleaf's I + W split
 IDEAL = {"ideal": False, "ideal-v": False, "ideal-v-split": True}
 LAYOUT_OF.update({"ideal": "loop2", "ideal-v": "v", "ideal-v-split": "v"})
 SCHEDULE_OF = {"auto-loop": "auto"}  # row name -> the schedule it runs, where they differ (auto on looped chunks)
@@ -428,7 +428,8 @@ def _ideal_step_func(*, split: bool, shape, device):
     of its chunks, the chunk's forward and at once its backward, on inputs of the right shape (its tokens on the
     first chunk, a fixed random activation on the others; a fixed random output gradient on non-last chunks), with
     no p2p and nothing to wait for. A step is then the rank's own work alone (anchors.md's "ideal"), host time
-    included: the slowest rank's step bounds what any order of the same actions can reach on this machine.
+    included: the slowest rank's step estimates what any order of the same actions can reach on this machine
+    (one measurement: on hosts whose speed drifts a pipelined row can beat it).
     ``split``: the backward as interleaf's zero-bubble schedules run it (the input-gradient pass with megatron's
     linear weight GEMMs queued, then the queued GEMMs) instead of megatron's own. No finalize_model_grads: it is
     communication."""
@@ -746,7 +747,7 @@ def check_first_step(rows, microbatches, rtol: float) -> list[tuple[str, str]]:
     for m in microbatches:
         for r in rows:
             if r["microbatches"] == m and r["variant"] in IDEAL:
-                r["check"] = "— (a bound: no pipeline)"
+                r["check"] = "— (no pipeline: an estimate)"
         sel = [r for r in rows if r["microbatches"] == m and r["variant"] not in IDEAL]
         if not sel:
             continue

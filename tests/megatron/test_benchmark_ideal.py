@@ -1,6 +1,6 @@
 """benchmarks/megatron.py's ``ideal`` rows (each rank's own forward + backward, no pipeline): the step really runs
 every chunk's forward and backward, the split variant runs interleaf's I + W and lands the same gradients as
-megatron's own backward, and the rows are bounds, not checked training steps (tiny GPT, 2 gloo ranks)."""
+megatron's own backward, and the rows are estimates, not checked training steps (tiny GPT, 2 gloo ranks)."""
 from __future__ import annotations
 
 import os
@@ -40,7 +40,7 @@ def test_ideal_split_runs_i_then_w_and_matches_megatrons_backward():
 
 
 @pytest.mark.timeout(180)
-def test_ideal_rows_are_bounds_without_a_check():
+def test_ideal_rows_are_estimates_without_a_check():
     argv = ("--tiny", "--microbatches", "4", "--warmup", "1", "--steps", "2",
             "--variants", "megatron-interleaved", "ideal", "ideal-v", "ideal-v-split")
     rows = run_ranks(benchmark_rows, 2, argv)[0]
@@ -51,4 +51,4 @@ def test_ideal_rows_are_bounds_without_a_check():
     assert rows[0]["check"] == "ok" and all(r["check"].startswith("—") for r in ideal)
     assert bench._baseline_row(rows) is rows[0]
     text = bench.table(rows, [4])
-    assert "| ideal-v-split |" in text and "| — | — | — (a bound: no pipeline) |" in text
+    assert "| ideal-v-split |" in text and "| — | — | — (no pipeline: an estimate) |" in text
