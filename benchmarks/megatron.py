@@ -34,6 +34,15 @@ by default. A row's ratio to the baseline estimates the most a schedule of that 
 interleaved 1F1B on this machine (one measurement: hosts drift from row to row like every row here); they have no
 loss or gradient to check (random activations).
 
+Rows run one after another, each its warm-up and timed steps; on hosts whose speed drifts over tens of seconds
+(BENCHMARKS.md, session 14) that moves the ratios by more than the schedules differ. ``--alternate`` (variants on
+vp = 2 chunks: megatron's interleaved 1F1B, interleaf's V and looped schedules, the ideal rows) builds every
+layout at once, prepares each variant as a row does, then takes the timed steps in turns, one step of each variant
+per round with the order rotated every round, so drift slows every variant alike (``run_alternating``)::
+
+    torchrun --nproc_per_node 4 benchmarks/megatron.py --alternate --steps 10 \
+        --variants megatron-interleaved ideal zb-v auto ideal-v-split --interleaved-p2p overlap_p2p_comm
+
 One step = one ``forward_backward_func`` call incl. ``finalize_model_grads`` (no optimizer step: it is the same
 for every variant). Reported: tokens/s (mean over timed steps), ratio to megatron interleaved of the same m,
 peak allocated memory per rank (GiB, timed steps; every row starts from the model and its DDP buffers alone,
@@ -75,6 +84,7 @@ CPU smoke test (tiny model, gloo, fp32, no BENCHMARKS.md)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -139,9 +149,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "costs of those steps next to the warm-up's and what the simulator gives the running order "
                         "under each (where a row's timed step differs from its plan), and under the timed costs the "
                         "busiest rank's compute per step and what auto planned from them simulates")
+    p.add_argument("--alternate", action="store_true",
+                   help="time the variants' steps in turns (one step of each per round, after each has prepared "
+                        "and warmed up) instead of one row after another: a host whose speed drifts then slows "
+                        "every variant alike. Variants on megatron's looped or the V chunks only (vp = 2); all "
+                        "their models stay resident at once")
     add_profile_arguments(p, "every row (megatron-interleaved gets its p2p mode in the trace name)")
     args = p.parse_args(argv)
     check_profile_arguments(p, args)
+    if args.alternate and any(_layout(v) == "loop1" for v in args.variants):
+        p.error("--alternate runs variants on vp = 2 chunks only (megatron's looped chunks, the V chunks); drop "
+                + ", ".join(v for v in args.variants if _layout(v) == "loop1"))
+    if args.alternate and (args.profile or args.timed_actions):
+        p.error("--alternate times whole steps only: run --profile / --timed-actions without it")
     unknown = [v for v in args.variants if _layout(v) is None]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}, or auto@GIB / auto-loop@GIB (auto "
@@ -220,8 +240,10 @@ def _init_by_global_name(model) -> None:
             p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * 0.02)
 
 
-def _build(layout, shape, *, pp, gpu):
-    """Chunks of this rank for ``layout`` ("loop1", "loop2", "v"), in Float16Module (GPU) + megatron DDP."""
+def _build(layout, shape, *, pp, gpu, keep_parallel_state: bool = False):
+    """Chunks of this rank for ``layout`` ("loop1", "loop2", "v"), in Float16Module (GPU) + megatron DDP.
+    ``keep_parallel_state``: build into the model-parallel state already initialised (``--alternate`` keeps
+    several layouts of the same vp at once) instead of a fresh one."""
     import megatron_patches
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -229,9 +251,10 @@ def _build(layout, shape, *, pp, gpu):
     from megatron.core.transformer.module import Float16Module
 
     vp = None if layout == "loop1" else 2
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(1, pp, vp)
+    if not keep_parallel_state:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(1, pp, vp)
     if gpu:  # megatron's CUDA RNG tracker (forward forks it for dropout); on CPU the test shim stands in for it
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -295,21 +318,34 @@ def _p2p_label(batch: bool, overlap: bool) -> str:
 def _measure(variant, wrapped, config, shape, m, args, device, p2p=None):
     """One variant at one m. ``p2p = (batch_p2p_comm, overlap_p2p_comm)`` overrides the config for this run only
     (megatron's interleaved schedule reads both from the model's config at every call)."""
-    if p2p is None:
-        return _measure_with_config(variant, wrapped, config, shape, m, args, device, tag=variant)
-    saved = (config.batch_p2p_comm, config.overlap_p2p_comm)
-    config.batch_p2p_comm, config.overlap_p2p_comm = p2p
-    try:
-        row = _measure_with_config(variant, wrapped, config, shape, m, args, device,
-                                   tag=f"{variant}-{_p2p_label(*p2p).replace(' ', '_')}")
-    finally:
-        config.batch_p2p_comm, config.overlap_p2p_comm = saved
-    row["p2p"] = _p2p_label(*p2p)
+    tag = variant if p2p is None else f"{variant}-{_p2p_label(*p2p).replace(' ', '_')}"
+    with _p2p_mode(config, p2p):
+        row = _measure_with_config(variant, wrapped, config, shape, m, args, device, tag=tag)
+    if p2p is not None:
+        row["p2p"] = _p2p_label(*p2p)
     return row
 
 
-def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, tag: str):
-    """``tag``: the run's name in trace files."""
+@contextlib.contextmanager
+def _p2p_mode(config, p2p):
+    """``config.batch_p2p_comm, config.overlap_p2p_comm = p2p`` inside (nothing for ``p2p=None``)."""
+    if p2p is None:
+        yield
+        return
+    saved = (config.batch_p2p_comm, config.overlap_p2p_comm)
+    config.batch_p2p_comm, config.overlap_p2p_comm = p2p
+    try:
+        yield
+    finally:
+        config.batch_p2p_comm, config.overlap_p2p_comm = saved
+
+
+def _prepare(variant, wrapped, shape, m, args, device):
+    """A row up to its timed steps: its data, its ``forward_backward_func``, the first step (its loss and gradient
+    norm for the check) and the warm-up steps (interleaf's included). Returns ``(step, enter, func, first_loss,
+    first_grad_norm)``: ``step()`` runs one more step, ``enter()`` puts megatron_patches in the state the step needs
+    (applied with this schedule, or removed: megatron's own and the ideal rows run without interleaf's linear
+    patch) and is called here first; ``--alternate`` calls it again before each of the row's timed steps."""
     import megatron_patches
     from megatron.core.pipeline_parallel import schedules
 
@@ -318,19 +354,21 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
              torch.randint(0, shape["vocab"], (1, shape["seq"]), generator=g).to(device)) for _ in range(m)]
     forward_step = _forward_step_factory(shape, device)
     vp = len(wrapped)
-    if variant in IDEAL:
-        megatron_patches.remove()
-        func = _ideal_step_func(split=IDEAL[variant], shape=shape, device=device)
-        warmup = args.warmup
-    elif variant.startswith("megatron-"):
-        megatron_patches.remove()
-        func = schedules.get_forward_backward_func()
+    if variant in IDEAL or variant.startswith("megatron-"):
+        enter = megatron_patches.remove
+        enter()
+        func = (_ideal_step_func(split=IDEAL[variant], shape=shape, device=device) if variant in IDEAL
+                else schedules.get_forward_backward_func())
         warmup = args.warmup
     else:
         from megatron_patches.forward_backward import SETTLE_STEPS
 
         name, memory_limit_gib = _schedule_of(variant)
-        megatron_patches.apply(name, memory_limit_gib=memory_limit_gib)
+
+        def enter():
+            megatron_patches.apply(name, memory_limit_gib=memory_limit_gib)
+
+        enter()
         func = schedules.get_forward_backward_func()
         # auto plans, zb-h1/zb-h2/zb-v are rebuilt from the per-action timings of their first steps, then planned
         # again from the timings of the order so planned
@@ -356,6 +394,14 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     first_grad_norm = float(sq.sqrt()) if variant not in IDEAL else None  # ideal: random activations, no check
     for _ in range(warmup - 1):
         step()
+    return step, enter, func, first_loss, first_grad_norm
+
+
+def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, tag: str):
+    """``tag``: the run's name in trace files."""
+    import megatron_patches
+
+    step, _, func, first_loss, first_grad_norm = _prepare(variant, wrapped, shape, m, args, device)
     _sync(device)
     dist.barrier()
     if device.type == "cuda":
@@ -390,7 +436,19 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
                                    args.trace_dir, f"{tag}_m{m}_rank{dist.get_rank()}.json.gz"),
                                annotate=[runner.executor] if runner is not None else [])
     megatron_patches.remove()
-    # One figure per step: the slowest rank's time.
+    row = _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device)
+    if measured is not None:
+        row["measured_costs"] = measured
+    if timed_costs is not None:
+        row["timed_step_costs"] = timed_costs
+    if profile is not None:
+        row["profile"] = profile
+    return row
+
+
+def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device) -> dict:
+    """A table row from one rank's timed steps (gathers: call on every rank). One figure per step: the slowest
+    rank's time; tokens/s from their mean."""
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     peaks = [None] * dist.get_world_size()
@@ -403,7 +461,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     mean_s = float(t.mean())
     row = {"variant": variant, "microbatches": m, "step_s": mean_s,
            "tokens_per_s": m * shape["seq"] / mean_s, "peak_gib": peaks, "first_loss": loss,
-           "first_grad_norm": first_grad_norm, "host_issue_share": shares}
+           "first_grad_norm": first_grad_norm, "host_issue_share": shares, "step_ms": [1e3 * x for x in t.tolist()]}
     if runner is not None:
         row["schedule"] = runner.schedule.name + (f" ({runner.tuning} for measured costs)" if runner.tuning else "")
         if runner.replan not in (None, "none"):
@@ -414,12 +472,6 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
             row["schedule"] += (f": running order {runner.replan_ms[0]:.1f} ms, re-plan {runner.replan_ms[1]:.1f} ms "
                                 "under its timings")
         row["activations_held"] = _activations_held(runner.schedule)
-    if measured is not None:
-        row["measured_costs"] = measured
-    if timed_costs is not None:
-        row["timed_step_costs"] = timed_costs
-    if profile is not None:
-        row["profile"] = profile
     return row
 
 
@@ -573,6 +625,8 @@ def _format_measured(costs: dict) -> str:
 
 
 def run_all(args):
+    if args.alternate:
+        return run_alternating(args)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     shape = TINY if args.tiny else ANCHOR
@@ -603,23 +657,105 @@ def run_all(args):
                 row["allocated_before_gib"] = before
                 row["model_gib"] = model_gib
                 rows.append(row)
-                if dist.get_rank() == 0:
-                    print(f"{_name(row):40s} m={m:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
-                          f"{row['step_s'] * 1e3:8.1f} ms, first loss {_opt(row['first_loss'], '.5f')}, grad norm "
-                          f"{_opt(row['first_grad_norm'], '.6g')}, peak GiB "
-                          f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])} "
-                          f"({' / '.join(f'{b:.2f}' for b in before)} GiB per rank still allocated before it; "
-                          f"model + DDP buffers {' / '.join(f'{b:.2f}' for b in model_gib)}), host issue / step "
-                          f"{' / '.join(f'{h:.2f}' for h in row['host_issue_share'])}"
-                          + (f", ran {row['schedule']}" if row.get("schedule") else ""), flush=True)
-                    if row.get("activations_held"):
-                        print(f"    {_format_held(row['activations_held'])}", flush=True)
-                    if row.get("measured_costs"):
-                        print(f"    {_format_measured(row['measured_costs'])}", flush=True)
-                    if row.get("timed_step_costs"):
-                        print(f"    {_format_timed_step_costs(row['timed_step_costs'])}", flush=True)
+                _log_row(row)
         release_layout(wrapped, config)
         del wrapped, config
+        release_between_rows(device)
+    return rows
+
+
+def _log_row(row) -> None:
+    """Rank 0 prints the row's log line (and interleaf's plan figures under it)."""
+    if dist.get_rank() != 0:
+        return
+    before, model_gib = row["allocated_before_gib"], row["model_gib"]
+    print(f"{_name(row):40s} m={row['microbatches']:3d}: {row['tokens_per_s']:12,.0f} tokens/s, step "
+          f"{row['step_s'] * 1e3:8.1f} ms, first loss {_opt(row['first_loss'], '.5f')}, grad norm "
+          f"{_opt(row['first_grad_norm'], '.6g')}, peak GiB "
+          f"{' / '.join(f'{p:.1f}' for p in row['peak_gib'])} "
+          f"({' / '.join(f'{b:.2f}' for b in before)} GiB per rank still allocated before it; "
+          f"model + DDP buffers {' / '.join(f'{b:.2f}' for b in model_gib)}), host issue / step "
+          f"{' / '.join(f'{h:.2f}' for h in row['host_issue_share'])}"
+          + (f", ran {row['schedule']}" if row.get("schedule") else ""), flush=True)
+    if row.get("activations_held"):
+        print(f"    {_format_held(row['activations_held'])}", flush=True)
+    if row.get("measured_costs"):
+        print(f"    {_format_measured(row['measured_costs'])}", flush=True)
+    if row.get("timed_step_costs"):
+        print(f"    {_format_timed_step_costs(row['timed_step_costs'])}", flush=True)
+
+
+def run_alternating(args):
+    """``--alternate``: every variant's timed steps in turns instead of one row after another. All layouts are
+    built at once (megatron's looped chunks and the V chunks share one model-parallel state, vp = 2), each variant
+    prepares as in a row (first step for the check, warm-up, interleaf's planning), then ``--steps`` rounds run one
+    step of each variant, the order rotated by one every round: a host whose speed drifts over tens of seconds
+    then slows every variant alike, which rows run one after another do not see. Peak memory per rank: the step's
+    own rise over what was allocated before it plus its layout's model and DDP buffers (the other layouts stay
+    resident). Returns rows like :func:`run_all`'s."""
+    import megatron_patches
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    shape = TINY if args.tiny else ANCHOR
+    pp = dist.get_world_size()
+    built = {}
+    for layout in dict.fromkeys(_layout(v) for v in args.variants):
+        before = allocated_gib_per_rank(device)
+        wrapped, config = _build(layout, shape, pp=pp, gpu=gpu, keep_parallel_state=bool(built))
+        after = allocated_gib_per_rank(device)
+        built[layout] = (wrapped, config, [a - b for a, b in zip(after, before)])
+    rows = []
+    try:
+        for m in args.microbatches:
+            entries = []
+            for variant in args.variants:
+                wrapped, config, model_gib = built[_layout(variant)]
+                for p2p in (_interleaved_modes(args, gpu) if variant == BASELINE else [None]):
+                    release_row_state(wrapped)
+                    release_between_rows(device)
+                    with _p2p_mode(config, p2p):
+                        prepared = _prepare(variant, wrapped, shape, m, args, device)
+                    entries.append((variant, p2p, config, model_gib, prepared))
+            times = [[] for _ in entries]
+            issued = [[] for _ in entries]
+            rise = [0.0] * len(entries)
+            allocated = [allocated_gib_per_rank(device) for _ in entries]
+            for r in range(args.steps):
+                for k in range(len(entries)):
+                    i = (k + r) % len(entries)
+                    variant, p2p, config, _, (step, enter, *_) = entries[i]
+                    enter()
+                    with _p2p_mode(config, p2p):
+                        _sync(device)
+                        dist.barrier()
+                        base = torch.cuda.memory_allocated(device) if gpu else 0
+                        if gpu:
+                            torch.cuda.reset_peak_memory_stats(device)
+                        t0 = time.perf_counter()
+                        step()
+                        issued[i].append(time.perf_counter() - t0)
+                        _sync(device)
+                        times[i].append(time.perf_counter() - t0)
+                        if gpu:
+                            rise[i] = max(rise[i], (torch.cuda.max_memory_allocated(device) - base) / 2**30)
+            megatron_patches.remove()
+            for i, (variant, p2p, config, model_gib, (_, _, func, first_loss, first_grad_norm)) in enumerate(entries):
+                runner = next(iter(getattr(func, "runners", {}).values()), None)
+                own = model_gib[dist.get_rank()]
+                row = _row_of(variant, m, shape, times[i], issued[i], rise[i] + own if gpu else 0.0, first_loss,
+                              first_grad_norm, runner, device)
+                if p2p is not None:
+                    row["p2p"] = _p2p_label(*p2p)
+                row["allocated_before_gib"], row["model_gib"] = allocated[i], model_gib
+                row["alternate"] = True
+                rows.append(row)
+                _log_row(row)
+    finally:
+        megatron_patches.remove()
+        for wrapped, config, _ in built.values():
+            release_layout(wrapped, config)
+        built.clear()
         release_between_rows(device)
     return rows
 
@@ -809,8 +945,9 @@ def main(args: argparse.Namespace) -> None:
         shape = TINY if args.tiny else ANCHOR
         device_name = torch.cuda.get_device_name(0) if gpu else "CPU (gloo)"
         world = dist.get_world_size()
+        alt = ", alternating steps" if args.alternate else ""
         head = (
-            f"## Pipeline schedules under megatron-core, pp={world} (benchmarks/megatron.py)\n\n"
+            f"## Pipeline schedules under megatron-core, pp={world}{alt} (benchmarks/megatron.py)\n\n"
             f"{datetime.date.today().isoformat()}, {world}x {device_name}, torch {torch.__version__}, megatron-core "
             f"{megatron.core.__version__}, Python {sys.version.split()[0]}. megatron GPTModel (local spec, unfused "
             f"attention) {shape['layers']}L h{shape['hidden']} {shape['heads']} heads seq {shape['seq']} vocab "
@@ -818,7 +955,10 @@ def main(args: argparse.Namespace) -> None:
             f"megatron DDP; {args.warmup} warm-up (+{AUTO_WARMUP_STEPS} timed per action for auto's plan and "
             f"zb-h2/zb-v's rebuild from measured costs, +{SETTLE_STEPS - AUTO_WARMUP_STEPS} for their second round "
             f"from the planned order's own timings) + {args.steps} timed steps per variant, "
-            "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
+            + ("taken in turns (--alternate: one step of each variant per round, the order rotated every round; "
+               "every layout's model resident; peak memory: a step's rise over what was allocated before it plus "
+               "its layout's model and DDP buffers), " if args.alternate else "")
+            + "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
             "optimizer step. Peak memory: max allocated during the timed steps. megatron interleaved runs with "
             f"{' and with '.join(_p2p_label(*p) for p in _interleaved_modes(args, gpu))}; the "
             "faster at each m is the baseline. Every variant starts from the same weights (seeded by model-global "
@@ -836,7 +976,7 @@ def main(args: argparse.Namespace) -> None:
         print(text, flush=True)
         out = args.out or (os.path.join(ROOT, "BENCHMARKS.md") if gpu else None)
         if out:
-            write_section(out, f"{REPORT_SECTION} pp={world}", text)
+            write_section(out, f"{REPORT_SECTION} pp={world}{alt}", text)
             print(f"updated {out}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
