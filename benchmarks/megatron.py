@@ -38,7 +38,8 @@ Rows run one after another, each its warm-up and timed steps; on hosts whose spe
 (BENCHMARKS.md, session 14) that moves the ratios by more than the schedules differ. ``--alternate`` (variants on
 vp = 2 chunks: megatron's interleaved 1F1B, interleaf's V and looped schedules, the ideal rows) builds every
 layout at once, prepares each variant as a row does, then takes the timed steps in turns, one step of each variant
-per round with the order rotated every round, so drift slows every variant alike (``run_alternating``)::
+per round with the order rotated every round and reversed every other, so drift slows every variant alike
+(``run_alternating``)::
 
     torchrun --nproc_per_node 4 benchmarks/megatron.py --alternate --steps 10 \
         --variants megatron-interleaved ideal zb-v auto ideal-v-split --interleaved-p2p overlap_p2p_comm
@@ -448,7 +449,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
 
 def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device) -> dict:
     """A table row from one rank's timed steps (gathers: call on every rank). One figure per step: the slowest
-    rank's time; tokens/s from their mean."""
+    rank's time (all of them in ``step_ms``, in run order); tokens/s from their mean."""
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     peaks = [None] * dist.get_world_size()
@@ -689,10 +690,12 @@ def run_alternating(args):
     """``--alternate``: every variant's timed steps in turns instead of one row after another. All layouts are
     built at once (megatron's looped chunks and the V chunks share one model-parallel state, vp = 2), each variant
     prepares as in a row (first step for the check, warm-up, interleaf's planning), then ``--steps`` rounds run one
-    step of each variant, the order rotated by one every round: a host whose speed drifts over tens of seconds
+    step of each variant in the order :func:`_round_order` gives: a host whose speed drifts over tens of seconds
     then slows every variant alike, which rows run one after another do not see. Peak memory per rank: the step's
     own rise over what was allocated before it plus its layout's model and DDP buffers (the other layouts stay
-    resident). Returns rows like :func:`run_all`'s."""
+    resident); what stays allocated between steps (megatron's global memory buffer, a chunk's last input tensor)
+    is not in it, so these peaks read a little below the row-by-row mode's. Returns rows like :func:`run_all`'s
+    (without ``measured_costs``)."""
     import megatron_patches
 
     gpu = torch.cuda.is_available()
@@ -700,63 +703,82 @@ def run_alternating(args):
     shape = TINY if args.tiny else ANCHOR
     pp = dist.get_world_size()
     built = {}
-    for layout in dict.fromkeys(_layout(v) for v in args.variants):
-        before = allocated_gib_per_rank(device)
-        wrapped, config = _build(layout, shape, pp=pp, gpu=gpu, keep_parallel_state=bool(built))
-        after = allocated_gib_per_rank(device)
-        built[layout] = (wrapped, config, [a - b for a, b in zip(after, before)])
     rows = []
     try:
+        for layout in dict.fromkeys(_layout(v) for v in args.variants):
+            before = allocated_gib_per_rank(device)
+            wrapped, config = _build(layout, shape, pp=pp, gpu=gpu, keep_parallel_state=bool(built))
+            after = allocated_gib_per_rank(device)
+            built[layout] = (wrapped, config, [a - b for a, b in zip(after, before)])
+            del wrapped, config
         for m in args.microbatches:
-            entries = []
-            for variant in args.variants:
-                wrapped, config, model_gib = built[_layout(variant)]
-                for p2p in (_interleaved_modes(args, gpu) if variant == BASELINE else [None]):
-                    release_row_state(wrapped)
-                    release_between_rows(device)
-                    with _p2p_mode(config, p2p):
-                        prepared = _prepare(variant, wrapped, shape, m, args, device)
-                    entries.append((variant, p2p, config, model_gib, prepared))
-            times = [[] for _ in entries]
-            issued = [[] for _ in entries]
-            rise = [0.0] * len(entries)
-            allocated = [allocated_gib_per_rank(device) for _ in entries]
-            for r in range(args.steps):
-                for k in range(len(entries)):
-                    i = (k + r) % len(entries)
-                    variant, p2p, config, _, (step, enter, *_) = entries[i]
-                    enter()
-                    with _p2p_mode(config, p2p):
-                        _sync(device)
-                        dist.barrier()
-                        base = torch.cuda.memory_allocated(device) if gpu else 0
-                        if gpu:
-                            torch.cuda.reset_peak_memory_stats(device)
-                        t0 = time.perf_counter()
-                        step()
-                        issued[i].append(time.perf_counter() - t0)
-                        _sync(device)
-                        times[i].append(time.perf_counter() - t0)
-                        if gpu:
-                            rise[i] = max(rise[i], (torch.cuda.max_memory_allocated(device) - base) / 2**30)
-            megatron_patches.remove()
-            for i, (variant, p2p, config, model_gib, (_, _, func, first_loss, first_grad_norm)) in enumerate(entries):
-                runner = next(iter(getattr(func, "runners", {}).values()), None)
-                own = model_gib[dist.get_rank()]
-                row = _row_of(variant, m, shape, times[i], issued[i], rise[i] + own if gpu else 0.0, first_loss,
-                              first_grad_norm, runner, device)
-                if p2p is not None:
-                    row["p2p"] = _p2p_label(*p2p)
-                row["allocated_before_gib"], row["model_gib"] = allocated[i], model_gib
-                row["alternate"] = True
-                rows.append(row)
-                _log_row(row)
+            rows += _alternate_one_m(args, built, shape, m, device)
+            release_between_rows(device)
     finally:
         megatron_patches.remove()
         for wrapped, config, _ in built.values():
             release_layout(wrapped, config)
         built.clear()
         release_between_rows(device)
+    return rows
+
+
+def _round_order(n: int, r: int) -> list[int]:
+    """Which of ``n`` prepared variants steps when in round ``r`` of ``--alternate``: rotated by ``r`` and, every
+    other round, reversed, so each variant starts a round as often as the others (over ``2 n`` rounds) and follows
+    either neighbour in turn instead of always the same one (a step can leave the next one a warm or a cold cache,
+    allocator, clock)."""
+    order = [(k + r) % n for k in range(n)]
+    return order[::-1] if r % 2 else order
+
+
+def _alternate_one_m(args, built, shape, m, device) -> list[dict]:
+    """``--alternate`` at one m: prepare every variant, take the timed steps in turns, return the rows."""
+    import megatron_patches
+
+    gpu = device.type == "cuda"
+    entries = []
+    for variant in args.variants:
+        wrapped, config, model_gib = built[_layout(variant)]
+        for p2p in (_interleaved_modes(args, gpu) if variant == BASELINE else [None]):
+            release_row_state(wrapped)
+            release_between_rows(device)
+            with _p2p_mode(config, p2p):
+                prepared = _prepare(variant, wrapped, shape, m, args, device)
+            entries.append((variant, p2p, config, model_gib, prepared))
+    times = [[] for _ in entries]
+    issued = [[] for _ in entries]
+    rise = [0.0] * len(entries)
+    allocated = allocated_gib_per_rank(device)
+    for r in range(args.steps):
+        for i in _round_order(len(entries), r):
+            variant, p2p, config, _, (step, enter, *_) = entries[i]
+            enter()
+            with _p2p_mode(config, p2p):
+                _sync(device)
+                dist.barrier()
+                base = torch.cuda.memory_allocated(device) if gpu else 0
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                step()
+                issued[i].append(time.perf_counter() - t0)
+                _sync(device)
+                times[i].append(time.perf_counter() - t0)
+                if gpu:
+                    rise[i] = max(rise[i], (torch.cuda.max_memory_allocated(device) - base) / 2**30)
+    megatron_patches.remove()
+    rows = []
+    for i, (variant, p2p, config, model_gib, (_, _, func, first_loss, first_grad_norm)) in enumerate(entries):
+        runner = next(iter(getattr(func, "runners", {}).values()), None)
+        peak = rise[i] + model_gib[dist.get_rank()] if gpu else 0.0
+        row = _row_of(variant, m, shape, times[i], issued[i], peak, first_loss, first_grad_norm, runner, device)
+        if p2p is not None:
+            row["p2p"] = _p2p_label(*p2p)
+        row["allocated_before_gib"], row["model_gib"] = allocated, model_gib
+        row["alternate"] = True
+        rows.append(row)
+        _log_row(row)
     return rows
 
 
@@ -955,11 +977,15 @@ def main(args: argparse.Namespace) -> None:
             f"megatron DDP; {args.warmup} warm-up (+{AUTO_WARMUP_STEPS} timed per action for auto's plan and "
             f"zb-h2/zb-v's rebuild from measured costs, +{SETTLE_STEPS - AUTO_WARMUP_STEPS} for their second round "
             f"from the planned order's own timings) + {args.steps} timed steps per variant, "
-            + ("taken in turns (--alternate: one step of each variant per round, the order rotated every round; "
+            + ("taken in turns (--alternate: one step of each variant per round, the order rotated every round "
+               "and reversed every other; "
                "every layout's model resident; peak memory: a step's rise over what was allocated before it plus "
-               "its layout's model and DDP buffers), " if args.alternate else "")
+               "its layout's model and DDP buffers, so without what stays allocated between steps: a little below "
+               "the row-by-row mode's), " if args.alternate else "")
             + "all in one process group. A step is one forward_backward_func call incl. finalize_model_grads, no "
-            "optimizer step. Peak memory: max allocated during the timed steps. megatron interleaved runs with "
+            + ("optimizer step. " if args.alternate else "optimizer step. Peak memory: max allocated during the "
+               "timed steps. ")
+            + "megatron interleaved runs with "
             f"{' and with '.join(_p2p_label(*p) for p in _interleaved_modes(args, gpu))}; the "
             "faster at each m is the baseline. Every variant starts from the same weights (seeded by model-global "
             f"parameter name) and data; loss/grad check: first-step loss and grad norm within {rtol:g} relative of "

@@ -80,6 +80,36 @@ def benchmark_rows(rank, world, argv):
     return bench.run_all(bench.parse_args(list(argv)))
 
 
+def alternate_trace_worker(rank, world, argv):
+    """benchmarks/megatron.py --alternate with every timed step recorded on this rank: ``(variant, interleaf's
+    patches applied, its linear patch installed, (batch_p2p_comm, overlap_p2p_comm))`` at the step's start."""
+    import megatron_patches
+    from benchmarks import megatron as bench
+    from megatron.core.utils import get_model_config
+    from megatron_patches import linear_weight_grad
+
+    trace = []
+    prepare = bench._prepare
+
+    def recording(variant, wrapped, *args, **kwargs):
+        step, enter, func, first_loss, first_grad_norm = prepare(variant, wrapped, *args, **kwargs)
+        config = get_model_config(wrapped[0])
+
+        def traced():
+            trace.append((variant, megatron_patches.is_applied(), linear_weight_grad.is_installed(),
+                          (config.batch_p2p_comm, config.overlap_p2p_comm)))
+            return step()
+
+        return traced, enter, func, first_loss, first_grad_norm
+
+    bench._prepare = recording
+    try:
+        rows = bench.run_all(bench.parse_args(list(argv)))
+    finally:
+        bench._prepare = prepare
+    return {"rows": rows, "trace": trace}
+
+
 def ideal_worker(rank, world, layout, split, m):
     """benchmarks/megatron.py's ``ideal`` step on the tiny GPT in ``layout`` on this rank, once: every chunk's
     ``main_grad`` after it, how many weight GEMMs were queued, and whether the linear patch is still installed."""
