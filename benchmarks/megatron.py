@@ -310,6 +310,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _timed_step(step, device) -> tuple[float, float]:
+    """One timed step after the device and every rank are idle: ``(host seconds until step() returned, seconds
+    until the device finished it)``; the first is the step itself where the host was the bottleneck."""
+    _sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    step()
+    host_s = time.perf_counter() - t0
+    _sync(device)
+    return host_s, time.perf_counter() - t0
+
+
 def _p2p_label(batch: bool, overlap: bool) -> str:
     if overlap:
         return "overlap_p2p_comm"
@@ -414,13 +426,9 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     if timed_actions is not None:
         timing_before, runner.executor.timing = runner.executor.timing, "action"
     for _ in range(args.steps):
-        _sync(device)
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        issued.append(time.perf_counter() - t0)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        host_s, step_s = _timed_step(step, device)
+        issued.append(host_s)
+        times.append(step_s)
         if timed_actions is not None:
             timed_actions.append((runner.last_result.typical_seconds(), runner.last_result.typical_host_seconds()))
     if timed_actions is not None:
@@ -755,16 +763,12 @@ def _alternate_one_m(args, built, shape, m, device) -> list[dict]:
             variant, p2p, config, _, (step, enter, *_) = entries[i]
             enter()
             with _p2p_mode(config, p2p):
-                _sync(device)
-                dist.barrier()
                 base = torch.cuda.memory_allocated(device) if gpu else 0
                 if gpu:
                     torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                step()
-                issued[i].append(time.perf_counter() - t0)
-                _sync(device)
-                times[i].append(time.perf_counter() - t0)
+                host_s, step_s = _timed_step(step, device)
+                issued[i].append(host_s)
+                times[i].append(step_s)
                 if gpu:
                     rise[i] = max(rise[i], (torch.cuda.max_memory_allocated(device) - base) / 2**30)
     megatron_patches.remove()
