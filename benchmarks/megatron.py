@@ -30,7 +30,9 @@ rank's. ``ideal``: megatron's looped chunks (the interleaved baseline's work), `
 embedding, the LM head and the loss on rank 0), both with megatron's own backward; ``ideal-v-split``: the V chunks
 with interleaf's split backward (the input-gradient pass, then the queued weight GEMMs: what zb-v and ``auto``
 run). ``ideal`` and ``ideal-v-split`` run
-by default. A row's ratio to the baseline estimates the most a schedule of that work can gain over megatron's
+by default. ``ideal-graphed`` and ``ideal-v-split-graphed`` (GPU only; an experiment, see ``_ideal_step_func``)
+run the work of ``ideal`` / ``ideal-v-split`` as CUDA graphs captured in the first step and replayed after it,
+what that work costs once the host no longer issues it kernel by kernel. A row's ratio to the baseline estimates the most a schedule of that work can gain over megatron's
 interleaved 1F1B on this machine (one measurement: hosts drift from row to row like every row here); they have no
 loss or gradient to check (random activations).
 
@@ -87,6 +89,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import re
@@ -113,8 +116,11 @@ LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved":
              "zb-h1": "loop1", "1f1b": "loop1", "interleaved-1f1b": "loop2", "v-half": "v", "v-min": "v",
              "auto-loop": "loop2"}
 # no-pipeline estimates (``_ideal_step_func``): name -> whether the backward is interleaf's I + W split
-IDEAL = {"ideal": False, "ideal-v": False, "ideal-v-split": True}
-LAYOUT_OF.update({"ideal": "loop2", "ideal-v": "v", "ideal-v-split": "v"})
+IDEAL = {"ideal": False, "ideal-v": False, "ideal-v-split": True, "ideal-graphed": False,
+         "ideal-v-split-graphed": True}
+GRAPHED = ("ideal-graphed", "ideal-v-split-graphed")  # the same work replayed as CUDA graphs (GPU only)
+LAYOUT_OF.update({"ideal": "loop2", "ideal-v": "v", "ideal-v-split": "v", "ideal-graphed": "loop2",
+                  "ideal-v-split-graphed": "v"})
 SCHEDULE_OF = {"auto-loop": "auto"}  # row name -> the schedule it runs, where they differ (auto on looped chunks)
 BUDGETED = ("auto", "auto-loop")  # variants that take an activation budget: auto@22, auto-loop@22
 DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "ideal", "zb-v", "auto", "ideal-v-split")
@@ -163,6 +169,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                 + ", ".join(v for v in args.variants if _layout(v) == "loop1"))
     if args.alternate and (args.profile or args.timed_actions):
         p.error("--alternate times whole steps only: run --profile / --timed-actions without it")
+    if not torch.cuda.is_available() and any(v in GRAPHED for v in args.variants):
+        p.error("the -graphed ideal rows replay CUDA graphs: run them on a GPU, or drop "
+                + ", ".join(v for v in args.variants if v in GRAPHED))
     unknown = [v for v in args.variants if _layout(v) is None]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}, or auto@GIB / auto-loop@GIB (auto "
@@ -370,9 +379,11 @@ def _prepare(variant, wrapped, shape, m, args, device):
     if variant in IDEAL or variant.startswith("megatron-"):
         enter = megatron_patches.remove
         enter()
-        func = (_ideal_step_func(split=IDEAL[variant], shape=shape, device=device) if variant in IDEAL
+        func = (_ideal_step_func(split=IDEAL[variant], shape=shape, device=device, graphed=variant in GRAPHED)
+                if variant in IDEAL
                 else schedules.get_forward_backward_func())
-        warmup = args.warmup
+        # graphed: the first step runs eagerly and captures, the second (untimed) is the checked first replay
+        warmup = max(args.warmup, 2) if variant in GRAPHED else args.warmup
     else:
         from megatron_patches.forward_backward import SETTLE_STEPS
 
@@ -484,7 +495,7 @@ def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm,
     return row
 
 
-def _ideal_step_func(*, split: bool, shape, device):
+def _ideal_step_func(*, split: bool, shape, device, graphed: bool = False, capture=None):
     """A ``forward_backward_func`` stand-in for the ``ideal`` rows: each rank runs, for every micro-batch and each
     of its chunks, the chunk's forward and at once its backward, on inputs of the right shape (its tokens on the
     first chunk, a fixed random activation on the others; a fixed random output gradient on non-last chunks), with
@@ -493,49 +504,197 @@ def _ideal_step_func(*, split: bool, shape, device):
     (one measurement: on hosts whose speed drifts a pipelined row can beat it).
     ``split``: the backward as interleaf's zero-bubble schedules run it (the input-gradient pass with megatron's
     linear weight GEMMs queued, then the queued GEMMs) instead of megatron's own. No finalize_model_grads: it is
-    communication."""
+    communication.
+    ``graphed`` (the ``-graphed`` rows, an experiment: what the same work costs once the host no longer issues it
+    kernel by kernel): the first call runs eagerly, then captures each micro-batch's forward, backward (I) and
+    weight pass (W) of each chunk as its own CUDA graph, in the order they run, all in one memory pool; later calls
+    copy each micro-batch's data into the captured input and replay the graphs in that order. The first replay's
+    gradients must equal the eager call's (else RuntimeError): a capture that missed work would show there.
+    ``capture(fn, pool, stream) -> replay`` records ``fn`` (default: a CUDA graph; the CPU tests pass a stand-in whose
+    replay runs ``fn`` again)."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron_patches import linear_weight_grad
 
     fixed: dict = {}  # chunk index -> (input activation or None, output gradient or None)
+    graphs: list = []  # graphed: per (micro-batch, chunk) in run order: (chunk index, static batch, replays)
+    reference: list = []  # graphed: the eager call's main_grads, compared with the first replay's
+    queue: list = []
+
+    def inputs(chunk, c, seq_length, micro_batch_size) -> None:
+        if c not in fixed:
+            g = torch.Generator(device=device).manual_seed(c)
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as _config's
+            size = (seq_length, micro_batch_size, shape["hidden"])
+            fixed[c] = tuple(None if get_attr_wrapped_model(chunk, end) else
+                             torch.randn(size, generator=g, device=device, dtype=dtype)
+                             for end in ("pre_process", "post_process"))
+
+    def actions(chunk, c, data_iterator, forward_step_func, *, to_capture: bool = False):
+        """One micro-batch of one chunk as (forward, backward[, weight pass]), to run in that order (the weight
+        pass with ``split`` only: megatron's own backward leaves nothing queued). ``to_capture``: the backward
+        adds the parameters' gradients to ``main_grad`` itself, as megatron DDP's hook would (with
+        ``overlap_grad_reduce`` off): the hook runs from the parameters' gradient accumulators, which were made on
+        the default stream, and a capture may not make that stream wait for it."""
+        x, grad = fixed[c]
+        held: dict = {}
+
+        def forward():
+            x_in = held["x"] = None if x is None else x.detach().requires_grad_()
+            get_attr_wrapped_model(chunk, "set_input_tensor")(x_in)
+            output, loss_func = forward_step_func(data_iterator, chunk)
+            held["out"] = loss_func(output)[0] if grad is None else output
+            get_attr_wrapped_model(chunk, "set_input_tensor")(None)
+
+        def backward():
+            out, x_in = held.pop("out"), held.pop("x")
+            if not to_capture:
+                torch.autograd.backward(out, grad)
+            else:
+                params = [p for p in chunk.parameters() if p.requires_grad]
+                leaves = ([] if x_in is None else [x_in]) + params
+                grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)[len(leaves) - len(params):]
+                for p, g in zip(params, grads):
+                    # DDP's hook: nothing to add where the linear's backward wrote main_grad (or queued the W that will)
+                    if g is not None and not getattr(p, "grad_added_to_main_grad", False):
+                        p.main_grad.add_(g)
+            held["w"] = list(queue)
+            queue.clear()
+
+        def weight():
+            with torch.no_grad():
+                for closure in held.pop("w"):
+                    closure()
+
+        return (forward, backward, weight) if split else (forward, backward)
+
+    def main_grads(chunks):
+        return torch.cat([p.main_grad.detach().float().flatten() for w in chunks for p in w.parameters()])
 
     def func(*, forward_step_func, data_iterator, model, num_microbatches, seq_length, micro_batch_size):
         chunks = model if isinstance(model, list) else [model]
         iters = data_iterator if isinstance(data_iterator, list) else [data_iterator]
-        queue: list = []
-        if split:
+        if split:  # (a replayed CUDA graph runs no Python: the patch matters to the eager call and the capture)
             linear_weight_grad.install(lambda: queue.append)
+        if graphs:
+            try:
+                for c, static, replays in graphs:
+                    for target, value in zip(static, next(iters[c])):
+                        target.copy_(value)
+                    for replay in replays:
+                        replay()
+            finally:
+                if split:
+                    linear_weight_grad.uninstall()
+            if reference:
+                _check_replay(main_grads(chunks), reference.pop())
+            return []
+        for c, chunk in enumerate(chunks):
+            inputs(chunk, c, seq_length, micro_batch_size)
+        # graphed: the eager call and the captures on one side stream (lazy per-stream set-up, e.g. cuBLAS's
+        # workspace, happens before the capture, not inside it)
+        stream = torch.cuda.Stream(device) if graphed and capture is None else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
         try:
-            for _ in range(num_microbatches):
-                for c, chunk in enumerate(chunks):
-                    first = get_attr_wrapped_model(chunk, "pre_process")
-                    last = get_attr_wrapped_model(chunk, "post_process")
-                    if c not in fixed:
-                        g = torch.Generator(device=device).manual_seed(c)
-                        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as _config's
-                        size = (seq_length, micro_batch_size, shape["hidden"])
-                        fixed[c] = tuple(None if skip else torch.randn(size, generator=g, device=device, dtype=dtype)
-                                         for skip in (first, last))
-                    x, grad = fixed[c]
-                    if x is not None:
-                        x = x.detach().requires_grad_()
-                    get_attr_wrapped_model(chunk, "set_input_tensor")(x)
-                    output, loss_func = forward_step_func(iters[c], chunk)
-                    if last:
-                        output, grad = loss_func(output)[0], None
-                    torch.autograd.backward(output, grad)
-                    if queue:
-                        with torch.no_grad():
-                            for closure in queue:
-                                closure()
-                        queue.clear()
-                    get_attr_wrapped_model(chunk, "set_input_tensor")(None)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                batches: list = [[] for _ in chunks]
+                for _ in range(num_microbatches):
+                    for c, chunk in enumerate(chunks):
+                        tap = _Tap(iters[c], batches[c]) if graphed else iters[c]
+                        for run in actions(chunk, c, tap, forward_step_func):
+                            run()
+                if graphed:
+                    reference.append(main_grads(chunks))
+                    _capture_all(chunks, batches, forward_step_func, num_microbatches, stream)
         finally:
             if split:
                 linear_weight_grad.uninstall()
+            if stream is not None:
+                torch.cuda.current_stream(device).wait_stream(stream)
         return []
 
+    def _capture_all(chunks, batches, forward_step_func, num_microbatches, stream):
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        for chunk in chunks:
+            config = get_attr_wrapped_model(chunk, "config")
+            if config.hidden_dropout or config.attention_dropout:
+                raise ValueError("the -graphed ideal rows capture without megatron's RNG tracker: they need dropout 0")
+        record = capture or _cuda_graph_capture
+        pool = torch.cuda.graph_pool_handle() if capture is None else None
+        tracker = get_cuda_rng_tracker()
+        # megatron forks its CUDA RNG state around attention dropout, which a capture may not do; with dropout 0
+        # nothing draws from it, so the fork is skipped while capturing
+        tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
+        try:
+            with _grad_accumulators_made_here(chunks, device):
+                for j in range(num_microbatches):
+                    for c, chunk in enumerate(chunks):
+                        static = tuple(t.clone() for t in batches[c][j])
+                        runs = actions(chunk, c, itertools.repeat(static), forward_step_func, to_capture=True)
+                        graphs.append((c, static, [record(run, pool, stream) for run in runs]))
+        finally:
+            del tracker.fork
+
     return func
+
+
+@contextlib.contextmanager
+def _grad_accumulators_made_here(chunks, device):
+    """Inside: megatron DDP's gradient accumulators of ``chunks`` are let go, so autograd makes each parameter's anew
+    on the current stream when a forward uses it; afterwards DDP's are made again on the default stream, with its
+    hook, as DDP's constructor makes them. The autograd engine hands a parameter's gradient to its accumulator on the
+    stream the accumulator was made on: DDP made them on the default stream, which a capture on another stream may
+    not make wait. Inside, DDP's hook does not run: the captured backward adds to ``main_grad`` itself."""
+    ddps = [w for w in chunks if hasattr(w, "grad_accs")]
+    for w in ddps:
+        w.grad_accs.clear()
+    try:
+        yield
+    finally:
+        with torch.cuda.stream(torch.cuda.default_stream(device)) if device.type == "cuda" else contextlib.nullcontext():
+            for w in ddps:
+                for p in w.module.parameters():
+                    if p.requires_grad:
+                        accumulator = p.expand_as(p).grad_fn.next_functions[0][0]
+                        accumulator.register_hook(w._make_backward_post_hook(p))
+                        w.grad_accs.append(accumulator)
+
+
+class _Tap:
+    """An iterator that passes ``source``'s items through and keeps them in ``seen``."""
+
+    def __init__(self, source, seen: list) -> None:
+        self._source, self._seen = source, seen
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self._source)
+        self._seen.append(item)
+        return item
+
+
+def _cuda_graph_capture(fn, pool, stream):
+    """``fn``'s kernels as a CUDA graph in ``pool``, captured on ``stream``; returns its replay. ``thread_local``
+    capture: NCCL's watchdog thread keeps querying its events meanwhile, which a global capture would refuse."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        fn()
+    return graph.replay
+
+
+def _check_replay(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The first replay's main_grads against the eager call's (the same data and weights): equal up to 1e-3 of the
+    largest gradient, else RuntimeError. Logs the difference."""
+    diff = float((got - want).abs().max())
+    scale = float(want.abs().max())
+    print(f"[megatron bench] rank {dist.get_rank()}: graphed replay's gradients vs the eager step's: max |diff| "
+          f"{diff:.3g} (max |grad| {scale:.3g})", flush=True)
+    if not diff <= 1e-3 * scale:
+        raise RuntimeError(f"the graphed ideal step's gradients differ from its eager step's by {diff:.3g} (max |grad| "
+                           f"{scale:.3g}): the capture missed or repeated work")
 
 
 def _measured_costs(runner) -> dict | None:
@@ -1000,6 +1159,10 @@ def main(args: argparse.Namespace) -> None:
                "chunks, both with megatron's own backward; ideal-v-split on the V chunks with interleaf's I + W "
                "split)."
                if any(v in IDEAL for v in args.variants) else "")
+            + (" -graphed ideal rows: the same work captured once as one CUDA graph per micro-batch, chunk and "
+               "pass (F, B or I, W), then replayed (an experiment: neither megatron's schedules nor interleaf's "
+               "replay graphs); their first replay's gradients equal their eager step's."
+               if any(v in GRAPHED for v in args.variants) else "")
             + "\n"
         )
         text = head + "\n" + table(rows, args.microbatches)

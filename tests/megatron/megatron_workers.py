@@ -136,6 +136,53 @@ def ideal_worker(rank, world, layout, split, m):
         bench.release_layout(wrapped, config)
 
 
+def graphed_ideal_worker(rank, world, layout, split, m):
+    """benchmarks/megatron.py's ``-graphed`` ideal step with a stand-in capture (its replay runs the recorded pass
+    again: the CPU has no CUDA graphs) on the tiny GPT: three calls, the first eager and capturing, the others
+    replaying, the third on other data. Returns each call's ``main_grad`` per chunk, the eager (not graphed) step's
+    on the third call's data, how many passes were recorded and how many weight GEMMs were queued."""
+    from benchmarks import megatron as bench
+    from megatron_patches import linear_weight_grad
+
+    shape = bench.TINY
+    wrapped, config = bench._build(layout, shape, pp=world, gpu=False)
+    recorded = []
+
+    def capture(fn, pool, stream):
+        recorded.append(fn)
+        return fn
+
+    try:
+        g = torch.Generator().manual_seed(5)
+        data = [[tuple(torch.randint(0, shape["vocab"], (1, shape["seq"]), generator=g) for _ in range(2))
+                 for _ in range(m)] for _ in range(2)]
+        forward_step = bench._forward_step_factory(shape, torch.device("cpu"))
+
+        def call(func, batches):
+            for w in wrapped:
+                w.zero_grad_buffer()
+            out = func(forward_step_func=forward_step, data_iterator=[iter(batches) for _ in wrapped], model=wrapped,
+                       num_microbatches=m, seq_length=shape["seq"], micro_batch_size=1)
+            assert out == []
+            return [{n: p.main_grad.detach().clone() for n, p in w.named_parameters()} for w in wrapped]
+
+        graphed = bench._ideal_step_func(split=split, shape=shape, device=torch.device("cpu"), graphed=True,
+                                         capture=capture)
+        before = linear_weight_grad.deferred_count
+        grads = [call(graphed, data[0])]
+        captured = len(recorded)
+        grads += [call(graphed, data[0]), call(graphed, data[1])]
+        deferred = linear_weight_grad.deferred_count - before
+        eager = call(bench._ideal_step_func(split=split, shape=shape, device=torch.device("cpu")), data[1])
+        from megatron.core.utils import get_attr_wrapped_model
+
+        ends = [get_attr_wrapped_model(w, "pre_process") or get_attr_wrapped_model(w, "post_process") for w in wrapped]
+        return {"grads": grads, "eager": eager, "captured": captured, "recorded": len(recorded), "uses_data": ends,
+                "deferred": deferred, "installed_after": linear_weight_grad.is_installed()}
+    finally:
+        bench.release_layout(wrapped, config)
+
+
 def init_parallel(tp: int, pp: int, vp, **kwargs):
     from megatron.core import parallel_state as ps
 
