@@ -22,6 +22,15 @@ For m = 8 and m = 16 micro-batches:
   target allows 1.1x megatron interleaved's peak, which leaves room above 1F1B's). ``auto-loop`` (and
   ``auto-loop@22``) is ``auto`` on megatron's usual looped chunks (vp = 2), searched in loop placement: the
   embedding and the LM head on different ranks, no ``build_model_chunks`` needed.
+- ``+graphs`` after an interleaf variant (``zb-v+graphs``, ``auto+graphs``, GPU): the same schedule with
+  ``megatron_patches.apply(name, cuda_graphs=True)`` (``--pipeline-cuda-graphs``): once its order is final, every
+  action (F, I, W or B of each stage and micro-batch) is captured as a CUDA graph and the timed steps replay them
+  (``megatron_patches.cuda_graphs``). Their peak adds the graphs' memory pool (reserved, so not in the allocated
+  peak), and their check also requires every replayed step's gradient norm to equal their first (eager) step's.
+- ``megatron-interleaved-graphed`` (GPU): megatron's interleaved 1F1B with megatron's own CUDA graphs of its layers
+  (``cuda_graph_impl="local"``, megatron's graph-safe RNG tracker, ``overlap_p2p_comm``, no
+  ``deallocate_pipeline_outputs``, which megatron refuses for graphed outputs), the fair reference for the
+  ``+graphs`` rows; its peak adds the private pools that are not interleaf's. Not the baseline.
 
 What any order could reach on this machine (``ideal``, ``ideal-v``, ``ideal-v-split``; anchors.md's "ideal"): each
 rank runs its own chunks' forward and at once their backward for m micro-batches on inputs of the right shape,
@@ -119,11 +128,15 @@ LAYOUT_OF = {"megatron-1f1b": "loop1", "zb-h2": "loop1", "megatron-interleaved":
 IDEAL = {"ideal": False, "ideal-v": False, "ideal-v-split": True, "ideal-graphed": False,
          "ideal-v-split-graphed": True}
 GRAPHED = ("ideal-graphed", "ideal-v-split-graphed")  # the same work replayed as CUDA graphs (GPU only)
+# megatron's interleaved 1F1B with megatron's own CUDA graphs of its layers (cuda_graph_impl="local"; GPU only)
+MEGATRON_GRAPHED = "megatron-interleaved-graphed"
+LAYOUT_OF[MEGATRON_GRAPHED] = "loop2g"
 LAYOUT_OF.update({"ideal": "loop2", "ideal-v": "v", "ideal-v-split": "v", "ideal-graphed": "loop2",
                   "ideal-v-split-graphed": "v"})
 SCHEDULE_OF = {"auto-loop": "auto"}  # row name -> the schedule it runs, where they differ (auto on looped chunks)
 BUDGETED = ("auto", "auto-loop")  # variants that take an activation budget: auto@22, auto-loop@22
-DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "ideal", "zb-v", "auto", "ideal-v-split")
+DEFAULT_VARIANTS = ("megatron-1f1b", "zb-h2", "megatron-interleaved", "ideal", "zb-v", "auto", "ideal-v-split",
+                    "zb-v+graphs", "auto+graphs")
 BASELINE = "megatron-interleaved"
 # (batch_p2p_comm, overlap_p2p_comm) runs of the baseline: both of megatron's p2p modes on GPU; on gloo only
 # unbatched, non-overlapped p2p (batched same-tag messages mismatch at pp = 2, ../shared/docs/integration-notes.md)
@@ -141,8 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny GPT, fp32 (CPU smoke test)")
     p.add_argument("--microbatches", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                   help=f"subset of {sorted(LAYOUT_OF)}; auto@GIB, auto-loop@GIB: auto under that activation budget")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"subset of {sorted(LAYOUT_OF)}; auto@GIB, auto-loop@GIB: auto under that activation budget; "
+                        "NAME+graphs: an interleaf schedule with --pipeline-cuda-graphs (GPU); default: "
+                        f"{' '.join(DEFAULT_VARIANTS)} (on CPU without the +graphs rows)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (auto, zb-h1/zb-h2/zb-v: + their measured steps)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--procs", type=int, default=0, help="spawn this many CPU gloo processes (no torchrun)")
@@ -163,15 +178,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "their models stay resident at once")
     add_profile_arguments(p, "every row (megatron-interleaved gets its p2p mode in the trace name)")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = [v for v in DEFAULT_VARIANTS if torch.cuda.is_available() or not v.endswith(GRAPHS_SUFFIX)]
     check_profile_arguments(p, args)
     if args.alternate and any(_layout(v) == "loop1" for v in args.variants):
         p.error("--alternate runs variants on vp = 2 chunks only (megatron's looped chunks, the V chunks); drop "
                 + ", ".join(v for v in args.variants if _layout(v) == "loop1"))
     if args.alternate and (args.profile or args.timed_actions):
         p.error("--alternate times whole steps only: run --profile / --timed-actions without it")
-    if not torch.cuda.is_available() and any(v in GRAPHED for v in args.variants):
-        p.error("the -graphed ideal rows replay CUDA graphs: run them on a GPU, or drop "
-                + ", ".join(v for v in args.variants if v in GRAPHED))
+    if not torch.cuda.is_available() and any(v in GRAPHED or v == MEGATRON_GRAPHED for v in args.variants):
+        p.error("the -graphed rows replay CUDA graphs: run them on a GPU, or drop "
+                + ", ".join(v for v in args.variants if v in GRAPHED or v == MEGATRON_GRAPHED))
     unknown = [v for v in args.variants if _layout(v) is None]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(LAYOUT_OF)}, or auto@GIB / auto-loop@GIB (auto "
@@ -179,9 +196,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+GRAPHS_SUFFIX = "+graphs"  # zb-v+graphs, auto@22+graphs: the interleaf schedule with cuda_graphs on
+
+
 def _split_variant(variant: str):
     """``(row name, memory_limit_gib)``: ``auto@22`` -> ``("auto", 22.0)``; ``(None, None)`` for a malformed or
-    misplaced budget."""
+    misplaced budget. A ``+graphs`` suffix (interleaf schedules only) is not part of the row name."""
+    if variant.endswith(GRAPHS_SUFFIX):
+        variant = variant[:-len(GRAPHS_SUFFIX)]
+        if variant in IDEAL or variant.startswith("megatron-"):
+            return None, None
     name, at, budget = variant.partition("@")
     if not at:
         return name, None
@@ -206,7 +230,10 @@ def _layout(variant: str):
 
 
 # ------------------------------------------------------------------------------------------------ model
-def _config(shape, *, pp, vp, gpu):
+def _config(shape, *, pp, vp, gpu, megatron_graphs: bool = False):
+    """``megatron_graphs``: megatron's own CUDA graphs of its layers (``--cuda-graph-impl local``), with
+    ``overlap_p2p_comm`` (megatron's recommendation for interleaving) and without ``deallocate_pipeline_outputs``
+    (megatron refuses it for its graphed layers' outputs)."""
     from megatron.core.transformer import TransformerConfig
 
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -214,8 +241,25 @@ def _config(shape, *, pp, vp, gpu):
         num_layers=shape["layers"], hidden_size=shape["hidden"], num_attention_heads=shape["heads"],
         hidden_dropout=0.0, attention_dropout=0.0, bf16=gpu, params_dtype=dtype, pipeline_dtype=dtype,
         pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp, use_cpu_initialization=not gpu,
-        perform_initialization=False, deallocate_pipeline_outputs=True, batch_p2p_comm=gpu,
+        # (megatron's graphed layers return views, which its deallocate_output_tensor refuses to free)
+        perform_initialization=False, deallocate_pipeline_outputs=not megatron_graphs,
+        batch_p2p_comm=gpu and not megatron_graphs,
+        overlap_p2p_comm=megatron_graphs, cuda_graph_impl="local" if megatron_graphs else "none",
     )
+
+
+_RNG_TRACKERS: dict = {}  # graphable (bool) -> megatron's CUDA RNG tracker of that kind, once made
+
+
+def _use_rng_tracker(graphable: bool) -> None:
+    """Make megatron's global CUDA RNG tracker the graph-safe one (what its CUDA graphs need) or the usual one
+    (every other row: the same tracker the rows ran with before the megatron-graphed row existed)."""
+    from megatron.core.tensor_parallel import random
+
+    if graphable not in _RNG_TRACKERS:
+        random.model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=graphable, force_reset_rng=True)
+        _RNG_TRACKERS[graphable] = random._CUDA_RNG_STATE_TRACKER
+    random._CUDA_RNG_STATE_TRACKER = _RNG_TRACKERS[graphable]
 
 
 def _provider(config, shape):
@@ -261,15 +305,15 @@ def _build(layout, shape, *, pp, gpu, keep_parallel_state: bool = False):
     from megatron.core.transformer.module import Float16Module
 
     vp = None if layout == "loop1" else 2
+    megatron_graphs = layout == "loop2g"
     if not keep_parallel_state:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(1, pp, vp)
+        _RNG_TRACKERS.clear()
     if gpu:  # megatron's CUDA RNG tracker (forward forks it for dropout); on CPU the test shim stands in for it
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(1234)
-    config = _config(shape, pp=pp, vp=vp, gpu=gpu)
+        _use_rng_tracker(megatron_graphs)  # (megatron's CUDA graph manager checks it when a layer is built)
+    config = _config(shape, pp=pp, vp=vp, gpu=gpu, megatron_graphs=megatron_graphs)
     provider = _provider(config, shape)
     if layout == "v":
         chunks = megatron_patches.build_model_chunks(provider)
@@ -280,6 +324,8 @@ def _build(layout, shape, *, pp, gpu, keep_parallel_state: bool = False):
             chunks.append(provider(pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vps),
                                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vps),
                                    vp_stage=vps))
+    if gpu:
+        _use_rng_tracker(False)
     wrapped = []
     for chunk in chunks:
         if gpu:
@@ -377,20 +423,30 @@ def _prepare(variant, wrapped, shape, m, args, device):
     forward_step = _forward_step_factory(shape, device)
     vp = len(wrapped)
     if variant in IDEAL or variant.startswith("megatron-"):
-        enter = megatron_patches.remove
+        graphable = variant == MEGATRON_GRAPHED
+
+        def enter():
+            megatron_patches.remove()
+            if device.type == "cuda":
+                _use_rng_tracker(graphable)
+
         enter()
         func = (_ideal_step_func(split=IDEAL[variant], shape=shape, device=device, graphed=variant in GRAPHED)
                 if variant in IDEAL
                 else schedules.get_forward_backward_func())
-        # graphed: the first step runs eagerly and captures, the second (untimed) is the checked first replay
+        # graphed: the first step runs eagerly and captures, the second (untimed) is the checked first replay;
+        # megatron's graphs: its layers run eagerly for cuda_graph_warmup_steps, record, then capture
         warmup = max(args.warmup, 2) if variant in GRAPHED else args.warmup
+        if variant == MEGATRON_GRAPHED:
+            warmup += wrapped[0].config.cuda_graph_warmup_steps + 2
     else:
         from megatron_patches.forward_backward import SETTLE_STEPS
 
         name, memory_limit_gib = _schedule_of(variant)
 
         def enter():
-            megatron_patches.apply(name, memory_limit_gib=memory_limit_gib)
+            megatron_patches.apply(name, memory_limit_gib=memory_limit_gib,
+                                   cuda_graphs=variant.endswith(GRAPHS_SUFFIX))
 
         enter()
         func = schedules.get_forward_backward_func()
@@ -409,15 +465,15 @@ def _prepare(variant, wrapped, shape, m, args, device):
     store = step()
     first_loss = float(torch.stack([d["lm loss"] for d in store]).mean()) if store else None
     # Gradient check: every variant trains the same model on the same data, so the first step's gradient norm
-    # (over all main_grads of all ranks; tied embedding copies count twice in every layout) must agree.
-    sq = torch.zeros([], dtype=torch.float64, device=device)
-    for w in wrapped:
-        for p in w.parameters():
-            sq += p.main_grad.double().pow(2).sum()
-    dist.all_reduce(sq)
-    first_grad_norm = float(sq.sqrt()) if variant not in IDEAL else None  # ideal: random activations, no check
+    # must agree.
+    first_grad_norm = _grad_norm(wrapped, device) if variant not in IDEAL else None  # ideal: random activations
     for _ in range(warmup - 1):
         step()
+    if variant == MEGATRON_GRAPHED:
+        from megatron.core.transformer.cuda_graphs import _CudagraphGlobalRecord
+
+        if not _CudagraphGlobalRecord.cudagraph_created:
+            raise RuntimeError(f"{variant}: megatron created no CUDA graphs in {warmup} warm-up steps")
     return step, enter, func, first_loss, first_grad_norm
 
 
@@ -445,6 +501,8 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     if timed_actions is not None:
         runner.executor.timing = timing_before
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak += _graph_pool_gib(runner, variant)
+    last_grad_norms = [_grad_norm(wrapped, device)] if _replays_graphs(variant) else None
     measured = _measured_costs(runner)
     timed_costs = _timed_step_costs(runner, timed_actions, times) if timed_actions is not None else None
     profile = None
@@ -457,6 +515,8 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
                                annotate=[runner.executor] if runner is not None else [])
     megatron_patches.remove()
     row = _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device)
+    if last_grad_norms is not None:
+        row["last_grad_norms"] = last_grad_norms
     if measured is not None:
         row["measured_costs"] = measured
     if timed_costs is not None:
@@ -464,6 +524,38 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
     if profile is not None:
         row["profile"] = profile
     return row
+
+
+def _replays_graphs(variant: str) -> bool:
+    """Whether a variant's timed steps replay CUDA graphs captured after its first step (then its replayed steps'
+    gradient norms are checked against the first's)."""
+    return variant.endswith(GRAPHS_SUFFIX) or variant == MEGATRON_GRAPHED
+
+
+def _grad_norm(wrapped, device) -> float:
+    """The gradient norm over all main_grads of all ranks (tied embedding copies count twice in every layout)."""
+    sq = torch.zeros([], dtype=torch.float64, device=device)
+    for w in wrapped:
+        for p in w.parameters():
+            sq += p.main_grad.double().pow(2).sum()
+    dist.all_reduce(sq)
+    return float(sq.sqrt())
+
+
+def _graph_pool_gib(runner, variant: str = "") -> float:
+    """The memory a row's CUDA graphs keep reserved in their pools (GiB; 0 without graphs): replays allocate nothing,
+    so the peak of allocated memory leaves it out and the row's peak adds it. ``+graphs`` rows: their runner's
+    pool; megatron's graphs: every private pool on the device less interleaf's live ones."""
+    graphs = getattr(runner, "graphs", None)
+    if graphs is not None:
+        return graphs.pool_bytes() / 2**30
+    if variant != MEGATRON_GRAPHED:
+        return 0.0
+    from megatron_patches import cuda_graphs
+
+    private = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                  if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+    return (private - sum(g.pool_bytes() for g in list(cuda_graphs._LIVE))) / 2**30
 
 
 def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device) -> dict:
@@ -476,12 +568,16 @@ def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm,
     losses = [None] * dist.get_world_size()
     dist.all_gather_object(losses, first_loss)
     loss = next((x for x in losses if x is not None), None)
+    pools = [None] * dist.get_world_size()
+    dist.all_gather_object(pools, _graph_pool_gib(runner, variant) if device.type == "cuda" else 0.0)
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, sum(i / max(s, 1e-9) for i, s in zip(issued, times)) / len(times))
     mean_s = float(t.mean())
     row = {"variant": variant, "microbatches": m, "step_s": mean_s,
            "tokens_per_s": m * shape["seq"] / mean_s, "peak_gib": peaks, "first_loss": loss,
            "first_grad_norm": first_grad_norm, "host_issue_share": shares, "step_ms": [1e3 * x for x in t.tolist()]}
+    if any(pools):
+        row["graph_pool_gib"] = pools  # (inside peak_gib)
     if runner is not None:
         row["schedule"] = runner.schedule.name + (f" ({runner.tuning} for measured costs)" if runner.tuning else "")
         if runner.replan not in (None, "none"):
@@ -514,6 +610,8 @@ def _ideal_step_func(*, split: bool, shape, device, graphed: bool = False, captu
     replay runs ``fn`` again)."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron_patches import linear_weight_grad
+    from megatron_patches.cuda_graphs import (add_to_main_grads, cuda_graph_capture, grad_accumulators_made_here,
+                                              no_rng_fork)
 
     fixed: dict = {}  # chunk index -> (input activation or None, output gradient or None)
     graphs: list = []  # graphed: per (micro-batch, chunk) in run order: (chunk index, static batch, replays)
@@ -552,11 +650,8 @@ def _ideal_step_func(*, split: bool, shape, device, graphed: bool = False, captu
             else:
                 params = [p for p in chunk.parameters() if p.requires_grad]
                 leaves = ([] if x_in is None else [x_in]) + params
-                grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)[len(leaves) - len(params):]
-                for p, g in zip(params, grads):
-                    # DDP's hook: nothing to add where the linear's backward wrote main_grad (or queued the W that will)
-                    if g is not None and not getattr(p, "grad_added_to_main_grad", False):
-                        p.main_grad.add_(g)
+                grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+                add_to_main_grads(params, grads[len(leaves) - len(params):])
             held["w"] = list(queue)
             queue.clear()
 
@@ -614,51 +709,20 @@ def _ideal_step_func(*, split: bool, shape, device, graphed: bool = False, captu
         return []
 
     def _capture_all(chunks, batches, forward_step_func, num_microbatches, stream):
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
         for chunk in chunks:
             config = get_attr_wrapped_model(chunk, "config")
             if config.hidden_dropout or config.attention_dropout:
                 raise ValueError("the -graphed ideal rows capture without megatron's RNG tracker: they need dropout 0")
-        record = capture or _cuda_graph_capture
+        record = capture or cuda_graph_capture
         pool = torch.cuda.graph_pool_handle() if capture is None else None
-        tracker = get_cuda_rng_tracker()
-        # megatron forks its CUDA RNG state around attention dropout, which a capture may not do; with dropout 0
-        # nothing draws from it, so the fork is skipped while capturing
-        tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
-        try:
-            with _grad_accumulators_made_here(chunks, device):
-                for j in range(num_microbatches):
-                    for c, chunk in enumerate(chunks):
-                        static = tuple(t.clone() for t in batches[c][j])
-                        runs = actions(chunk, c, itertools.repeat(static), forward_step_func, to_capture=True)
-                        graphs.append((c, static, [record(run, pool, stream) for run in runs]))
-        finally:
-            del tracker.fork
+        with no_rng_fork(), grad_accumulators_made_here(chunks, device):
+            for j in range(num_microbatches):
+                for c, chunk in enumerate(chunks):
+                    static = tuple(t.clone() for t in batches[c][j])
+                    runs = actions(chunk, c, itertools.repeat(static), forward_step_func, to_capture=True)
+                    graphs.append((c, static, [record(run, pool, stream) for run in runs]))
 
     return func
-
-
-@contextlib.contextmanager
-def _grad_accumulators_made_here(chunks, device):
-    """Inside: megatron DDP's gradient accumulators of ``chunks`` are let go, so autograd makes each parameter's anew
-    on the current stream when a forward uses it; afterwards DDP's are made again on the default stream, with its
-    hook, as DDP's constructor makes them. The autograd engine hands a parameter's gradient to its accumulator on the
-    stream the accumulator was made on: DDP made them on the default stream, which a capture on another stream may
-    not make wait. Inside, DDP's hook does not run: the captured backward adds to ``main_grad`` itself."""
-    ddps = [w for w in chunks if hasattr(w, "grad_accs")]
-    for w in ddps:
-        w.grad_accs.clear()
-    try:
-        yield
-    finally:
-        with torch.cuda.stream(torch.cuda.default_stream(device)) if device.type == "cuda" else contextlib.nullcontext():
-            for w in ddps:
-                for p in w.module.parameters():
-                    if p.requires_grad:
-                        accumulator = p.expand_as(p).grad_fn.next_functions[0][0]
-                        accumulator.register_hook(w._make_backward_post_hook(p))
-                        w.grad_accs.append(accumulator)
 
 
 class _Tap:
@@ -674,15 +738,6 @@ class _Tap:
         item = next(self._source)
         self._seen.append(item)
         return item
-
-
-def _cuda_graph_capture(fn, pool, stream):
-    """``fn``'s kernels as a CUDA graph in ``pool``, captured on ``stream``; returns its replay. ``thread_local``
-    capture: NCCL's watchdog thread keeps querying its events meanwhile, which a global capture would refuse."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-        fn()
-    return graph.replay
 
 
 def _check_replay(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -845,6 +900,10 @@ def _log_row(row) -> None:
           f"model + DDP buffers {' / '.join(f'{b:.2f}' for b in model_gib)}), host issue / step "
           f"{' / '.join(f'{h:.2f}' for h in row['host_issue_share'])}"
           + (f", ran {row['schedule']}" if row.get("schedule") else ""), flush=True)
+    if row.get("graph_pool_gib"):
+        print(f"    CUDA graph pool GiB per rank (in the peak): {' / '.join(f'{g:.2f}' for g in row['graph_pool_gib'])}"
+              f"; replayed steps' grad norms {', '.join(f'{g:.6g}' for g in row.get('last_grad_norms', []))}",
+              flush=True)
     if row.get("activations_held"):
         print(f"    {_format_held(row['activations_held'])}", flush=True)
     if row.get("measured_costs"):
@@ -916,6 +975,7 @@ def _alternate_one_m(args, built, shape, m, device) -> list[dict]:
     times = [[] for _ in entries]
     issued = [[] for _ in entries]
     rise = [0.0] * len(entries)
+    last_norms: list[list[float]] = [[] for _ in entries]
     allocated = allocated_gib_per_rank(device)
     for r in range(args.steps):
         for i in _round_order(len(entries), r):
@@ -930,16 +990,20 @@ def _alternate_one_m(args, built, shape, m, device) -> list[dict]:
                 times[i].append(step_s)
                 if gpu:
                     rise[i] = max(rise[i], (torch.cuda.max_memory_allocated(device) - base) / 2**30)
+                if _replays_graphs(variant):  # (after the timing: checked with check_first_step)
+                    last_norms[i].append(_grad_norm(built[_layout(variant)][0], device))
     megatron_patches.remove()
     rows = []
     for i, (variant, p2p, config, model_gib, (_, _, func, first_loss, first_grad_norm)) in enumerate(entries):
         runner = next(iter(getattr(func, "runners", {}).values()), None)
-        peak = rise[i] + model_gib[dist.get_rank()] if gpu else 0.0
+        peak = rise[i] + model_gib[dist.get_rank()] + _graph_pool_gib(runner, variant) if gpu else 0.0
         row = _row_of(variant, m, shape, times[i], issued[i], peak, first_loss, first_grad_norm, runner, device)
         if p2p is not None:
             row["p2p"] = _p2p_label(*p2p)
         row["allocated_before_gib"], row["model_gib"] = allocated, model_gib
         row["alternate"] = True
+        if last_norms[i]:
+            row["last_grad_norms"] = last_norms[i]
         rows.append(row)
         _log_row(row)
     return rows
@@ -1080,6 +1144,14 @@ def check_first_step(rows, microbatches, rtol: float) -> list[tuple[str, str]]:
                     problems.append(f"{key} missing")
                 elif _rel(r[key], ref[key]) > rtol:
                     problems.append(f"{key} {r[key]:.6g} vs {ref[key]:.6g} ({_name(ref)})")
+            # +graphs rows: the timed steps replay graphs captured after the first step; the same weights and data
+            # must give the first step's gradient norm
+            last = r.get("last_grad_norms")
+            if last and r["first_grad_norm"] is not None:
+                worst = max(last, key=lambda g: _rel(g, r["first_grad_norm"]))
+                if _rel(worst, r["first_grad_norm"]) > rtol:
+                    problems.append(f"a replayed step's grad norm {worst:.6g} vs its first step's "
+                                    f"{r['first_grad_norm']:.6g}")
             r["check"] = "ok" if not problems else "MISMATCH: " + "; ".join(problems)
             if problems:
                 failures.append((r["variant"], f"m={m} {_name(r)}: {r['check']}"))

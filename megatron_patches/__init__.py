@@ -74,21 +74,25 @@ def _current_config() -> Optional[MegatronScheduleConfig]:
 
 
 def apply(schedule: Optional[str] = None, *, memory_limit_gib: Optional[float] = None,
-          measured_costs: bool = True) -> None:
+          measured_costs: bool = True, cuda_graphs: bool = False) -> None:
     """Route megatron's ``get_forward_backward_func()`` to interleaf's ``schedule``.
 
     With ``schedule=None`` the schedule comes from megatron.training's ``--pipeline-schedule`` flag (added by
     :func:`extra_args_provider`); when that is unset too, megatron's own schedules are used. Calling again
     changes the schedule. ``measured_costs=False`` keeps zb-h1/zb-h2/zb-v in their F = I = W order (default: rebuilt
-    from the F/I/W times measured in the first training steps when that simulates faster). Raises ``ValueError``
-    for an unknown name or a bad flag combination.
+    from the F/I/W times measured in the first training steps when that simulates faster). ``cuda_graphs=True``
+    captures every action of the final order as a CUDA graph and replays them (:mod:`megatron_patches.cuda_graphs`).
+    Raises ``ValueError`` for an unknown name or a bad flag combination.
     """
     config = None
     if schedule is not None:
         config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=memory_limit_gib,
-                                        measured_costs=measured_costs)
+                                        measured_costs=measured_costs, cuda_graphs=cuda_graphs)
     elif memory_limit_gib is not None:
         raise ValueError("memory_limit_gib needs schedule='auto'")
+    elif cuda_graphs:
+        raise ValueError("cuda_graphs needs a schedule (it graphs interleaf's actions)")
+    _unwrap_graphed_chunks()
     _state["config"] = config
     _state["funcs"] = {}
     if _state.get("applied"):
@@ -156,7 +160,16 @@ def remove() -> None:
         if _holds(module, patched):
             module.get_forward_backward_func = original
     linear_weight_grad.uninstall()
+    _unwrap_graphed_chunks()
     _state.clear()
+
+
+def _unwrap_graphed_chunks() -> None:
+    """Every model chunk wrapped for ``cuda_graphs`` gets its own ``forward`` back (its runner wraps it again at
+    its next step and replays the graphs it captured)."""
+    from .cuda_graphs import uninstall_all
+
+    uninstall_all()
 
 
 def _holds(module, func) -> bool:

@@ -35,6 +35,9 @@ class MegatronScheduleConfig:
     """zb-h1/zb-h2/zb-v: time the first training steps per action and rebuild the order from the measured F/I/W
     times when the simulator finds it faster (``--pipeline-uniform-costs`` turns it off: the order built for
     F = I = W, nothing timed)."""
+    cuda_graphs: bool = False
+    """Capture each action of the final order (F, I, W or B of every stage and micro-batch) as a CUDA graph and
+    replay them in later steps (``--pipeline-cuda-graphs``; :mod:`megatron_patches.cuda_graphs`)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_NAMES:
@@ -104,6 +107,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="zb-h1/zb-h2/zb-v: keep the order built for F = I = W instead of rebuilding it from the F/I/W times "
              "measured in the first training steps",
     )
+    group.add_argument(
+        "--pipeline-cuda-graphs",
+        action="store_true",
+        help="capture every action of the schedule's final order as a CUDA graph and replay them (the host no "
+             "longer launches each kernel; needs dropout 0, tensor parallel 1, no --overlap-grad-reduce)",
+    )
     return parser
 
 
@@ -142,9 +151,12 @@ def config_from_args(args: argparse.Namespace) -> Optional[MegatronScheduleConfi
     if schedule is None:
         if limit is not None:
             raise ValueError("--pipeline-memory-limit-gib needs --pipeline-schedule auto")
+        if getattr(args, "pipeline_cuda_graphs", False):
+            raise ValueError("--pipeline-cuda-graphs needs --pipeline-schedule (it graphs interleaf's actions)")
         return None
     config = MegatronScheduleConfig(schedule=schedule, memory_limit_gib=limit,
-                                    measured_costs=not getattr(args, "pipeline_uniform_costs", False))
+                                    measured_costs=not getattr(args, "pipeline_uniform_costs", False),
+                                    cuda_graphs=bool(getattr(args, "pipeline_cuda_graphs", False)))
     check_no_cuda_graphs(args)
     pp = getattr(args, "pipeline_model_parallel_size", None)
     if pp is not None:

@@ -178,6 +178,39 @@ class _Runner:
         round kept the order it timed (nothing new to time)."""
         self.replan_ms: Optional[Tuple[float, float]] = None
         """The second round's simulated steps (ms) under the running order's timings: (running order, re-plan)."""
+        self.graphs = None
+        """:class:`~megatron_patches.cuda_graphs.ChunkGraphs` with ``cuda_graphs`` on (else None)."""
+        if schedule_config.cuda_graphs:
+            from . import cuda_graphs
+
+            cuda_graphs.check_graphable(config, chunks)
+            if self.device.type != "cuda" and cuda_graphs.capture_override is None:
+                raise ValueError("--pipeline-cuda-graphs needs CUDA devices; drop it")
+            self.graphs = cuda_graphs.ChunkGraphs(
+                chunks, _chunk_stages(chunks, pp_rank, pp, placement),
+                lambda stage: self.context.forwards_done[stage] - 1, self.device,
+                capture=cuda_graphs.capture_override)
+
+    def release_graphs(self) -> None:
+        """Give the model chunks their own ``forward`` back and drop the CUDA graphs (when the runner goes)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
+    def graphs_for_step(self, forward_only: bool) -> bool:
+        """Whether this step replays CUDA graphs: captures them first when the order is final (no more timed
+        warm-up) and not captured yet, once an eager step has shown every stage's call."""
+        graphs = self.graphs
+        if graphs is None:
+            return False
+        graphs.install()  # (apply / remove unwrap the chunks between interleaf's steps)
+        if forward_only or self.measuring:
+            return False
+        if graphs.captured_for is not self.schedule:
+            if not graphs.ready():
+                return False
+            graphs.capture(self.schedule, self.pp_rank, self.executor.queue)
+        return True
 
     def _install(self, schedule, *, timing: str, serialize_first: Optional[bool] = None) -> None:
         from ds_plugins.runtime import P2PCommunicator, PipelineExecutor
@@ -490,6 +523,8 @@ def make_forward_backward_func(
         key = (tuple(id(c) for c in chunks), num_microbatches, id(pp_group))
         runner = runners.get(key)
         if runner is None:
+            for stale in runners.values():
+                stale.release_graphs()
             runner = _Runner(
                 schedule_config=schedule_config, build_schedule=build_schedule, chunks=chunks, config=config,
                 pp_group=pp_group, pp_rank=pp_rank, pp=pp, placement=placement, num_microbatches=num_microbatches,
@@ -529,12 +564,19 @@ def make_forward_backward_func(
                 for f in no_sync_funcs:
                     if f is not None:
                         no_sync.enter_context(f())
-            result = runner.executor.run(
-                [None] * m,
-                None if forward_only else [None] * m,
-                forward_only=forward_only,
-                tokens=m * micro_batch_size * seq_length,
-            )
+            replaying = runner.graphs_for_step(forward_only)
+            if replaying:
+                runner.graphs.replaying = True
+            try:
+                result = runner.executor.run(
+                    [None] * m,
+                    None if forward_only else [None] * m,
+                    forward_only=forward_only,
+                    tokens=m * micro_batch_size * seq_length,
+                )
+            finally:
+                if replaying:
+                    runner.graphs.replaying = False
             if not forward_only:
                 _sum_tied_embedding_grads(chunks)
         runner.after_step(result, forward_only)

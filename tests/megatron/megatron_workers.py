@@ -80,6 +80,21 @@ def benchmark_rows(rank, world, argv):
     return bench.run_all(bench.parse_args(list(argv)))
 
 
+def graphed_benchmark_rows(rank, world, argv):
+    """benchmarks/megatron.py's rows with ``+graphs`` variants through :func:`graphs_stand_in`'s capture (CPU):
+    the rows, how many passes were replayed, and whether a model chunk still has a wrapped ``forward`` after."""
+    from benchmarks import megatron as bench
+    from megatron_patches import cuda_graphs
+
+    cuda_graphs.capture_override = graphs_stand_in()
+    before = GRAPH_REPLAYS[0]
+    try:
+        rows = bench.run_all(bench.parse_args(list(argv)))
+    finally:
+        cuda_graphs.capture_override = None
+    return {"rows": rows, "replays": GRAPH_REPLAYS[0] - before, "live": len(cuda_graphs._LIVE)}
+
+
 def alternate_trace_worker(rank, world, argv):
     """benchmarks/megatron.py --alternate with every timed step recorded on this rank: ``(variant, interleaf's
     patches applied, its linear patch installed, (batch_p2p_comm, overlap_p2p_comm))`` at the step's start."""
@@ -223,6 +238,36 @@ def _megatron_own(pp_size=None, vp_size=None):
     return getattr(f, "interleaf_original", f)(pp_size, vp_size)
 
 
+def _check_graphs_follow_weights(wrapped, run, func, name):
+    """Move every weight in place (an optimizer step's way), run ``func`` (replaying its graphs) and the same
+    schedule without graphs on the moved weights, require the same gradients, and move the weights back."""
+    from ds_plugins.schedule.registry import build_schedule
+    from megatron.core.pipeline_parallel import schedules
+    from megatron_patches.arguments import MegatronScheduleConfig
+    from megatron_patches.forward_backward import make_forward_backward_func
+
+    eager = make_forward_backward_func(MegatronScheduleConfig(schedule=name.split("+")[0], measured_costs=False),
+                                       build_schedule=build_schedule,
+                                       fallback=schedules.forward_backward_pipelining_without_interleaving)
+    with torch.no_grad():
+        deltas = [torch.full_like(p, 1e-2) * (1 + (i % 3)) for i, p in enumerate(
+            p for w in wrapped for p in w.parameters())]
+        for p, d in zip((p for w in wrapped for p in w.parameters()), deltas):
+            p.add_(d)
+    try:
+        replayed = run(func)[0]
+        own = run(eager)[0]
+    finally:
+        with torch.no_grad():
+            for p, d in zip((p for w in wrapped for p in w.parameters()), deltas):
+                p.sub_(d)
+    worst = max((replayed[k] - own[k]).abs().max().item() for k in own)
+    scale = max(g.abs().max().item() for g in own.values())
+    if not worst <= 1e-5 * max(1.0, scale):
+        raise AssertionError(f"{name}: after the weights moved, the replayed step's gradients differ from the eager "
+                             f"schedule's by {worst:.3g} (scale {scale:.3g}): the graphs read stale weights")
+
+
 def _mixed_backward_func(name):
     """``"zb-h1+B"``: zb-h1 with the last micro-batch's I+W of every stage replaced by one full B at the I's place,
     so a full backward follows split ones on the same weights in one step."""
@@ -249,25 +294,49 @@ def _mixed_backward_func(name):
             programs.append(tuple(new))
         return Schedule(name, schedule.shape, tuple(programs))
 
-    return make_forward_backward_func(MegatronScheduleConfig(schedule=base, measured_costs=False), build_schedule=mixed,
+    config = MegatronScheduleConfig(schedule=base, measured_costs=False, cuda_graphs="+graphs" in name)
+    return make_forward_backward_func(config, build_schedule=mixed,
                                       fallback=schedules.forward_backward_pipelining_without_interleaving)
 
 
 def _steps_for(name):
     """``auto`` picks its schedule and "<zb schedule>+measured" is rebuilt from measured costs after timing its first
-    steps, then planned again from the timings of that order: check the step after both rounds."""
+    steps, then planned again from the timings of that order: check the step after both rounds. "+graphs": one
+    eager step shows the chunks' calls, the next captures and replays, the one checked replays again."""
     from megatron_patches.forward_backward import SETTLE_STEPS
 
-    return SETTLE_STEPS + 1 if name == "auto" or name.endswith("+measured") else 1
+    steps = SETTLE_STEPS + 1 if name.split("+")[0] == "auto" or "+measured" in name else 1
+    return steps + 2 if "+graphs" in name else steps
 
 
 def _apply(name):
-    """``megatron_patches.apply`` for a case name: "<schedule>[+B|+measured]". Plain zb-h1/zb-h2/zb-v run their
-    F = I = W order from the first step (measured_costs off); "+measured" runs the measured warm-up and the
-    rebuilt (or kept) order after it."""
+    """``megatron_patches.apply`` for a case name: "<schedule>[+B][+measured][+graphs]". Plain zb-h1/zb-h2/zb-v run
+    their F = I = W order from the first step (measured_costs off); "+measured" runs the measured warm-up and the
+    rebuilt (or kept) order after it; "+graphs" turns on per-action CUDA graphs (on CPU through
+    :func:`graphs_stand_in`)."""
     import megatron_patches
 
-    megatron_patches.apply(name.split("+")[0], measured_costs=name.endswith("+measured"))
+    megatron_patches.apply(name.split("+")[0], measured_costs="+measured" in name, cuda_graphs="+graphs" in name)
+
+
+GRAPH_REPLAYS = [0]
+"""How many passes :func:`graphs_stand_in`'s replays ran in this process."""
+
+
+def graphs_stand_in():
+    """On CPU, megatron_patches.cuda_graphs's capture replaced by a stand-in whose "replay" runs the recorded pass
+    again (its Python included), counted in :data:`GRAPH_REPLAYS`; None on GPU (real CUDA graphs)."""
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return None
+
+    def capture(fn, pool, stream):
+        def replay():
+            GRAPH_REPLAYS[0] += 1
+            fn()
+
+        return replay
+
+    return capture
 
 
 # --------------------------------------------------------------------------------------------- toy model
@@ -541,6 +610,10 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
                align_grad_reduce=True, recompute=None, dropout=0.0):
     """megatron's GPTModel (local spec) in megatron's DDP, megatron's own schedule vs interleaf schedules.
 
+    "+graphs" cases also check that replayed graphs follow weights updated in place (as an optimizer step does):
+    after the checked step every weight moves, one more replayed step must give megatron's own schedule's gradients
+    on the moved weights (else AssertionError), and the weights move back.
+
     ``cases``: list of (placement, vp, [schedules]); "megatron" in the list runs megatron's own schedule.
     ``recompute``: megatron's activation recompute, ``"full"`` (every layer, uniform) or ``"selective"`` (core
     attention); every run then checks that megatron's checkpoint function really ran. On NCCL (one GPU per rank)
@@ -634,14 +707,30 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
                 out[(placement, vp, name)] = run(_megatron_own())
                 continue
             _apply(name)
+            from megatron_patches import cuda_graphs
+
+            cuda_graphs.capture_override = graphs_stand_in() if "+graphs" in name else None
             try:
                 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-                func = get_forward_backward_func() if not name.endswith("+B") else _mixed_backward_func(name)
+                func = get_forward_backward_func() if "+B" not in name else _mixed_backward_func(name)
                 for _ in range(_steps_for(name) - 1):
                     run(func)
+                replays = GRAPH_REPLAYS[0]
                 out[(placement, vp, name)] = run(func)
+                if "+graphs" in name and cuda_graphs.capture_override is not None and GRAPH_REPLAYS[0] == replays:
+                    raise AssertionError(f"{name}: the checked step replayed no graph")
+                if "+graphs" in name:
+                    _check_graphs_follow_weights(wrapped, run, func, name)
+                if "+graphs" in name and cuda_graphs.capture_override is None:
+                    # real CUDA graphs: the checked step's I replays queue no Python closure, nothing to count
+                    grads, losses, _ = out[(placement, vp, name)]
+                    out[(placement, vp, name)] = (grads, losses, None)
+                if "+B" in name:
+                    for runner in func.runners.values():
+                        runner.release_graphs()
             finally:
+                cuda_graphs.capture_override = None
                 megatron_patches.remove()
         cfg.no_sync_func = cfg.grad_sync_func = cfg.finalize_model_grads_func = None
         ps.destroy_model_parallel()

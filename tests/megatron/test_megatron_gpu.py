@@ -74,3 +74,14 @@ def test_gpt_nccl_recompute_with_dropout_equals_no_recompute():
     # The masks are really random: megatron's own 1F1B and interleaved differ once dropout is on.
     a, b = plain[("loop", 1, "megatron")][0], plain[("loop", 2, "megatron")][0]
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
+
+
+@pytest.mark.timeout(600)
+def test_gpt_nccl_cuda_graphs_match_megatron_pp2():
+    """--pipeline-cuda-graphs on GPUs: real CUDA graphs of every action (F, I + W, or B in ``zb-h1+B``), captured
+    after an eager step and replayed in the checked step; gradients and logged losses equal megatron's own
+    schedules'."""
+    cases = [("loop", 1, ["megatron", "zb-h2+graphs", "zb-h1+B+graphs"]),
+             ("loop", 2, ["megatron", "interleaved-1f1b+graphs"]),
+             ("v", 2, ["zb-v+graphs", "zb-v+measured+graphs"])]
+    _gpt_check(_merge(run_ranks(gpt_worker, 2, 1, 2, cases, 4, backend="nccl"), key=None))
