@@ -447,12 +447,17 @@ def _prepare(variant, wrapped, shape, m, args, device):
         def enter():
             megatron_patches.apply(name, memory_limit_gib=memory_limit_gib,
                                    cuda_graphs=variant.endswith(GRAPHS_SUFFIX))
+            if device.type == "cuda":
+                _use_rng_tracker(False)  # (after a megatron-interleaved-graphed turn of --alternate)
 
         enter()
         func = schedules.get_forward_backward_func()
         # auto plans, zb-h1/zb-h2/zb-v are rebuilt from the per-action timings of their first steps, then planned
         # again from the timings of the order so planned
-        warmup = args.warmup + (SETTLE_STEPS if name in ("auto", "zb-h1", "zb-h2", "zb-v") else 0)
+        settle = SETTLE_STEPS if name in ("auto", "zb-h1", "zb-h2", "zb-v") else 0
+        warmup = args.warmup + settle
+        if variant.endswith(GRAPHS_SUFFIX):  # the first step after settling captures: not a timed one
+            warmup = max(warmup, settle + 2)
 
     def step():
         for w in wrapped:

@@ -111,7 +111,8 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--pipeline-cuda-graphs",
         action="store_true",
         help="capture every action of the schedule's final order as a CUDA graph and replay them (the host no "
-             "longer launches each kernel; needs dropout 0, tensor parallel 1, no --overlap-grad-reduce)",
+             "longer launches each kernel); needs dropout 0, tensor/context parallel 1, a dense model, no "
+             "--overlap-grad-reduce / --overlap-param-gather, recompute or autocast (docs/megatron.md)",
     )
     return parser
 

@@ -18,10 +18,17 @@ schedules). Each parameter's gradient goes into ``main_grad`` inside the capture
 would add it (the hook itself, run from autograd's gradient accumulator, cannot run in a capture).
 
 Limits (each a ``ValueError`` naming what to change): dropout 0 (a capture may not fork megatron's CUDA RNG
-tracker; nothing draws from it at dropout 0), tensor parallel 1, DDP without ``overlap_grad_reduce``, no
-activation recompute, micro-batches of one shape, and model arguments that are tensors, ``None`` or plain scalars.
-Forward-only steps (evaluation) run eagerly. The pool keeps the memory of every captured action (about what the
-eager step's peak held): ``torch.cuda.memory_reserved``, not ``memory_allocated``, shows it.
+tracker; nothing draws from it at dropout 0), tensor and context parallel 1, a dense model, DDP without
+``overlap_grad_reduce`` and ``overlap_param_gather`` (their hooks cannot run in a capture or a replay), no activation
+recompute, autocast or activation offloading, micro-batches of one shape, and model arguments that are tensors,
+``None`` or plain scalars. Forward hooks on the chunks' submodules do not run in a replay. Parameters and
+``main_grad`` must stay where they were captured (megatron's optimizers update them in place); if one moves, the
+next step captures again. Forward-only steps (evaluation) run eagerly.
+
+Memory: the pool keeps what the captured step held at its peak (the activations of the micro-batches in flight,
+the temporaries) plus every (stage, micro-batch)'s output and input gradient; each also keeps its captured
+arguments, input and output gradient outside the pool. ``torch.cuda.memory_reserved`` shows the pool, not
+``memory_allocated``.
 """
 from __future__ import annotations
 
@@ -44,13 +51,16 @@ Capture = Callable[[Callable[[], None], Any, Any], Callable[[], None]]
 _LIVE: "weakref.WeakSet[ChunkGraphs]" = weakref.WeakSet()
 
 capture_override: Optional[Capture] = None
-"""Tests only: a stand-in for :func:`cuda_graph_capture` (the CPU has no CUDA graphs; the CPU tests pass one whose
-replay runs ``fn`` again, which checks everything but the capture itself). Also lets the adapter run on CPU."""
+"""Tests only: a stand-in for :func:`cuda_graph_capture`. The CPU has no CUDA graphs: the CPU tests pass one whose
+replay runs ``fn`` again, which checks the wiring (static inputs, pass order, the W queue, the gradients added to
+``main_grad``) but not the capture (nothing runs at capture time; each replay makes new tensors); the GPU tests
+wrap the real capture to count replays. Also lets the adapter run on CPU."""
 
 
 def uninstall_all() -> None:
-    """:meth:`ChunkGraphs.uninstall` for every live set (``megatron_patches.apply`` / ``remove`` call it: a model
-    outside interleaf's steps keeps its own ``forward``)."""
+    """:meth:`ChunkGraphs.uninstall` for every live set (``megatron_patches.apply`` / ``remove`` call it: after them
+    the model chunks have their own ``forward``; between interleaf's steps the wrappers stay and run the chunk's
+    own forward outside a replaying step)."""
     for graphs in list(_LIVE):
         graphs.uninstall()
 
@@ -73,8 +83,17 @@ def check_graphable(config: Any, chunks: List[torch.nn.Module]) -> None:
                         f"{config.attention_dropout}: a capture may not fork megatron's CUDA RNG tracker)")
     if config.tensor_model_parallel_size != 1:
         problems.append(f"--tensor-model-parallel-size 1 (got {config.tensor_model_parallel_size})")
+    if getattr(config, "context_parallel_size", 1) != 1:
+        problems.append(f"--context-parallel-size 1 (got {config.context_parallel_size})")
     if getattr(config, "recompute_granularity", None) is not None:
         problems.append(f"no activation recompute (got --recompute-granularity {config.recompute_granularity})")
+    if getattr(config, "enable_autocast", False):
+        problems.append("no --enable-autocast (megatron's forward_step autocasts around the model call, which the "
+                        "capture of the chunk's forward would not see)")
+    if getattr(config, "cpu_offloading", False):
+        problems.append("no activation CPU offloading")
+    if getattr(config, "num_moe_experts", None):
+        problems.append("a dense model (MoE layers route tokens by value)")
     for chunk in chunks:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is None or not hasattr(chunk, "grad_accs"):
@@ -82,6 +101,12 @@ def check_graphable(config: Any, chunks: List[torch.nn.Module]) -> None:
             break
         if ddp_config.overlap_grad_reduce:
             problems.append("DDP without --overlap-grad-reduce (its per-parameter hook cannot run in a capture)")
+            break
+        if getattr(ddp_config, "overlap_param_gather", False) or getattr(chunk, "use_forward_hook", False):
+            problems.append("no --overlap-param-gather (its forward hooks on the submodules do not run in a replay)")
+            break
+        if getattr(ddp_config, "delay_wgrad_compute", False):
+            problems.append("DDP without delay_wgrad_compute")
             break
     if problems:
         raise ValueError("--pipeline-cuda-graphs needs " + "; ".join(problems) + ", or drop --pipeline-cuda-graphs")
@@ -169,7 +194,7 @@ def _static(description: Any) -> Any:
 class _Entry:
     """One (stage, micro-batch): its captured inputs, output and gradients, and the replays of its passes."""
 
-    __slots__ = ("args", "kwargs", "input", "grad_out", "out", "grad_in", "replays")
+    __slots__ = ("args", "kwargs", "input", "grad_out", "out", "leaf", "grad_in", "replays")
 
     def __init__(self, signature: _Signature) -> None:
         self.args = tuple(_static(d) for d in signature.args)
@@ -177,6 +202,7 @@ class _Entry:
         self.input = None if signature.input is None else _static(signature.input)
         self.grad_out = _static(signature.output)
         self.out: Optional[torch.Tensor] = None
+        self.leaf: Optional[torch.Tensor] = None  # the input F ran on (I differentiates with respect to it)
         self.grad_in: Optional[torch.Tensor] = None
         self.replays: Dict[str, Callable[[], None]] = {}
 
@@ -245,6 +271,7 @@ class ChunkGraphs:
         """Whether the chunks' forwards replay (set by the adapter for its backward steps after a capture)."""
         self._anchor = torch.zeros(0, device=device, requires_grad=True)  # gives F's replay a node on stage 0
         self._pool: Any = None
+        self._addresses: List[int] = []
         self._installed = False
         _LIVE.add(self)
         self.install()
@@ -318,13 +345,38 @@ class ChunkGraphs:
 
     def capture(self, schedule: Any, rank: int, queue: Any) -> None:
         """Capture every compute action of ``rank`` in ``schedule``'s order (F, I and W, or B, of each stage and
-        micro-batch this rank runs), replacing earlier graphs. Runs no step: the captured kernels do not execute.
-        ``queue`` is the executor's ``WeightGradQueue`` (I's weight GEMMs go through it into W's capture)."""
-        from megatron.core.utils import get_attr_wrapped_model
+        micro-batch this rank runs), replacing earlier graphs. Runs no step (the captured kernels do not execute,
+        ``main_grad`` is untouched), but leaves ``grad_added_to_main_grad`` set on the linear weights (the next
+        ``zero_grad_buffer`` resets it) and DDP's gradient accumulators made anew. ``queue`` is the executor's
+        ``WeightGradQueue`` (I's weight GEMMs go through it into W's capture). On an error nothing captured stays."""
 
         missing = [s for s in self.stages if s not in self.signatures]
         if missing:
             raise RuntimeError(f"interleaf CUDA graphs: no eager forward of stage(s) {missing} seen before capture")
+        try:
+            self._capture(schedule, rank, queue)
+        except BaseException:
+            # leave nothing half-made: no replays, no I closures without their W, a fresh pool next time
+            self.entries.clear()
+            self.captured_for = None
+            self._pool = None
+            queue.clear()
+            raise
+        self._addresses = self._current_addresses()
+        logger.info("interleaf: captured %d CUDA graphs (F, I, W or B of %d micro-batches of stages %s)",
+                    sum(len(e.replays) for e in self.entries.values()), len(self.entries), self.stages)
+
+    def _current_addresses(self) -> List[int]:
+        return [t.data_ptr() for chunk in self.chunks for p in chunk.parameters()
+                for t in ((p, p.main_grad) if getattr(p, "main_grad", None) is not None else (p,))]
+
+    def moved(self) -> bool:
+        """Whether a parameter or ``main_grad`` buffer is no longer where the graphs were captured."""
+        return self.captured_for is not None and self._current_addresses() != self._addresses
+
+    def _capture(self, schedule: Any, rank: int, queue: Any) -> None:
+        from megatron.core.utils import get_attr_wrapped_model
+
         self.entries.clear()
         self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -357,18 +409,15 @@ class ChunkGraphs:
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self.captured_for = schedule
-        logger.info("interleaf: captured %d CUDA graphs (F, I, W or B of %d micro-batches of stages %s)", len(passes),
-                    len(self.entries), self.stages)
 
     @staticmethod
     def _forward_pass(entry: _Entry, chunk, set_input_tensor, inner) -> Callable[[], None]:
         def run() -> None:  # (grad mode on: a stand-in capture replays it inside _Replay.forward)
             with torch.enable_grad():
-                leaf = None if entry.input is None else entry.input.detach().requires_grad_()
+                entry.leaf = None if entry.input is None else entry.input.detach().requires_grad_()
                 entry.grad_in = None
-                set_input_tensor(leaf)
+                set_input_tensor(entry.leaf)
                 entry.out = inner(*entry.args, **entry.kwargs)
-                entry.out._interleaf_leaf = leaf  # the captured backward differentiates with respect to it
                 set_input_tensor(None)
 
         return run
@@ -377,12 +426,14 @@ class ChunkGraphs:
     def _backward_pass(entry: _Entry, params: List[torch.nn.Parameter], queue: Any, stage: int,
                        mb: int) -> Callable[[], None]:
         def run() -> None:
-            out = entry.out
-            leaf = out._interleaf_leaf
+            out, leaf = entry.out, entry.leaf
             leaves = ([] if leaf is None else [leaf]) + params
             with queue.deferring(stage, mb) if queue is not None else contextlib.nullcontext():
                 grads = torch.autograd.grad(out, leaves, entry.grad_out, allow_unused=True)
             add_to_main_grads(params, grads[len(leaves) - len(params):])
             entry.grad_in = grads[0] if leaf is not None else None
+            # drop F's autograd graph: it holds the gradient accumulators made during the capture, which DDP's
+            # must not be (grad_accumulators_made_here makes them anew once nothing holds these)
+            entry.out, entry.leaf = out.detach(), None
 
         return run

@@ -186,9 +186,10 @@ class _Runner:
             cuda_graphs.check_graphable(config, chunks)
             if self.device.type != "cuda" and cuda_graphs.capture_override is None:
                 raise ValueError("--pipeline-cuda-graphs needs CUDA devices; drop it")
+            context = self.context  # (not self: the graphs must not keep their runner alive)
             self.graphs = cuda_graphs.ChunkGraphs(
                 chunks, _chunk_stages(chunks, pp_rank, pp, placement),
-                lambda stage: self.context.forwards_done[stage] - 1, self.device,
+                lambda stage: context.forwards_done[stage] - 1, self.device,
                 capture=cuda_graphs.capture_override)
 
     def release_graphs(self) -> None:
@@ -204,12 +205,17 @@ class _Runner:
         if graphs is None:
             return False
         graphs.install()  # (apply / remove unwrap the chunks between interleaf's steps)
-        if forward_only or self.measuring:
-            return False
+        executor = self.executor
+        if forward_only or self.measuring or (executor.serialize_first and not executor._first_done[False]):
+            return False  # (a serialized first step runs its actions in another order than the one captured)
+        if graphs.captured_for is self.schedule and graphs.moved():
+            logger.warning("interleaf: a parameter or main_grad buffer moved since the CUDA graphs were captured; "
+                           "capturing again")
+            graphs.captured_for = None
         if graphs.captured_for is not self.schedule:
             if not graphs.ready():
                 return False
-            graphs.capture(self.schedule, self.pp_rank, self.executor.queue)
+            graphs.capture(self.schedule, self.pp_rank, executor.queue)
         return True
 
     def _install(self, schedule, *, timing: str, serialize_first: Optional[bool] = None) -> None:

@@ -18,7 +18,9 @@ Drop ``--pipeline-schedule`` to get megatron's own schedule (1F1B, or interleave
 auto (``--pipeline-memory-limit-gib`` caps activation memory per rank). zb-h1, zb-h2 and zb-v time their first 3
 steps and then run their order rebuilt for the measured F/I/W times; a rebuilt order (and auto's plan) is timed
 for 3 more steps and planned once more from its own timings, so from step 7 on the final order runs untimed
-(``--pipeline-uniform-costs`` keeps the F = I = W order and times nothing).
+(``--pipeline-uniform-costs`` keeps the F = I = W order and times nothing). ``--pipeline-cuda-graphs`` (GPU)
+captures every action of the final order as a CUDA graph and replays them from then on (docs/megatron.md, "CUDA
+graphs"): the same losses, less host time per step.
 
 The data is random tokens (the script shows the integration, not a data pipeline). ``--cpu`` runs it on the CPU
 with gloo through the repository's test-only CUDA shim (tests/megatron/cpu_shim.py), e.g.::
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -135,7 +138,7 @@ def main():
     schedule = megatron_patches.config_from_args(args)  # interleaf: checks the flags, None = megatron's own
     if schedule is not None:
         megatron_patches.apply(schedule.schedule, memory_limit_gib=schedule.memory_limit_gib,  # interleaf
-                               measured_costs=schedule.measured_costs)
+                               measured_costs=schedule.measured_costs, cuda_graphs=schedule.cuda_graphs)
     if args.cpu:
         sys.path.insert(0, os.path.join(ROOT, "tests", "megatron"))
         import cpu_shim
@@ -183,6 +186,7 @@ def main():
     data = random_batches(args, device)
     forward_backward_func = get_forward_backward_func()
     for iteration in range(1, args.train_iters + 1):
+        started = time.perf_counter()
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
@@ -196,9 +200,10 @@ def main():
         )
         update_successful, grad_norm, _ = optimizer.step()
         if losses:  # the rank that holds the last stage (rank 0 under V placement)
-            loss = torch.stack([d["lm loss"] for d in losses]).mean().item()
-            print(f"iteration {iteration:4d} | lm loss {loss:.4f} | grad norm {grad_norm:.3f} | "
-                  f"schedule {schedule.schedule if schedule else 'megatron'}", flush=True)
+            loss = torch.stack([d["lm loss"] for d in losses]).mean().item()  # (waits for the step's GPU work)
+            name = (schedule.schedule + (" + cuda graphs" if schedule.cuda_graphs else "")) if schedule else "megatron"
+            print(f"iteration {iteration:4d} | lm loss {loss:.6f} | grad norm {grad_norm:.6f} | "
+                  f"{1e3 * (time.perf_counter() - started):.1f} ms | schedule {name}", flush=True)
     if schedule is not None:
         megatron_patches.remove()  # interleaf
     ps.destroy_model_parallel()

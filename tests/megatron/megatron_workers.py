@@ -249,23 +249,36 @@ def _check_graphs_follow_weights(wrapped, run, func, name):
     eager = make_forward_backward_func(MegatronScheduleConfig(schedule=name.split("+")[0], measured_costs=False),
                                        build_schedule=build_schedule,
                                        fallback=schedules.forward_backward_pipelining_without_interleaving)
+    # evaluation between replayed steps runs eagerly and gives the same losses
+    evaluated, evaluated_eager = run(func, forward_only=True)[1], run(eager, forward_only=True)[1]
+    if evaluated != evaluated_eager and not torch.allclose(torch.stack(evaluated), torch.stack(evaluated_eager)):
+        raise AssertionError(f"{name}: a forward-only step after the capture gave other losses than the eager one")
+    params = [p for w in wrapped for p in w.parameters()]
     with torch.no_grad():
-        deltas = [torch.full_like(p, 1e-2) * (1 + (i % 3)) for i, p in enumerate(
-            p for w in wrapped for p in w.parameters())]
-        for p, d in zip((p for w in wrapped for p in w.parameters()), deltas):
+        deltas = [torch.full_like(p, 1e-2) * (1 + (i % 3)) for i, p in enumerate(params)]
+        for p, d in zip(params, deltas):
             p.add_(d)
     try:
-        replayed = run(func)[0]
-        own = run(eager)[0]
+        replays = GRAPH_REPLAYS[0]
+        replayed = run(func, data_seed=300)  # other weights and other data
+        if GRAPH_REPLAYS[0] == replays:
+            raise AssertionError(f"{name}: the step after the weights moved replayed no graph")
+        own = run(eager, data_seed=300)
     finally:
         with torch.no_grad():
-            for p, d in zip((p for w in wrapped for p in w.parameters()), deltas):
+            for p, d in zip(params, deltas):
                 p.sub_(d)
-    worst = max((replayed[k] - own[k]).abs().max().item() for k in own)
-    scale = max(g.abs().max().item() for g in own.values())
-    if not worst <= 1e-5 * max(1.0, scale):
-        raise AssertionError(f"{name}: after the weights moved, the replayed step's gradients differ from the eager "
-                             f"schedule's by {worst:.3g} (scale {scale:.3g}): the graphs read stale weights")
+    for what, got, want in (("gradients", replayed[0], own[0]),
+                            ("losses", dict(enumerate(replayed[1])), dict(enumerate(own[1])))):
+        if got.keys() != want.keys():
+            raise AssertionError(f"{name}: the replayed and the eager step returned different {what}")
+        if not want:  # (losses: only on the rank of the last stage)
+            continue
+        worst = max((got[k] - want[k]).abs().max().item() for k in want)
+        scale = max(g.abs().max().item() for g in want.values())
+        if not worst <= 1e-5 * max(1.0, scale):
+            raise AssertionError(f"{name}: on moved weights and new data the replayed step's {what} differ from the "
+                                 f"eager schedule's by {worst:.3g} (scale {scale:.3g}): the graphs read stale tensors")
 
 
 def _mixed_backward_func(name):
@@ -324,17 +337,20 @@ GRAPH_REPLAYS = [0]
 
 
 def graphs_stand_in():
-    """On CPU, megatron_patches.cuda_graphs's capture replaced by a stand-in whose "replay" runs the recorded pass
-    again (its Python included), counted in :data:`GRAPH_REPLAYS`; None on GPU (real CUDA graphs)."""
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
-        return None
+    """megatron_patches.cuda_graphs's capture, with every replay counted in :data:`GRAPH_REPLAYS`: on GPU (NCCL) the
+    real CUDA graph; on CPU a stand-in whose "replay" runs the recorded pass again (its Python included)."""
+    from megatron_patches.cuda_graphs import cuda_graph_capture
+
+    real = torch.cuda.is_available() and dist.get_backend() == "nccl"
 
     def capture(fn, pool, stream):
-        def replay():
-            GRAPH_REPLAYS[0] += 1
-            fn()
+        replay = cuda_graph_capture(fn, pool, stream) if real else fn
 
-        return replay
+        def counted():
+            GRAPH_REPLAYS[0] += 1
+            replay()
+
+        return counted
 
     return capture
 
@@ -679,20 +695,20 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
             cfg.grad_sync_func = [w.start_grad_sync for w in wrapped] if vp > 1 else wrapped[0].start_grad_sync
         cfg.finalize_model_grads_func = finalize_model_grads
 
-        def run(func):
+        def run(func, *, data_seed=100, forward_only=False):
             for w in wrapped:
                 w.zero_grad_buffer()
             if device is not None:
                 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
                 model_parallel_cuda_manual_seed(1234)
-            data = _gpt_data(m, s, b, seed=100 + dp_rank, device=device)
+            data = _gpt_data(m, s, b, seed=data_seed + dp_rank, device=device)
             iters = [iter(data) for _ in wrapped]
             before = linear_weight_grad.deferred_count
             with _counting_checkpoints() as checkpoints:
                 store = func(forward_step_func=_gpt_forward_step, data_iterator=iters if vp > 1 else iters[0],
                              model=wrapped if vp > 1 else wrapped[0], num_microbatches=m, seq_length=s,
-                             micro_batch_size=b)
+                             micro_batch_size=b, forward_only=forward_only)
             if recompute and not checkpoints:
                 raise AssertionError(f"recompute={recompute!r}: megatron's checkpoint function never ran")
             grads = {}
@@ -718,14 +734,14 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
                     run(func)
                 replays = GRAPH_REPLAYS[0]
                 out[(placement, vp, name)] = run(func)
-                if "+graphs" in name and cuda_graphs.capture_override is not None and GRAPH_REPLAYS[0] == replays:
-                    raise AssertionError(f"{name}: the checked step replayed no graph")
                 if "+graphs" in name:
+                    if GRAPH_REPLAYS[0] == replays:
+                        raise AssertionError(f"{name}: the checked step replayed no graph")
                     _check_graphs_follow_weights(wrapped, run, func, name)
-                if "+graphs" in name and cuda_graphs.capture_override is None:
-                    # real CUDA graphs: the checked step's I replays queue no Python closure, nothing to count
-                    grads, losses, _ = out[(placement, vp, name)]
-                    out[(placement, vp, name)] = (grads, losses, None)
+                    if device is not None:
+                        # real CUDA graphs: the checked step's I replays queue no Python closure, nothing to count
+                        grads, losses, _ = out[(placement, vp, name)]
+                        out[(placement, vp, name)] = (grads, losses, None)
                 if "+B" in name:
                     for runner in func.runners.values():
                         runner.release_graphs()

@@ -34,6 +34,68 @@ def test_flags_parse_into_config():
     assert config_from_args(args) == MegatronScheduleConfig(schedule="zb-h2", measured_costs=False)
 
 
+def test_cuda_graphs_flag_parses_and_needs_a_schedule():
+    args = _parse(["--pipeline-schedule", "zb-v", "--pipeline-cuda-graphs", "--pipeline-model-parallel-size", "4",
+                   "--virtual-pipeline-model-parallel-size", "2"])
+    assert config_from_args(args) == MegatronScheduleConfig(schedule="zb-v", cuda_graphs=True)
+    assert not config_from_args(_parse(["--pipeline-schedule", "zb-h2", "--pipeline-model-parallel-size", "2"])).cuda_graphs
+    with pytest.raises(ValueError, match="cuda_graphs needs a schedule"):
+        megatron_patches.apply(None, cuda_graphs=True)
+    assert not megatron_patches.is_applied()
+
+
+def _graphable_config(**changes):
+    base = dict(hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=1, context_parallel_size=1,
+                recompute_granularity=None, enable_autocast=False, cpu_offloading=False, num_moe_experts=None)
+    return types.SimpleNamespace(**dict(base, **changes))
+
+
+def _ddp_chunk(**changes):
+    ddp_config = dict(overlap_grad_reduce=False, overlap_param_gather=False, delay_wgrad_compute=False)
+    return types.SimpleNamespace(ddp_config=types.SimpleNamespace(**dict(ddp_config, **changes)), grad_accs=[],
+                                 use_forward_hook=False)
+
+
+@pytest.mark.parametrize("config_changes, chunk_changes, message", [
+    ({"hidden_dropout": 0.1}, {}, "dropout 0"),
+    ({"tensor_model_parallel_size": 2}, {}, "--tensor-model-parallel-size 1"),
+    ({"context_parallel_size": 2}, {}, "--context-parallel-size 1"),
+    ({"recompute_granularity": "full"}, {}, "no activation recompute"),
+    ({"enable_autocast": True}, {}, "no --enable-autocast"),
+    ({"cpu_offloading": True}, {}, "no activation CPU offloading"),
+    ({"num_moe_experts": 8}, {}, "a dense model"),
+    ({}, {"overlap_grad_reduce": True}, "DDP without --overlap-grad-reduce"),
+    ({}, {"overlap_param_gather": True}, "no --overlap-param-gather"),
+    ({}, {"delay_wgrad_compute": True}, "DDP without delay_wgrad_compute"),
+])
+def test_cuda_graphs_refuse_what_a_capture_cannot_hold(config_changes, chunk_changes, message):
+    from megatron_patches.cuda_graphs import check_graphable
+
+    check_graphable(_graphable_config(), [_ddp_chunk()])  # what it supports
+    with pytest.raises(ValueError, match=re.escape(message) + ".*drop --pipeline-cuda-graphs"):
+        check_graphable(_graphable_config(**config_changes), [_ddp_chunk(**chunk_changes)])
+    with pytest.raises(ValueError, match="wrapped in megatron's DistributedDataParallel"):
+        check_graphable(_graphable_config(), [types.SimpleNamespace()])
+
+
+def test_cuda_graph_signature_matches_only_calls_like_the_captured_one():
+    import torch
+
+    from megatron_patches.cuda_graphs import _Signature
+
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    sig = _Signature((tokens,), {"labels": tokens, "mask": None, "flag": True}, None, torch.zeros(2, 8))
+    assert sig.matches((tokens + 1,), {"labels": tokens + 2, "mask": None, "flag": True}, None)
+    assert not sig.matches((torch.zeros(2, 9, dtype=torch.long),), {"labels": tokens, "mask": None, "flag": True}, None)
+    assert not sig.matches((tokens.float(),), {"labels": tokens, "mask": None, "flag": True}, None)
+    assert not sig.matches((tokens,), {"labels": tokens, "mask": None, "flag": False}, None)
+    assert not sig.matches((tokens,), {"labels": tokens, "mask": None, "flag": True}, torch.zeros(8, 2, 4))
+    with pytest.raises(ValueError, match="cannot be captured"):
+        _Signature((object(),), {}, None, torch.zeros(1))
+    with pytest.raises(ValueError, match="return one tensor"):
+        _Signature((tokens,), {}, None, (torch.zeros(1), torch.zeros(1)))
+
+
 def test_unknown_schedule_is_rejected_by_argparse():
     with pytest.raises(SystemExit):
         _parse(["--pipeline-schedule", "zb-x"])
@@ -54,6 +116,7 @@ def test_unknown_schedule_is_rejected_by_argparse():
         (["--pipeline-memory-limit-gib", "10"], "needs --pipeline-schedule auto"),
         (["--pipeline-schedule", "auto", "--pipeline-memory-limit-gib", "0", "--pipeline-model-parallel-size", "2"],
          "must be positive"),
+        (["--pipeline-cuda-graphs"], "--pipeline-cuda-graphs needs --pipeline-schedule"),
     ],
 )
 def test_bad_flag_combination_gives_clear_error(argv, message):
