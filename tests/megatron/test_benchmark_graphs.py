@@ -3,18 +3,11 @@ test stand-in capture (its replay runs the recorded pass again): the timed steps
 checked against the row's first (eager) step, and the graphs are released with the rows (tiny GPT, 2 gloo ranks)."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 pytest.importorskip("megatron.core")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
 
-from benchmarks import megatron as bench  # noqa: E402
+from benchmarks import megatron as bench  # noqa: E402  (the paths: tests/megatron/conftest.py)
 from megatron_workers import graphed_benchmark_rows, run_ranks  # noqa: E402
 
 
