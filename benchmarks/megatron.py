@@ -505,8 +505,8 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
             timed_actions.append((runner.last_result.typical_seconds(), runner.last_result.typical_host_seconds()))
     if timed_actions is not None:
         runner.executor.timing = timing_before
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    peak += _graph_pool_gib(runner, variant)
+    pool_gib = _graph_pool_gib(runner, variant) if device.type == "cuda" else 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 + pool_gib if device.type == "cuda" else 0.0
     last_grad_norms = [_grad_norm(wrapped, device)] if _replays_graphs(variant) else None
     measured = _measured_costs(runner)
     timed_costs = _timed_step_costs(runner, timed_actions, times) if timed_actions is not None else None
@@ -519,7 +519,7 @@ def _measure_with_config(variant, wrapped, config, shape, m, args, device, *, ta
                                    args.trace_dir, f"{tag}_m{m}_rank{dist.get_rank()}.json.gz"),
                                annotate=[runner.executor] if runner is not None else [])
     megatron_patches.remove()
-    row = _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device)
+    row = _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device, pool_gib)
     if last_grad_norms is not None:
         row["last_grad_norms"] = last_grad_norms
     if measured is not None:
@@ -563,9 +563,11 @@ def _graph_pool_gib(runner, variant: str = "") -> float:
     return (private - sum(g.pool_bytes() for g in list(cuda_graphs._LIVE))) / 2**30
 
 
-def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device) -> dict:
+def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm, runner, device,
+            pool_gib: float = 0.0) -> dict:
     """A table row from one rank's timed steps (gathers: call on every rank). One figure per step: the slowest
-    rank's time (all of them in ``step_ms``, in run order); tokens/s from their mean."""
+    rank's time (all of them in ``step_ms``, in run order); tokens/s from their mean. ``pool_gib``: this rank's
+    CUDA graph pool (``_graph_pool_gib``, already in ``peak``)."""
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     peaks = [None] * dist.get_world_size()
@@ -574,7 +576,7 @@ def _row_of(variant, m, shape, times, issued, peak, first_loss, first_grad_norm,
     dist.all_gather_object(losses, first_loss)
     loss = next((x for x in losses if x is not None), None)
     pools = [None] * dist.get_world_size()
-    dist.all_gather_object(pools, _graph_pool_gib(runner, variant) if device.type == "cuda" else 0.0)
+    dist.all_gather_object(pools, pool_gib)
     shares = [None] * dist.get_world_size()
     dist.all_gather_object(shares, sum(i / max(s, 1e-9) for i, s in zip(issued, times)) / len(times))
     mean_s = float(t.mean())
@@ -615,7 +617,7 @@ def _ideal_step_func(*, split: bool, shape, device, graphed: bool = False, captu
     replay runs ``fn`` again)."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron_patches import linear_weight_grad
-    from megatron_patches.cuda_graphs import (add_to_main_grads, cuda_graph_capture, grad_accumulators_made_here,
+    from megatron_patches.cuda_graphs import (backward_to_main_grads, cuda_graph_capture, grad_accumulators_made_here,
                                               no_rng_fork)
 
     fixed: dict = {}  # chunk index -> (input activation or None, output gradient or None)
@@ -653,10 +655,7 @@ def _ideal_step_func(*, split: bool, shape, device, graphed: bool = False, captu
             if not to_capture:
                 torch.autograd.backward(out, grad)
             else:
-                params = [p for p in chunk.parameters() if p.requires_grad]
-                leaves = ([] if x_in is None else [x_in]) + params
-                grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-                add_to_main_grads(params, grads[len(leaves) - len(params):])
+                backward_to_main_grads(out, grad, x_in, [p for p in chunk.parameters() if p.requires_grad])
             held["w"] = list(queue)
             queue.clear()
 
@@ -1001,8 +1000,10 @@ def _alternate_one_m(args, built, shape, m, device) -> list[dict]:
     rows = []
     for i, (variant, p2p, config, model_gib, (_, _, func, first_loss, first_grad_norm)) in enumerate(entries):
         runner = next(iter(getattr(func, "runners", {}).values()), None)
-        peak = rise[i] + model_gib[dist.get_rank()] + _graph_pool_gib(runner, variant) if gpu else 0.0
-        row = _row_of(variant, m, shape, times[i], issued[i], peak, first_loss, first_grad_norm, runner, device)
+        pool_gib = _graph_pool_gib(runner, variant) if gpu else 0.0
+        peak = rise[i] + model_gib[dist.get_rank()] + pool_gib if gpu else 0.0
+        row = _row_of(variant, m, shape, times[i], issued[i], peak, first_loss, first_grad_norm, runner, device,
+                      pool_gib)
         if p2p is not None:
             row["p2p"] = _p2p_label(*p2p)
         row["allocated_before_gib"], row["model_gib"] = allocated, model_gib

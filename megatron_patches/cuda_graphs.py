@@ -43,7 +43,8 @@ from ds_plugins.schedule.ir import ActionKind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChunkGraphs", "check_graphable", "grad_accumulators_made_here", "add_to_main_grads", "no_rng_fork"]
+__all__ = ["ChunkGraphs", "check_graphable", "grad_accumulators_made_here", "add_to_main_grads",
+           "backward_to_main_grads", "no_rng_fork"]
 
 Capture = Callable[[Callable[[], None], Any, Any], Callable[[], None]]
 """``capture(fn, pool, stream) -> replay``: records ``fn``'s kernels (the default makes a CUDA graph)."""
@@ -142,6 +143,17 @@ def add_to_main_grads(params: List[torch.nn.Parameter], grads: Tuple[Optional[to
     for p, g in zip(params, grads):
         if g is not None and not getattr(p, "grad_added_to_main_grad", False):
             p.main_grad.add_(g)
+
+
+def backward_to_main_grads(out: torch.Tensor, grad_out: Optional[torch.Tensor], leaf: Optional[torch.Tensor],
+                           params: List[torch.nn.Parameter]) -> Optional[torch.Tensor]:
+    """A chunk's backward as a capture can hold it: ``out``'s gradients with respect to its input ``leaf`` (None on
+    the first stage) and ``params``, the parameters' added to ``main_grad`` (:func:`add_to_main_grads`) instead of
+    through autograd's accumulators and DDP's hook. Returns the input's gradient (None without ``leaf``)."""
+    leaves = ([] if leaf is None else [leaf]) + params
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    add_to_main_grads(params, grads[len(leaves) - len(params):])
+    return grads[0] if leaf is not None else None
 
 
 @contextlib.contextmanager
@@ -426,12 +438,9 @@ class ChunkGraphs:
     def _backward_pass(entry: _Entry, params: List[torch.nn.Parameter], queue: Any, stage: int,
                        mb: int) -> Callable[[], None]:
         def run() -> None:
-            out, leaf = entry.out, entry.leaf
-            leaves = ([] if leaf is None else [leaf]) + params
+            out = entry.out
             with queue.deferring(stage, mb) if queue is not None else contextlib.nullcontext():
-                grads = torch.autograd.grad(out, leaves, entry.grad_out, allow_unused=True)
-            add_to_main_grads(params, grads[len(leaves) - len(params):])
-            entry.grad_in = grads[0] if leaf is not None else None
+                entry.grad_in = backward_to_main_grads(out, entry.grad_out, entry.leaf, params)
             # drop F's autograd graph: it holds the gradient accumulators made during the capture, which DDP's
             # must not be (grad_accumulators_made_here makes them anew once nothing holds these)
             entry.out, entry.leaf = out.detach(), None

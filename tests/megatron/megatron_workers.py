@@ -627,8 +627,9 @@ def gpt_worker(rank, world, tp, pp, cases, m, *, sp=False, overlap=False, fusion
     """megatron's GPTModel (local spec) in megatron's DDP, megatron's own schedule vs interleaf schedules.
 
     "+graphs" cases also check that replayed graphs follow weights updated in place (as an optimizer step does):
-    after the checked step every weight moves, one more replayed step must give megatron's own schedule's gradients
-    on the moved weights (else AssertionError), and the weights move back.
+    after the checked step an evaluation step must give the eager schedule's losses, then every weight moves, one
+    more replayed step on other data must give the same schedule's eager gradients and losses (else
+    AssertionError), and the weights move back.
 
     ``cases``: list of (placement, vp, [schedules]); "megatron" in the list runs megatron's own schedule.
     ``recompute``: megatron's activation recompute, ``"full"`` (every layer, uniform) or ``"selective"`` (core
